@@ -1,0 +1,225 @@
+"""The seed's ResNet as a Flax linen mirror: same classes, builders and module tree as resnet_torch.
+
+Input is NHWC (N, H, W, 3). Parameter paths mirror the torch state-dict keys one to one
+(``conv2_x/0/residual_function/0/kernel`` is ``conv2_x.0.residual_function.0.weight``), so the
+converter in ``parity`` is a rule over names.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, ClassVar, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from resnet_torch.arch import DEPTHS, HEAD, IN_CHANNELS, STAGES, STEM, STEM_WIDTH, check_options
+
+from .layers import (
+    BatchNorm2d,
+    Conv2d,
+    Dtype,
+    Linear,
+    Sequential,
+    kaiming_normal_fan_out,
+    max_pool2d,
+    seed_linear_init,
+    torch_default_bias_init,
+    torch_default_weight_init,
+)
+
+Array = jax.Array
+
+
+def _shortcut(in_channels: int, out_channels: int, stride: int, conv: Any, norm: Any) -> Sequential | None:
+    """Projection (1x1 conv + BN) when the shape changes, else None (the identity)."""
+    if stride != 1 or in_channels != out_channels:
+        return Sequential(
+            (functools.partial(conv, in_channels, out_channels, 1, stride), functools.partial(norm, out_channels)),
+            name="shortcut",
+        )
+    return None
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions (ResNet-18/34)."""
+
+    in_channels: int
+    out_channels: int
+    stride: int = 1
+    conv: Any = Conv2d
+    norm: Any = BatchNorm2d
+    last_norm_scale_init: Any = nn.initializers.ones
+
+    expansion: ClassVar[int] = 1
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c, n = self.conv, self.norm
+        out = Sequential(
+            (
+                functools.partial(c, self.in_channels, self.out_channels, 3, self.stride, 1),
+                functools.partial(n, self.out_channels),
+                nn.relu,
+                functools.partial(c, self.out_channels, self.out_channels, 3, 1, 1),
+                functools.partial(n, self.out_channels, scale_init=self.last_norm_scale_init),
+            ),
+            name="residual_function",
+        )(x)
+        shortcut = _shortcut(self.in_channels, self.out_channels * self.expansion, self.stride, c, n)
+        return nn.relu(out + (x if shortcut is None else shortcut(x)))
+
+
+class BottleNeck(nn.Module):
+    """1x1 -> 3x3 -> 1x1 convolutions (ResNet-50/101/152), the stride on the 3x3 ("ResNet v1.5")."""
+
+    in_channels: int
+    out_channels: int
+    stride: int = 1
+    conv: Any = Conv2d
+    norm: Any = BatchNorm2d
+    last_norm_scale_init: Any = nn.initializers.ones
+
+    expansion: ClassVar[int] = 4
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c, n = self.conv, self.norm
+        width, out_channels = self.out_channels, self.out_channels * self.expansion
+        out = Sequential(
+            (
+                functools.partial(c, self.in_channels, width, 1),
+                functools.partial(n, width),
+                nn.relu,
+                functools.partial(c, width, width, 3, self.stride, 1),
+                functools.partial(n, width),
+                nn.relu,
+                functools.partial(c, width, out_channels, 1),
+                functools.partial(n, out_channels, scale_init=self.last_norm_scale_init),
+            ),
+            name="residual_function",
+        )(x)
+        shortcut = _shortcut(self.in_channels, out_channels, self.stride, c, n)
+        return nn.relu(out + (x if shortcut is None else shortcut(x)))
+
+
+BLOCKS: dict[str, type[BasicBlock] | type[BottleNeck]] = {
+    "BasicBlock": BasicBlock,
+    "BottleNeck": BottleNeck,
+}
+
+
+def check_input(x: Array) -> None:
+    """Raise ValueError unless x is an NHWC batch of 3-channel images."""
+    if x.ndim != 4:
+        raise ValueError(
+            f"expected NHWC input of rank 4 (batch, height, width, {IN_CHANNELS}), got rank {x.ndim} shape {x.shape}"
+        )
+    if x.shape[-1] != IN_CHANNELS:
+        hint = " (it looks like NCHW: transpose with x.transpose(0, 2, 3, 1))" if x.shape[1] == IN_CHANNELS else ""
+        raise ValueError(f"expected NHWC input with {IN_CHANNELS} channels last, got shape {x.shape}{hint}")
+
+
+class ResNet(nn.Module):
+    """The seed's ResNet: stem ``conv1``, stages ``conv2_x``..``conv5_x``, average pool, ``fc``.
+
+    ``dtype`` is the computation dtype (``jnp.bfloat16`` for mixed precision, ``jnp.float64`` with
+    ``jax_enable_x64`` for exactness checks); ``param_dtype`` the parameters'; ``precision`` goes to
+    every convolution and matrix product (``jax.lax.Precision.HIGHEST`` turns off TF32 on GPUs).
+    """
+
+    block: type[BasicBlock] | type[BottleNeck]
+    num_block: Sequence[int]
+    num_classes: int = 10
+    init_weights: bool = True
+    zero_init_residual: bool = False
+    small_stem: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Any = None
+
+    def __post_init__(self) -> None:
+        check_options(self.block, self.num_block, self.num_classes, BLOCKS)
+        super().__post_init__()
+
+    def _make_layer(
+        self, in_channels: int, out_channels: int, num_blocks: int, stride: int, name: str, **block_kwargs: Any
+    ) -> tuple[Sequential, int]:
+        """One stage: the first block takes the stride (and the projection), the rest stride 1."""
+        strides = [stride] + [1] * (num_blocks - 1)
+        layers = []
+        for stride in strides:
+            layers.append(functools.partial(self.block, in_channels, out_channels, stride, **block_kwargs))
+            in_channels = out_channels * self.block.expansion
+        return Sequential(tuple(layers), name=name), in_channels
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False, return_stages: bool = False) -> Array | dict[str, Array]:
+        """NHWC images (N, H, W, 3) -> logits (N, num_classes), or every stage's output by name."""
+        check_input(x)
+        dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        conv_init = kaiming_normal_fan_out if self.init_weights else torch_default_weight_init
+        conv = functools.partial(Conv2d, precision=self.precision, kernel_init=conv_init, **dtypes)
+        norm = functools.partial(BatchNorm2d, use_running_average=not train, **dtypes)
+        last_norm_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+
+        if self.small_stem:
+            stem = (functools.partial(conv, IN_CHANNELS, STEM_WIDTH, 3, 1, 1), functools.partial(norm, STEM_WIDTH), nn.relu)
+        else:
+            stem = (
+                functools.partial(conv, IN_CHANNELS, STEM_WIDTH, 7, 2, 3),
+                functools.partial(norm, STEM_WIDTH),
+                nn.relu,
+                functools.partial(max_pool2d, kernel_size=3, stride=2, padding=1),
+            )
+        outputs = {STEM: Sequential(stem, name=STEM)(x.astype(self.dtype))}
+        x, in_channels = outputs[STEM], STEM_WIDTH
+        for (name, width, stride), blocks in zip(STAGES, self.num_block):
+            layer, in_channels = self._make_layer(
+                in_channels, width, blocks, stride, name, conv=conv, norm=norm, last_norm_scale_init=last_norm_init
+            )
+            x = outputs[name] = layer(x)
+
+        x = jnp.mean(x, axis=(1, 2))
+        in_features = 512 * self.block.expansion
+        linear_init = (
+            dict(kernel_init=seed_linear_init, bias_init=nn.initializers.zeros)
+            if self.init_weights
+            else dict(kernel_init=torch_default_weight_init, bias_init=torch_default_bias_init(in_features))
+        )
+        outputs[HEAD] = Linear(in_features, self.num_classes, precision=self.precision, name=HEAD, **dtypes, **linear_init)(x)
+        return outputs if return_stages else outputs[HEAD]
+
+
+def build(arch: str, **kwargs: Any) -> ResNet:
+    """A ResNet by depth name ("resnet18" .. "resnet152"), with ResNet's keyword options."""
+    if arch not in DEPTHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(DEPTHS)}")
+    block_name, num_block = DEPTHS[arch]
+    return ResNet(BLOCKS[block_name], num_block, **kwargs)
+
+
+def resnet18(**kwargs: Any) -> ResNet:
+    """ResNet-18: BasicBlock, [2, 2, 2, 2]."""
+    return build("resnet18", **kwargs)
+
+
+def resnet34(**kwargs: Any) -> ResNet:
+    """ResNet-34: BasicBlock, [3, 4, 6, 3]."""
+    return build("resnet34", **kwargs)
+
+
+def resnet50(**kwargs: Any) -> ResNet:
+    """ResNet-50: BottleNeck, [3, 4, 6, 3] (the seed's ``resnet50()``)."""
+    return build("resnet50", **kwargs)
+
+
+def resnet101(**kwargs: Any) -> ResNet:
+    """ResNet-101: BottleNeck, [3, 4, 23, 3]."""
+    return build("resnet101", **kwargs)
+
+
+def resnet152(**kwargs: Any) -> ResNet:
+    """ResNet-152: BottleNeck, [3, 8, 36, 3]."""
+    return build("resnet152", **kwargs)

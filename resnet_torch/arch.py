@@ -1,0 +1,49 @@
+"""The architecture table that both frameworks build from: one row per depth."""
+
+from __future__ import annotations
+
+# depth name -> (block class name, blocks per stage); block names resolve in each framework.
+DEPTHS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
+    "resnet18": ("BasicBlock", (2, 2, 2, 2)),
+    "resnet34": ("BasicBlock", (3, 4, 6, 3)),
+    "resnet50": ("BottleNeck", (3, 4, 6, 3)),
+    "resnet101": ("BottleNeck", (3, 4, 23, 3)),
+    "resnet152": ("BottleNeck", (3, 8, 36, 3)),
+}
+
+STEM = "conv1"
+# (module name, output width before expansion, stride of the stage's first block), as in the seed.
+STAGES: tuple[tuple[str, int, int], ...] = (
+    ("conv2_x", 64, 1),
+    ("conv3_x", 128, 2),
+    ("conv4_x", 256, 2),
+    ("conv5_x", 512, 2),
+)
+HEAD = "fc"
+# Names of the outputs a model returns with return_stages=True, in order.
+STAGE_OUTPUTS: tuple[str, ...] = (STEM, *(name for name, _, _ in STAGES), HEAD)
+
+STEM_WIDTH = 64
+IN_CHANNELS = 3
+
+
+def arch_name(block_name: str, num_block: tuple[int, ...]) -> str | None:
+    """The depth name of a (block, stage sizes) pair, or None for a custom layout."""
+    for name, row in DEPTHS.items():
+        if row == (block_name, tuple(num_block)):
+            return name
+    return None
+
+
+def check_options(block: object, num_block: object, num_classes: object, blocks: dict[str, type]) -> None:
+    """Raise ValueError with a sentence when ResNet's options cannot build a network."""
+    if block not in blocks.values():
+        raise ValueError(f"block must be one of {', '.join(blocks)} from the same package, got {block!r}")
+    if (
+        not isinstance(num_block, (list, tuple))
+        or len(num_block) != len(STAGES)
+        or not all(isinstance(n, int) and n >= 1 for n in num_block)
+    ):
+        raise ValueError(f"num_block must be {len(STAGES)} positive ints (blocks per stage), got {num_block!r}")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
