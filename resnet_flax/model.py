@@ -139,8 +139,14 @@ class ResNet(nn.Module):
     param_dtype: Dtype = jnp.float32
     precision: Any = None
 
+    # The layers every convolution and BatchNorm is built from (fold.FoldedResNet swaps in its pair).
+    conv_layer: ClassVar[type[nn.Module]] = Conv2d
+    norm_layer: ClassVar[type[nn.Module]] = BatchNorm2d
+
     def __post_init__(self) -> None:
         check_options(self.block, self.num_block, self.num_classes, BLOCKS)
+        # A list (the seed writes [3, 4, 6, 3]) would make the module unhashable, so no static jit arg.
+        object.__setattr__(self, "num_block", tuple(self.num_block))
         super().__post_init__()
 
     def _make_layer(
@@ -160,8 +166,8 @@ class ResNet(nn.Module):
         check_input(x)
         dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         conv_init = kaiming_normal_fan_out if self.init_weights else torch_default_weight_init
-        conv = functools.partial(Conv2d, precision=self.precision, kernel_init=conv_init, **dtypes)
-        norm = functools.partial(BatchNorm2d, use_running_average=not train, **dtypes)
+        conv = functools.partial(self.conv_layer, precision=self.precision, kernel_init=conv_init, **dtypes)
+        norm = functools.partial(self.norm_layer, use_running_average=not train, **dtypes)
         last_norm_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
 
         if self.small_stem:

@@ -42,7 +42,7 @@ def check_options(block: object, num_block: object, num_classes: object, blocks:
     if (
         not isinstance(num_block, (list, tuple))
         or len(num_block) != len(STAGES)
-        or not all(isinstance(n, int) and n >= 1 for n in num_block)
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in num_block)
     ):
         raise ValueError(f"num_block must be {len(STAGES)} positive ints (blocks per stage), got {num_block!r}")
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:

@@ -2,7 +2,8 @@
 
 State-dict keys are exactly the seed's (``conv1.0.weight``,
 ``conv2_x.0.residual_function.0.weight``, ``conv2_x.0.shortcut.1.running_var``, ``fc.bias``),
-so checkpoints written by the seed's own code load with ``strict=True``.
+so checkpoints written by the seed's own code load with ``strict=True``. ReLU and the residual
+sum are out of place, as in the seed, so a forward hook sees each layer's own output unchanged.
 """
 
 from __future__ import annotations
@@ -42,17 +43,15 @@ class BasicBlock(nn.Module):
         self.residual_function = nn.Sequential(
             conv3x3(in_channels, out_channels, stride),
             nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
             conv3x3(out_channels, out_channels),
             nn.BatchNorm2d(out_channels),
         )
         self.shortcut = _shortcut(in_channels, out_channels * self.expansion, stride)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.residual_function(x)
-        out += self.shortcut(x)
-        return self.relu(out)
+        return self.relu(self.residual_function(x) + self.shortcut(x))
 
 
 class BottleNeck(nn.Module):
@@ -68,20 +67,18 @@ class BottleNeck(nn.Module):
         self.residual_function = nn.Sequential(
             conv1x1(in_channels, out_channels),
             nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
             conv3x3(out_channels, out_channels, stride),
             nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
             conv1x1(out_channels, out_channels * self.expansion),
             nn.BatchNorm2d(out_channels * self.expansion),
         )
         self.shortcut = _shortcut(in_channels, out_channels * self.expansion, stride)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.residual_function(x)
-        out += self.shortcut(x)
-        return self.relu(out)
+        return self.relu(self.residual_function(x) + self.shortcut(x))
 
 
 BLOCKS: dict[str, type[BasicBlock] | type[BottleNeck]] = {
@@ -114,13 +111,13 @@ class ResNet(nn.Module):
             self.conv1 = nn.Sequential(
                 nn.Conv2d(IN_CHANNELS, STEM_WIDTH, kernel_size=3, stride=1, padding=1, bias=False),
                 nn.BatchNorm2d(STEM_WIDTH),
-                nn.ReLU(inplace=True),
+                nn.ReLU(),
             )
         else:
             self.conv1 = nn.Sequential(
                 nn.Conv2d(IN_CHANNELS, STEM_WIDTH, kernel_size=7, stride=2, padding=3, bias=False),
                 nn.BatchNorm2d(STEM_WIDTH),
-                nn.ReLU(inplace=True),
+                nn.ReLU(),
                 nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
             )
         for (name, width, stride), blocks in zip(STAGES, num_block):

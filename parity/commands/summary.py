@@ -4,11 +4,75 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
+import resnet_flax
+import resnet_torch
+from resnet_flax import show as flax_show
+from resnet_torch import show as torch_show
+from resnet_torch.arch import DEPTHS
+
+FRAMEWORKS = ("torch", "flax")
+# The seed's three ways: summary() table, model.modules(), model.named_parameters().
+SHOWS = ("table", "modules", "parameters")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("summary", help="show a model: layer table, modules or named parameters")
+    p = sub.add_parser(
+        "summary",
+        help="show a model: layer table, modules or named parameters",
+        description="Show a ResNet as the seed does: a layer table with output shapes and parameter "
+        "counts, its modules, or its named parameters. Nothing is computed: torch runs on the meta "
+        "device, Flax under jax.eval_shape.",
+    )
+    p.add_argument("--arch", choices=tuple(DEPTHS), default="resnet50", help="depth (default: resnet50)")
+    p.add_argument("--framework", choices=FRAMEWORKS, default="torch", help="which side to show (default: torch)")
+    p.add_argument("--show", choices=SHOWS, default="table", help="what to show (default: table)")
+    p.add_argument("--num-classes", type=_positive_int, default=10, help="classifier outputs (default: 10, the seed's)")
+    p.add_argument("--small-stem", action="store_true", help="3x3/1 stem without max-pool, for 32x32 images")
+    p.add_argument(
+        "--input-size",
+        nargs=2,
+        type=_positive_int,
+        default=(224, 224),
+        metavar=("H", "W"),
+        help="image height and width for the table's shapes (default: 224 224)",
+    )
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    """Print the chosen view of the chosen model; returns 0."""
+    options = dict(num_classes=args.num_classes, small_stem=args.small_stem)
+    input_hw = tuple(args.input_size)
+    if args.framework == "torch":
+        print(_torch_view(args.arch, options, args.show, input_hw))
+    else:
+        print(_flax_view(args.arch, options, args.show, input_hw))
+    return 0
+
+
+def _torch_view(arch: str, options: dict, show: str, input_hw: tuple[int, int]) -> str:
+    # Meta tensors carry shapes only: the table's forward pass costs nothing.
+    with torch.device("meta"):
+        model = resnet_torch.build(arch, **options)
+    if show == "table":
+        return torch_show.layer_table(model, input_hw)
+    return torch_show.module_list(model) if show == "modules" else torch_show.parameter_list(model)
+
+
+def _flax_view(arch: str, options: dict, show: str, input_hw: tuple[int, int]) -> str:
+    model = resnet_flax.build(arch, **options)
+    if show == "table":
+        return flax_show.layer_table(model, input_hw)
+    return flax_show.module_list(model, input_hw) if show == "modules" else flax_show.parameter_list(model, input_hw)
