@@ -6,9 +6,21 @@ import dataclasses
 import re
 from typing import Any, Mapping, Sequence
 
-from resnet_torch.arch import STAGES, arch_name
+from resnet_torch.arch import HEAD, IN_CHANNELS, STAGES, STEM, STEM_WIDTH, arch_name
 
-_BLOCK_KEY = re.compile(r"^conv([2-5])_x\.(\d+)\.residual_function\.(\d)\.")
+# Per block type, each convolution of residual_function in order: (kernel size, output width as a
+# multiple of the stage width; the last one's factor is the block's expansion). The block's
+# Sequential puts conv j at index 3*j and its BatchNorm at 3*j + 1 (a ReLU fills the third slot).
+BLOCK_CONVS: dict[str, tuple[tuple[int, int], ...]] = {
+    "BasicBlock": ((3, 1), (3, 1)),
+    "BottleNeck": ((1, 1), (3, 1), (1, 4)),
+}
+_SEQ_SLOTS = 3  # conv, BatchNorm, ReLU
+_STEM_KERNEL = {False: 7, True: 3}  # small_stem -> stem kernel size
+_BN_LEAVES = ("weight", "bias", "running_mean", "running_var")
+_BN_COUNTER = "num_batches_tracked"
+
+_BLOCK_KEY = re.compile(r"^(\w+)\.(\d+)\.residual_function\.(\d+)\.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +42,44 @@ class ArchSpec:
         stem = ", small stem" if self.small_stem else ""
         return f"{self.name or 'custom'} ({self.block} {list(self.num_block)}, {self.num_classes} classes{stem})"
 
+    def torch_shapes(self) -> dict[str, tuple[int, ...]]:
+        """{seed state-dict key: torch shape}, in the order resnet_torch registers them."""
+        convs = BLOCK_CONVS[self.block]
+        shapes: dict[str, tuple[int, ...]] = {}
+
+        def conv_bn(conv: str, bn: str, c_in: int, c_out: int, k: int) -> None:
+            shapes[f"{conv}.weight"] = (c_out, c_in, k, k)
+            shapes.update({f"{bn}.{leaf}": (c_out,) for leaf in _BN_LEAVES})
+            shapes[f"{bn}.{_BN_COUNTER}"] = ()
+
+        conv_bn(f"{STEM}.0", f"{STEM}.1", IN_CHANNELS, STEM_WIDTH, _STEM_KERNEL[self.small_stem])
+        c_in = STEM_WIDTH
+        for (stage, width, stride), blocks in zip(STAGES, self.num_block):
+            for i in range(blocks):
+                prefix, c = f"{stage}.{i}", c_in
+                for j, (k, factor) in enumerate(convs):
+                    slot = f"{prefix}.residual_function.{_SEQ_SLOTS * j}"
+                    conv_bn(slot, f"{prefix}.residual_function.{_SEQ_SLOTS * j + 1}", c, width * factor, k)
+                    c = width * factor
+                # Projection shortcut exactly when the block changes the shape (resnet_torch's _shortcut).
+                if (stride if i == 0 else 1) != 1 or c_in != c:
+                    conv_bn(f"{prefix}.shortcut.0", f"{prefix}.shortcut.1", c_in, c, 1)
+                c_in = c
+        shapes[f"{HEAD}.weight"] = (self.num_classes, c_in)
+        shapes[f"{HEAD}.bias"] = (self.num_classes,)
+        return shapes
+
+    @classmethod
+    def of_flax_model(cls, model: Any) -> ArchSpec:
+        """The spec of a resnet_flax.ResNet, read from its fields (no tracing, no init)."""
+        import resnet_flax
+
+        if not isinstance(model, resnet_flax.ResNet):
+            raise TypeError(f"target must be a resnet_flax.ResNet, got {type(model).__name__}")
+        return cls(model.block.__name__, tuple(model.num_block), model.num_classes, model.small_stem)
+
     def model_kwargs(self) -> dict[str, Any]:
+        """The builder options this spec fixes."""
         return dict(num_classes=self.num_classes, small_stem=self.small_stem)
 
     def torch_model(self, **kwargs: Any) -> Any:
@@ -53,28 +102,32 @@ def infer_arch(shapes: Mapping[str, Sequence[int]]) -> ArchSpec:
 
     Raises ValueError naming what is missing when the keys do not describe a ResNet.
     """
-    blocks: dict[int, int] = {}
-    bottleneck = False
+    stage_names = [name for name, _, _ in STAGES]
+    blocks: dict[str, int] = {}
+    last_slot = 0
     for key in shapes:
-        if m := _BLOCK_KEY.match(key):
-            stage, index = int(m[1]), int(m[2])
-            blocks[stage] = max(blocks.get(stage, 0), index + 1)
-            bottleneck |= int(m[3]) >= 6
+        if (m := _BLOCK_KEY.match(key)) and m[1] in stage_names:
+            blocks[m[1]] = max(blocks.get(m[1], 0), int(m[2]) + 1)
+            last_slot = max(last_slot, int(m[3]))
+    convs = last_slot // _SEQ_SLOTS + 1
+    block = next((name for name, layers in BLOCK_CONVS.items() if len(layers) == convs), None)
+    stem, fc = shapes.get(f"{STEM}.0.weight"), shapes.get(f"{HEAD}.weight")
+    small_stem = {k: small for small, k in _STEM_KERNEL.items()}.get(int(stem[-1])) if stem and len(stem) == 4 else None
     problems = []
-    stems = shapes.get("conv1.0.weight")
-    fc = shapes.get("fc.weight")
-    if stems is None or len(stems) != 4:
-        problems.append("conv1.0.weight (the stem convolution)")
+    if small_stem is None:
+        problems.append(f"{STEM}.0.weight (the stem convolution, 7x7 or 3x3)")
     if fc is None or len(fc) != 2:
-        problems.append("fc.weight (the classifier)")
-    missing_stages = [f"conv{s}_x" for s in range(2, 2 + len(STAGES)) if s not in blocks]
+        problems.append(f"{HEAD}.weight (the classifier)")
+    missing_stages = [name for name in stage_names if name not in blocks]
     if missing_stages:
         problems.append("blocks of " + ", ".join(missing_stages))
+    elif block is None:
+        problems.append(f"a block type with {convs} convolutions (BasicBlock has 2, BottleNeck 3)")
     if problems:
         raise ValueError("cannot read a ResNet architecture from these keys: missing " + "; ".join(problems))
     return ArchSpec(
-        block="BottleNeck" if bottleneck else "BasicBlock",
-        num_block=tuple(blocks[s] for s in range(2, 2 + len(STAGES))),
+        block=block,
+        num_block=tuple(blocks[name] for name in stage_names),
         num_classes=int(fc[0]),
-        small_stem=int(stems[-1]) == 3,
+        small_stem=small_stem,
     )

@@ -1,31 +1,41 @@
 """PyTorch state dicts <-> Flax variable trees, by one rule over names for every depth.
 
 The module path is shared (``conv2_x.0.shortcut.1`` is ``('conv2_x', '0', 'shortcut', '1')``);
-each leaf kind has one name on either side and one transform (``LEAF_RULES``).
+each leaf kind has one name on either side and one transform (``LEAF_RULES``). Both directions
+check the whole tree against the shapes ``ArchSpec.torch_shapes`` gives before converting a
+single leaf, so nothing half-converted is ever returned.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import re
 import warnings
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import traverse_util
-from flax import linen as nn
 
 from resnet_flax.layers import COUNTER_DTYPE
+from resnet_flax.model import ResNet as FlaxResNet
 
 from .arch import ArchSpec, infer_arch
+from .arrays import (
+    aligned_empty,
+    numpy_dtype,
+    numpy_to_torch,
+    one_torch_thread,
+    permuted_copy,
+    to_jax,
+    torch_dtype,
+    torch_views,
+)
 from .names import LAYOUTS, SEED, TORCHVISION, detect_layout, seed_to_torchvision, torchvision_to_seed
 
 Variables = dict[str, Any]
-StateDict = "collections.OrderedDict[str, torch.Tensor]"
+Shapes = Mapping[str, tuple[int, ...]]
 
 
 class ConversionError(ValueError):
@@ -43,6 +53,7 @@ class LeafRule:
     perm: tuple[int, ...] | None  # torch axes -> flax axes; None for a vector kept as it is
 
     def inverse_perm(self) -> tuple[int, ...] | None:
+        """The permutation from Flax axes back to torch axes."""
         return None if self.perm is None else tuple(int(i) for i in np.argsort(self.perm))
 
 
@@ -55,18 +66,15 @@ LEAF_RULES: tuple[LeafRule, ...] = (
     LeafRule("bias", "bias", "params", 1, None),
     LeafRule("running_mean", "mean", "batch_stats", 1, None),
     LeafRule("running_var", "var", "batch_stats", 1, None),
-    # torch keeps an int64 scalar counter; Flax keeps it as COUNTER_DTYPE (int32 unless x64 is on).
+    # torch keeps an int64 scalar counter; Flax keeps it as COUNTER_DTYPE (int32).
     LeafRule("num_batches_tracked", "num_batches_tracked", "batch_stats", 0, None),
 )
 _BY_TORCH = {(r.torch_name, r.ndim): r for r in LEAF_RULES}
 _BY_FLAX = {(r.collection, r.flax_name, r.ndim): r for r in LEAF_RULES}
+_COLLECTIONS = ("params", "batch_stats")
 _COUNTER = "num_batches_tracked"
 _BN_BUFFERS = ("running_mean", "running_var", _COUNTER)
-_PROBE_INPUT = (1, 32, 32, 3)  # smallest NHWC input every stem reduces to 1x1; shapes only
-
-
-def _natural_key(key: str) -> list[Any]:
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key)]
+_TORCH_COUNTER_DTYPE = torch.int64  # what torch.nn.BatchNorm2d registers
 
 
 def _as_state_dict(obj: Any) -> dict[str, torch.Tensor]:
@@ -91,61 +99,54 @@ def _as_state_dict(obj: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def _torch_leaf_to_jax(rule: LeafRule, t: torch.Tensor, dtype: Any) -> jax.Array:
-    t = t.detach().cpu()
-    if rule.torch_name == _COUNTER:
-        return jnp.asarray(int(t), COUNTER_DTYPE)
-    if dtype is not None:
-        t = t.to(dtype)
-    x = jax.dlpack.from_dlpack(t.contiguous())
-    # Transpose (or copy) so the result never aliases the torch tensor's memory.
-    return jnp.transpose(x, rule.perm) if rule.perm is not None else jnp.array(x, copy=True)
+def _seed_keys(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict under the seed's key names, and the layout it came in."""
+    layout = detect_layout(list(sd))
+    if layout == TORCHVISION:
+        return {torchvision_to_seed(k): v for k, v in sd.items()}, layout
+    return dict(sd), layout
 
 
-def _jax_leaf_to_torch(rule: LeafRule, x: Any, dtype: Any) -> torch.Tensor:
-    if rule.torch_name == _COUNTER:
-        return torch.tensor(int(x), dtype=torch.int64)
-    t = torch.from_dlpack(jnp.asarray(x))
-    if rule.perm is not None:
-        t = t.permute(rule.inverse_perm())
-    # clone: the result owns its memory (jax buffers may be donated or freed later).
-    t = t.clone(memory_format=torch.contiguous_format)
-    return t if dtype is None else t.to(dtype)
+def _flax_path(key: str, ndim: int) -> tuple[str, ...] | None:
+    """The Flax path of a seed key, or None when no leaf rule takes it."""
+    module, _, leaf = key.rpartition(".")
+    rule = _BY_TORCH.get((leaf, ndim))
+    return None if rule is None or not module else (rule.collection, *module.split("."), rule.flax_name)
 
 
-def _expected_shapes(model: nn.Module) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """{flax path: shape} of a model's variables, without computing them."""
-    tree = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(_PROBE_INPUT), train=False))
-    return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(tree).items()}
+def _flax_name(key: str, shape: tuple[int, ...]) -> str:
+    path = _flax_path(key, len(shape))
+    return key if path is None else "/".join(path)
 
 
-def _flax_path(rule: LeafRule, module: str) -> tuple[str, ...]:
-    return (rule.collection, *module.split("."), rule.flax_name)
+def _flax_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    module, _, leaf = key.rpartition(".")
+    rule = _BY_TORCH.get((leaf, len(shape)))
+    return shape if rule is None or rule.perm is None else tuple(shape[i] for i in rule.perm)
 
 
-def _torch_key(path: tuple[str, ...], shape: tuple[int, ...]) -> str:
-    """The seed key a Flax path stands for (used to name keys in errors)."""
-    collection, *module, leaf = path
-    rule = _BY_FLAX.get((collection, leaf, len(shape)))
-    return ".".join([*module, rule.torch_name if rule else leaf])
+def _same_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return shape
 
 
 def _check(
-    got: Mapping[tuple[str, ...], tuple[int, ...]],
-    expected: Mapping[tuple[str, ...], tuple[int, ...]],
-    unknown: list[str],
+    got: Shapes,
+    expected: Shapes,
     what: str,
+    name: Callable[[str, tuple[int, ...]], str],
+    shown: Callable[[str, tuple[int, ...]], tuple[int, ...]] = _same_shape,
 ) -> None:
-    missing = sorted((_torch_key(p, s) for p, s in expected.items() if p not in got), key=_natural_key)
-    unexpected = sorted(unknown + [_torch_key(p, s) for p, s in got.items() if p not in expected], key=_natural_key)
-    misshapen = sorted(
-        (
-            f"{_torch_key(p, s)}: got {_torch_shape(p, got[p])}, expected {_torch_shape(p, s)}"
-            for p, s in expected.items()
-            if p in got and tuple(got[p]) != tuple(s)
-        ),
-        key=_natural_key,
-    )
+    """Raise ConversionError naming every missing, unexpected and misshapen key.
+
+    Keys and shapes are compared in torch terms; ``name`` and ``shown`` put them in the caller's terms.
+    """
+    missing = [name(k, s) for k, s in expected.items() if k not in got]
+    unexpected = [name(k, s) for k, s in got.items() if k not in expected]
+    misshapen = [
+        f"{name(k, s)}: got {shown(k, tuple(got[k]))}, expected {shown(k, s)}"
+        for k, s in expected.items()
+        if k in got and tuple(got[k]) != s
+    ]
     if missing or unexpected or misshapen:
         lines = [f"checkpoint does not fit {what}:"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", misshapen)):
@@ -154,68 +155,16 @@ def _check(
         raise ConversionError("\n".join(lines))
 
 
-def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
-    rule = _BY_FLAX.get((path[0], path[-1], len(shape)))
-    inv = rule.inverse_perm() if rule else None
-    return tuple(shape) if inv is None else tuple(shape[i] for i in inv)
+def _infer(shapes: Shapes) -> ArchSpec:
+    try:
+        return infer_arch(shapes)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
 
 
-def torch_to_flax(obj: Any, target: nn.Module | None = None, *, dtype: Any = None) -> Variables:
-    """A PyTorch ResNet's weights -> ``{'params': ..., 'batch_stats': ...}`` for resnet_flax.
-
-    ``obj`` is a state dict, an ``nn.Module``, or ``named_parameters()`` (plus ``named_buffers()``)
-    pairs, with the seed's or torchvision's key names. The result is checked against ``target``'s
-    variable tree (or, without ``target``, the architecture read from the keys); any missing,
-    unexpected or misshapen key raises ConversionError naming all of them. dtypes are kept
-    unless ``dtype`` (a torch dtype) asks for a cast of the floating-point tensors.
-    """
-    sd = _as_state_dict(obj)
-    if detect_layout(list(sd)) == TORCHVISION:
-        sd = {torchvision_to_seed(k): v for k, v in sd.items()}
-    sd = {k: v for k, v in sd.items()}
-    if not any(k.endswith(_BN_BUFFERS) for k in sd):
-        fresh = _fresh_batch_stats(sd)
-        if fresh:
-            warnings.warn(
-                "no BatchNorm buffers given (named_parameters() alone?): running statistics take the "
-                "fresh defaults mean 0, var 1, num_batches_tracked 0",
-                stacklevel=2,
-            )
-            sd.update(fresh)
-
-    converted_shapes: dict[tuple[str, ...], tuple[int, ...]] = {}
-    rules: dict[tuple[str, ...], tuple[LeafRule, torch.Tensor]] = {}
-    unknown = []
-    for key, t in sd.items():
-        module, _, leaf = key.rpartition(".")
-        rule = _BY_TORCH.get((leaf, t.dim()))
-        if rule is None or not module:
-            unknown.append(key)
-            continue
-        path = _flax_path(rule, module)
-        shape = tuple(t.shape) if rule.perm is None else tuple(t.shape[i] for i in rule.perm)
-        converted_shapes[path] = shape
-        rules[path] = (rule, t)
-
-    if target is None:
-        try:
-            spec = infer_arch({k: tuple(v.shape) for k, v in sd.items()})
-        except ValueError as e:
-            raise ConversionError(str(e)) from None
-        target, what = spec.flax_model(), spec.describe()
-    else:
-        what = type(target).__name__
-    _check(converted_shapes, _expected_shapes(target), unknown, what)
-
-    if not jax.config.jax_enable_x64:
-        wide = [k for k, v in sd.items() if v.dtype == torch.float64 and (dtype is None or dtype == torch.float64)]
-        if wide:
-            raise ConversionError(
-                f"{len(wide)} float64 tensors (e.g. {wide[0]}) need jax.config.update('jax_enable_x64', True) "
-                "to stay float64, or pass dtype=torch.float32 to cast them"
-            )
-    flat = {path: _torch_leaf_to_jax(rule, t, dtype if t.is_floating_point() else None) for path, (rule, t) in rules.items()}
-    return traverse_util.unflatten_dict(flat)
+def _torch_namer(layout: str) -> Callable[[str, tuple[int, ...]], str]:
+    """Names keys in errors the way the user wrote them."""
+    return (lambda k, s: seed_to_torchvision(k)) if layout == TORCHVISION else (lambda k, s: k)
 
 
 def _fresh_batch_stats(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -226,11 +175,99 @@ def _fresh_batch_stats(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
         if leaf == "weight" and t.dim() == 1:
             fresh[f"{module}.running_mean"] = torch.zeros_like(t)
             fresh[f"{module}.running_var"] = torch.ones_like(t)
-            fresh[f"{module}.{_COUNTER}"] = torch.tensor(0, dtype=torch.int64)
+            fresh[f"{module}.{_COUNTER}"] = torch.tensor(0, dtype=_TORCH_COUNTER_DTYPE)
     return fresh
 
 
-def flax_to_torch(variables: Mapping[str, Any], layout: str = SEED, *, dtype: Any = None) -> StateDict:
+def _check_x64(dtypes: Iterable[tuple[str, np.dtype]]) -> None:
+    if jax.dtypes.canonicalize_dtype(np.float64) == np.float64:  # x64 on, globally or in a context
+        return
+    wide = [k for k, d in dtypes if d == np.float64]
+    if wide:
+        raise ConversionError(
+            f"{len(wide)} float64 tensors (e.g. {wide[0]}) need jax.config.update('jax_enable_x64', True) "
+            "to stay float64, or pass dtype=torch.float32 to cast them"
+        )
+
+
+def _torch_leaf_to_numpy(rule: LeafRule, t: torch.Tensor, cast: np.dtype | None) -> np.ndarray:
+    """One torch leaf in Flax layout, in fresh aligned host memory."""
+    if rule.torch_name == _COUNTER:
+        return np.asarray(int(t), COUNTER_DTYPE)
+    shape = tuple(t.shape) if rule.perm is None else tuple(t.shape[i] for i in rule.perm)
+    out = aligned_empty(shape, cast if cast is not None and t.is_floating_point() else numpy_dtype(t.dtype))
+    permuted_copy(t, rule.perm, numpy_to_torch(out))
+    return out
+
+
+def torch_to_flax(obj: Any, target: FlaxResNet | None = None, *, dtype: Any = None) -> Variables:
+    """A PyTorch ResNet's weights -> ``{'params': ..., 'batch_stats': ...}`` for resnet_flax.
+
+    ``obj`` is a state dict, an ``nn.Module``, or ``named_parameters()`` (plus ``named_buffers()``)
+    pairs, with the seed's or torchvision's key names. The result is checked against ``target``
+    (a resnet_flax.ResNet) or, without it, the architecture the keys describe; any missing,
+    unexpected or misshapen key raises ConversionError naming all of them. dtypes are kept unless
+    ``dtype`` (torch or numpy/jax) asks for a cast of the floating-point tensors.
+    """
+    sd, layout = _seed_keys(_as_state_dict(obj))
+    if not any(k.endswith(_BN_BUFFERS) for k in sd):
+        fresh = _fresh_batch_stats(sd)
+        if fresh:
+            warnings.warn(
+                "no BatchNorm buffers given (named_parameters() alone?): running statistics take the "
+                "fresh defaults mean 0, var 1, num_batches_tracked 0",
+                stacklevel=2,
+            )
+            sd.update(fresh)
+    shapes = {k: tuple(t.shape) for k, t in sd.items()}
+    spec = ArchSpec.of_flax_model(target) if target is not None else _infer(shapes)
+    expected = spec.torch_shapes()
+    _check(shapes, expected, spec.describe(), _torch_namer(layout))
+
+    cast = None if dtype is None else numpy_dtype(dtype)
+    _check_x64((k, cast if cast is not None and t.is_floating_point() else numpy_dtype(t.dtype)) for k, t in sd.items())
+    flat = {}
+    with one_torch_thread():
+        for key in expected:
+            t = sd[key].detach().cpu()
+            path = _flax_path(key, t.dim())
+            flat[path] = _torch_leaf_to_numpy(_BY_FLAX[(path[0], path[-1], t.dim())], t, cast)
+    return traverse_util.unflatten_dict(to_jax(flat))
+
+
+def _flax_leaves(variables: Any) -> tuple[dict[str, Any], dict[str, tuple[int, ...]], list[str]]:
+    """{seed key: leaf}, {seed key: torch shape} and the Flax paths no rule takes."""
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        got = f"keys {sorted(map(str, variables))}" if isinstance(variables, Mapping) else type(variables).__name__
+        raise ConversionError(f"expected Flax variables {{'params': ..., 'batch_stats': ...}}, got {got}")
+    leaves, shapes, unknown = {}, {}, []
+    for path, x in traverse_util.flatten_dict(dict(variables)).items():
+        shape = tuple(np.shape(x))
+        rule = _BY_FLAX.get((path[0], path[-1], len(shape))) if len(path) > 2 else None
+        if rule is None:
+            unknown.append("/".join(map(str, path)))
+            continue
+        key = ".".join([*path[1:-1], rule.torch_name])
+        leaves[key] = (rule, x)
+        inv = rule.inverse_perm()
+        shapes[key] = shape if inv is None else tuple(shape[i] for i in inv)
+    return leaves, shapes, unknown
+
+
+def _flax_leaf_to_torch(rule: LeafRule, src: torch.Tensor, cast: torch.dtype | None) -> torch.Tensor:
+    """One Flax leaf (viewed as a tensor) in torch layout, in fresh memory the tensor owns."""
+    if rule.torch_name == _COUNTER:
+        return torch.tensor(int(src), dtype=_TORCH_COUNTER_DTYPE)
+    inv = rule.inverse_perm()
+    shape = tuple(src.shape) if inv is None else tuple(src.shape[i] for i in inv)
+    out = torch.empty(shape, dtype=cast if cast is not None and src.is_floating_point() else src.dtype)
+    permuted_copy(src, inv, out)
+    return out
+
+
+def flax_to_torch(
+    variables: Mapping[str, Any], layout: str = SEED, *, dtype: Any = None
+) -> collections.OrderedDict[str, torch.Tensor]:
     """resnet_flax variables -> an OrderedDict state dict that ``load_state_dict(strict=True)`` accepts.
 
     ``layout="seed"`` gives resnet_torch's keys, ``layout="torchvision"`` torchvision's. The tree is
@@ -238,47 +275,50 @@ def flax_to_torch(variables: Mapping[str, Any], layout: str = SEED, *, dtype: An
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    if not isinstance(variables, Mapping) or "params" not in variables:
-        raise ConversionError("expected Flax variables {'params': ..., 'batch_stats': ...}")
-    flat = traverse_util.flatten_dict({k: variables[k] for k in ("params", "batch_stats") if k in variables})
-    shapes = {path: tuple(np.shape(x)) for path, x in flat.items()}
-    torch_shapes = {}
-    for path, shape in shapes.items():
-        rule = _BY_FLAX.get((path[0], path[-1], len(shape)))
-        if rule is not None:
-            torch_shapes[_torch_key(path, shape)] = _torch_shape(path, shape)
-    try:
-        spec = infer_arch(torch_shapes)
-    except ValueError as e:
-        raise ConversionError(str(e)) from None
-    unknown = [_torch_key(p, s) for p, s in shapes.items() if _BY_FLAX.get((p[0], p[-1], len(s))) is None]
-    known = {p: s for p, s in shapes.items() if _BY_FLAX.get((p[0], p[-1], len(s))) is not None}
-    _check(known, _expected_shapes(spec.flax_model()), unknown, spec.describe())
+    leaves, shapes, unknown = _flax_leaves(variables)
+    spec = _infer(shapes)
+    expected = spec.torch_shapes()
+    _check({**shapes, **{u: () for u in unknown}}, expected, spec.describe(), _flax_name, _flax_shape)
 
-    rename = seed_to_torchvision if layout == TORCHVISION else (lambda k: k)
-    out = {}
-    for path, x in flat.items():
-        rule = _BY_FLAX[(path[0], path[-1], np.ndim(x))]
-        cast = dtype if jnp.issubdtype(jnp.result_type(x), jnp.floating) else None
-        out[rename(_torch_key(path, np.shape(x)))] = _jax_leaf_to_torch(rule, x, cast)
-    return collections.OrderedDict(sorted(out.items(), key=lambda kv: _natural_key(_order_key(kv[0]))))
+    cast = None if dtype is None else torch_dtype(numpy_dtype(dtype))
+    rename = seed_to_torchvision if layout == TORCHVISION else str
+    views = torch_views([leaves[k][1] for k in expected])
+    out = collections.OrderedDict()
+    with one_torch_thread():
+        for key, src in zip(expected, views):
+            out[rename(key)] = _flax_leaf_to_torch(leaves[key][0], src, cast)
+    return out
 
 
-_LEAF_ORDER = {name: i for i, name in enumerate(("weight", "bias", "running_mean", "running_var", _COUNTER))}
+def check_state_dict(obj: Any) -> tuple[ArchSpec, collections.OrderedDict[str, torch.Tensor]]:
+    """The architecture of a torch checkpoint and its tensors under the seed's keys, in model order.
+
+    Raises ConversionError naming every missing, unexpected or misshapen key.
+    """
+    sd, layout = _seed_keys(_as_state_dict(obj))
+    shapes = {k: tuple(t.shape) for k, t in sd.items()}
+    spec = _infer(shapes)
+    expected = spec.torch_shapes()
+    _check(shapes, expected, spec.describe(), _torch_namer(layout))
+    return spec, collections.OrderedDict((k, sd[k]) for k in expected)
 
 
-def _order_key(key: str) -> str:
-    """Sort key that puts a module's leaves in torch's registration order."""
-    module, _, leaf = key.rpartition(".")
-    return f"{module}.{_LEAF_ORDER.get(leaf, 9)}"
+def check_flax_variables(variables: Any) -> tuple[ArchSpec, Variables]:
+    """The architecture of a Flax variables tree and the tree as jax arrays.
+
+    Raises ConversionError naming every missing, unexpected or misshapen leaf.
+    """
+    leaves, shapes, unknown = _flax_leaves(variables)
+    spec = _infer(shapes)
+    _check({**shapes, **{u: () for u in unknown}}, spec.torch_shapes(), spec.describe(), _flax_name, _flax_shape)
+    _check_x64((k, np.dtype(x.dtype)) for k, (_, x) in leaves.items())
+    tree = {c: variables[c] for c in _COLLECTIONS if c in variables}
+    return spec, jax.device_put(tree)
 
 
 def arch_of(obj: Any) -> ArchSpec:
     """The architecture a state dict, nn.Module, pairs or Flax variables tree describes."""
     if isinstance(obj, Mapping) and "params" in obj:
-        flat = traverse_util.flatten_dict(obj["params"])
-        return infer_arch({_torch_key(("params", *p), np.shape(x)): _torch_shape(("params", *p), np.shape(x)) for p, x in flat.items()})
-    sd = _as_state_dict(obj)
-    if detect_layout(list(sd)) == TORCHVISION:
-        sd = {torchvision_to_seed(k): v for k, v in sd.items()}
-    return infer_arch({k: tuple(v.shape) for k, v in sd.items()})
+        return _infer(_flax_leaves(obj)[1])
+    sd, _ = _seed_keys(_as_state_dict(obj))
+    return _infer({k: tuple(v.shape) for k, v in sd.items()})

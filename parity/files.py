@@ -1,0 +1,222 @@
+"""Checkpoint files: safetensors (the default), PyTorch ``.pth``/``.pt`` and Flax msgpack.
+
+safetensors holds one flat ``{name: tensor}`` dict, so the two frameworks use two key schemes:
+
+- torch side: the state-dict keys as they are (``conv1.0.weight`` or torchvision's ``conv1.weight``);
+- Flax side: the variable path joined with ``/`` (``params/conv1/0/kernel``,
+  ``batch_stats/conv1/1/mean``), arrays in Flax layout (HWIO kernels).
+
+The header metadata of files written here records ``framework`` ("torch" or "flax") and a
+``sha256`` over every tensor's name, dtype, shape and bytes, checked when the file is read back,
+so a flipped bit is an error rather than a silently different weight. Torch pickles are read
+with ``torch.load(weights_only=True)`` only, never retried unsafely. Every write goes to a temp
+name in the target directory and is renamed into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Callable, Mapping
+
+import flax.serialization
+import jax
+import numpy as np
+import safetensors.torch
+import torch
+from flax import traverse_util
+
+from .arrays import torch_to_numpy, torch_views
+
+TORCH = "torch"
+FLAX = "flax"
+FRAMEWORKS = (TORCH, FLAX)
+SAFETENSORS, PICKLE, MSGPACK = "safetensors", "pickle", "msgpack"
+SUFFIXES = {".safetensors": SAFETENSORS, ".pth": PICKLE, ".pt": PICKLE, ".msgpack": MSGPACK}
+FLAX_COLLECTIONS = ("params", "batch_stats")
+_SEP = "/"  # joins a Flax variable path into one safetensors key
+_HEADER_LEN_BYTES = 8  # safetensors: little-endian u64 header length, then the JSON header
+_STATE_DICT_KEYS = ("state_dict", "model")  # where training scripts commonly nest the weights
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read or written; the message names the file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """What a file holds: a torch state dict or a Flax variables tree, and the header metadata."""
+
+    framework: str
+    tensors: Any  # dict[str, torch.Tensor] (torch) or {'params': ..., 'batch_stats': ...} of arrays (flax)
+    metadata: dict[str, str]
+
+
+def file_format(path: str | os.PathLike) -> str:
+    """'safetensors', 'pickle' or 'msgpack', from the file name's suffix."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in SUFFIXES:
+        raise CheckpointError(f"{path}: unknown checkpoint suffix {suffix!r}; expected one of {', '.join(SUFFIXES)}")
+    return SUFFIXES[suffix]
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> int:
+    """Call ``write`` on a temp file next to ``path``, fsync, rename it into place; returns the size.
+
+    If anything fails, the temp file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path.stat().st_size
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def _flat_flax(variables: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    flat = traverse_util.flatten_dict({k: variables[k] for k in variables})
+    names = [_SEP.join(map(str, path)) for path in flat]
+    return dict(zip(names, torch_views(list(flat.values()))))
+
+
+def _state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The {name: tensor} dict a loaded torch pickle holds (top level or under 'state_dict'/'model')."""
+    for candidate in (obj, *(obj.get(k) for k in _STATE_DICT_KEYS if isinstance(obj, Mapping))):
+        if (
+            isinstance(candidate, Mapping)
+            and candidate
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in candidate.items())
+        ):
+            return dict(candidate)
+    raise CheckpointError(
+        f"{path}: expected a state dict of named tensors (top level or under {' or '.join(map(repr, _STATE_DICT_KEYS))}), "
+        f"got {type(obj).__name__}"
+    )
+
+
+def _read_pickle(path: Path) -> Checkpoint:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler error" in line), "")
+        raise CheckpointError(
+            f"{path}: refused by torch.load(weights_only=True): it holds objects other than tensors and plain "
+            f"containers, or is corrupted; it is never loaded unsafely. {reason.split('. Please')[0]}"
+        ) from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupted?): {e}") from None
+    return Checkpoint(TORCH, _state_dict(obj, path), {})
+
+
+def _header_metadata(data: bytes, path: Path) -> dict[str, str]:
+    n = int.from_bytes(data[:_HEADER_LEN_BYTES], "little") if len(data) >= _HEADER_LEN_BYTES else -1
+    if not 0 < n <= len(data) - _HEADER_LEN_BYTES:
+        raise CheckpointError(f"{path}: not a safetensors file (truncated or corrupted header)")
+    try:
+        meta = json.loads(data[_HEADER_LEN_BYTES : _HEADER_LEN_BYTES + n]).get("__metadata__") or {}
+    except (ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: corrupted safetensors header: {e}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: corrupted safetensors header: metadata is not a mapping")
+    return meta
+
+
+def _read_safetensors(path: Path) -> Checkpoint:
+    data = path.read_bytes()
+    meta = _header_metadata(data, path)
+    try:
+        tensors = safetensors.torch.load(data)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupted?): {e}") from None
+    if "sha256" in meta and tensors_digest(tensors) != meta["sha256"]:
+        raise CheckpointError(f"{path}: corrupted: the tensors do not match the sha256 recorded when it was written")
+    framework = meta.get("framework") or (
+        FLAX if tensors and all(k.split(_SEP)[0] in FLAX_COLLECTIONS and _SEP in k for k in tensors) else TORCH
+    )
+    if framework not in FRAMEWORKS:
+        raise CheckpointError(f"{path}: metadata framework must be one of {', '.join(FRAMEWORKS)}, got {framework!r}")
+    if framework == FLAX:
+        try:
+            tree = traverse_util.unflatten_dict({tuple(k.split(_SEP)): torch_to_numpy(t) for k, t in tensors.items()})
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: Flax keys do not form one variables tree: {e}") from None
+        return Checkpoint(FLAX, tree, meta)
+    return Checkpoint(TORCH, tensors, meta)
+
+
+def _is_array_tree(tree: Any) -> bool:
+    if isinstance(tree, Mapping):
+        return all(isinstance(k, str) and _is_array_tree(v) for k, v in tree.items())
+    return isinstance(tree, (np.ndarray, np.generic))
+
+
+def _read_msgpack(path: Path) -> Checkpoint:
+    try:
+        tree = flax.serialization.msgpack_restore(path.read_bytes())
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable Flax msgpack file (truncated or corrupted?): {e}") from None
+    if not (isinstance(tree, Mapping) and "params" in tree and _is_array_tree(tree)):
+        raise CheckpointError(f"{path}: expected Flax variables {{'params': ..., 'batch_stats': ...}} of arrays")
+    return Checkpoint(FLAX, tree, {})
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a .safetensors, .pth/.pt or .msgpack file; CheckpointError names the file on any failure."""
+    path = Path(path)
+    fmt = file_format(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    return {SAFETENSORS: _read_safetensors, PICKLE: _read_pickle, MSGPACK: _read_msgpack}[fmt](path)
+
+
+def write_checkpoint(
+    path: str | os.PathLike, tensors: Any, framework: str, metadata: Mapping[str, str] | None = None
+) -> int:
+    """Write a torch state dict or Flax variables in the format the suffix names; returns the file size.
+
+    safetensors takes either framework; .pth/.pt only a torch state dict; .msgpack only Flax variables.
+    """
+    path = Path(path)
+    fmt = file_format(path)
+    if framework not in FRAMEWORKS:
+        raise ValueError(f"framework must be one of {', '.join(FRAMEWORKS)}, got {framework!r}")
+    if fmt == PICKLE and framework != TORCH or fmt == MSGPACK and framework != FLAX:
+        raise CheckpointError(f"{path}: a {fmt} file holds {TORCH if fmt == PICKLE else FLAX} weights, not {framework}")
+    try:
+        if fmt == SAFETENSORS:
+            flat = _flat_flax(tensors) if framework == FLAX else {k: t.contiguous() for k, t in tensors.items()}
+            meta = {**(metadata or {}), "framework": framework, "sha256": tensors_digest(flat)}
+            data = safetensors.torch.save(flat, meta)
+            return atomic_write(path, lambda f: f.write(data))
+        if fmt == PICKLE:
+            return atomic_write(path, lambda f: torch.save(dict(tensors), f))
+        data = flax.serialization.msgpack_serialize(jax.device_get(dict(tensors)))
+        return atomic_write(path, lambda f: f.write(data))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot write: {e}") from e
+

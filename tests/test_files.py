@@ -1,0 +1,308 @@
+"""Checkpoint files: round trips per format, one-call loading, refusals, corruption, atomic writes, the CLI."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import pickle
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torchvision
+from flax import traverse_util
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import parity
+import resnet_torch
+from parity.cli import main
+from parity.files import atomic_write
+
+RTOL_FP32 = 1e-5
+ODD_SIZE = (33, 47)
+FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _model(num_classes: int = 5) -> torch.nn.Module:
+    model = resnet_torch.resnet18(num_classes=num_classes)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.num_batches_tracked.fill_(17)
+    return model.eval()
+
+
+def _same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def _same_tree(a, b) -> bool:
+    fa, fb = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
+    return fa.keys() == fb.keys() and all(
+        np.asarray(fa[k]).dtype == np.asarray(fb[k]).dtype and np.array_equal(np.asarray(fa[k]), np.asarray(fb[k]))
+        for k in fa
+    )
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return _model()
+
+
+# --- round trips and one-call loading -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth", ".pt"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_files_round_trip(tmp_path: Path, model: torch.nn.Module, suffix: str, dtype: torch.dtype) -> None:
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    path = tmp_path / f"w{suffix}"
+    size = parity.write_checkpoint(path, sd, "torch")
+    assert size == path.stat().st_size > 0
+    ckpt = parity.read_checkpoint(path)
+    assert ckpt.framework == "torch" and _same_tensors(ckpt.tensors, sd)
+    assert os.listdir(tmp_path) == [path.name]
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".msgpack"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flax_files_round_trip(tmp_path: Path, model: torch.nn.Module, suffix: str, dtype: torch.dtype) -> None:
+    variables = parity.torch_to_flax(model, dtype=dtype)
+    path = tmp_path / f"v{suffix}"
+    parity.write_checkpoint(path, variables, "flax")
+    ckpt = parity.read_checkpoint(path)
+    assert ckpt.framework == "flax" and _same_tree(ckpt.tensors, variables)
+
+
+def test_flax_safetensors_key_scheme(tmp_path: Path, model: torch.nn.Module) -> None:
+    from safetensors import safe_open
+
+    path = tmp_path / "v.safetensors"
+    parity.write_checkpoint(path, parity.torch_to_flax(model), "flax", {"arch": "resnet18"})
+    with safe_open(path, framework="pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+        kernel = f.get_tensor("params/conv2_x/0/residual_function/0/kernel")
+    assert "batch_stats/conv1/1/num_batches_tracked" in keys and "params/fc/bias" in keys
+    assert meta["framework"] == "flax" and meta["arch"] == "resnet18" and len(meta["sha256"]) == 64
+    torch.testing.assert_close(kernel, model.conv2_x[0].residual_function[0].weight.detach().permute(2, 3, 1, 0))
+
+
+def test_float64_survives_safetensors(tmp_path: Path, model: torch.nn.Module) -> None:
+    sd = {k: v.double() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    path = tmp_path / "w.safetensors"
+    parity.write_checkpoint(path, sd, "torch")
+    with jax.enable_x64(True):
+        _, variables = parity.load_checkpoint(path, "flax")
+        assert variables["params"]["fc"]["kernel"].dtype == jnp.float64
+    assert parity.load_checkpoint(path, "torch").fc.weight.dtype == torch.float64
+
+
+@pytest.mark.parametrize("source", ["torch.pth", "torch.safetensors", "flax.safetensors", "flax.msgpack"])
+def test_load_checkpoint_gives_working_models_of_both_frameworks(
+    tmp_path: Path, model: torch.nn.Module, source: str
+) -> None:
+    framework, suffix = source.split(".")
+    tensors = model.state_dict() if framework == "torch" else parity.torch_to_flax(model)
+    path = tmp_path / f"ckpt.{suffix}"
+    parity.write_checkpoint(path, tensors, framework)
+    x = torch.randn(2, 3, *ODD_SIZE)
+    with torch.no_grad():
+        expected = model(x).numpy()
+        torch_model = parity.load_checkpoint(path, "torch")
+        assert not torch_model.training
+        np.testing.assert_array_equal(torch_model(x).numpy(), expected)
+    flax_model, variables = parity.load_checkpoint(path, "flax")
+    got = np.asarray(flax_model.apply(variables, jnp.asarray(x.permute(0, 2, 3, 1).numpy()), train=False))
+    assert _rel(got, expected) < RTOL_FP32
+
+
+def test_nested_state_dict_and_wrong_contents(tmp_path: Path, model: torch.nn.Module) -> None:
+    nested = tmp_path / "nested.pth"
+    torch.save({"state_dict": model.state_dict(), "epoch": 3}, nested)
+    assert parity.arch_of(parity.read_checkpoint(nested).tensors).name == "resnet18"
+    junk = tmp_path / "junk.pth"
+    torch.save({"epoch": 3}, junk)
+    with pytest.raises(parity.CheckpointError, match="junk.pth.*expected a state dict"):
+        parity.read_checkpoint(junk)
+    other = tmp_path / "linear.safetensors"
+    parity.write_checkpoint(other, {"weight": torch.randn(3, 2)}, "torch")
+    with pytest.raises(parity.ConversionError, match="linear.safetensors"):
+        parity.load_checkpoint(other, "flax")
+    with pytest.raises(parity.CheckpointError, match="unknown checkpoint suffix"):
+        parity.read_checkpoint(tmp_path / "w.ckpt")
+    with pytest.raises(parity.CheckpointError, match="holds flax weights"):
+        parity.write_checkpoint(tmp_path / "w.msgpack", model.state_dict(), "torch")
+
+
+# --- refusals and corruption ----------------------------------------------------------------------
+
+
+class _Payload:
+    """Pickles to a call that creates a marker file when unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
+
+
+def test_code_payload_is_refused_without_side_effect(tmp_path: Path, model: torch.nn.Module) -> None:
+    proof = tmp_path / "payload_works"
+    pickle.loads(pickle.dumps(_Payload(proof)))
+    assert proof.exists()  # the payload is live: plain unpickling runs it
+
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pth"
+    torch.save({**model.state_dict(), "evil": _Payload(marker)}, path)
+    for load in (parity.read_checkpoint, lambda p: parity.load_checkpoint(p, "flax")):
+        with pytest.raises(parity.CheckpointError, match=r"evil\.pth: refused by torch.load\(weights_only=True\)"):
+            load(path)
+    assert not marker.exists()
+
+
+def _small_files(tmp: Path) -> dict[str, bytes]:
+    """Valid files of each format, small enough to fuzz quickly."""
+    sd = {"a.weight": torch.randn(4, 3), "a.bias": torch.randn(4).to(torch.bfloat16), "n": torch.tensor(7)}
+    tree = {"params": {"a": {"kernel": np.random.randn(3, 4).astype(np.float32)}}, "batch_stats": {"n": np.int32(7)}}
+    out = {}
+    for name, tensors, framework in [
+        ("t.safetensors", sd, "torch"),
+        ("f.safetensors", tree, "flax"),
+        ("t.pth", sd, "torch"),
+        ("f.msgpack", tree, "flax"),
+    ]:
+        parity.write_checkpoint(tmp / name, tensors, framework)
+        out[name] = (tmp / name).read_bytes()
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes]]:
+    tmp = tmp_path_factory.mktemp("small")
+    return tmp, _small_files(tmp)
+
+
+@pytest.mark.parametrize("name", ["t.safetensors", "f.safetensors", "t.pth", "f.msgpack"])
+@FUZZ
+@given(fraction=st.floats(0.0, 1.0, exclude_max=True))
+def test_truncated_files_raise_the_projects_error(small_files, name: str, fraction: float) -> None:
+    tmp, files = small_files
+    data = files[name]
+    path = tmp / f"cut_{name}"
+    path.write_bytes(data[: int(len(data) * fraction)])
+    with pytest.raises(parity.CheckpointError, match=f"cut_{name}"):
+        parity.read_checkpoint(path)
+
+
+@pytest.mark.parametrize("name", ["t.safetensors", "f.safetensors", "t.pth", "f.msgpack"])
+@FUZZ
+@given(position=st.floats(0.0, 1.0, exclude_max=True), bit=st.integers(0, 7))
+def test_bit_flips_give_the_projects_error_or_intact_tensors(small_files, name: str, position: float, bit: int) -> None:
+    tmp, files = small_files
+    data = bytearray(files[name])
+    data[int(len(data) * position)] ^= 1 << bit
+    path = tmp / f"flip_{name}"
+    path.write_bytes(bytes(data))
+    try:
+        ckpt = parity.read_checkpoint(path)
+    except parity.CheckpointError as e:
+        assert f"flip_{name}" in str(e)
+        return
+    if name.endswith(".safetensors"):  # the recorded sha256 lets no changed tensor through
+        original = parity.read_checkpoint(tmp / name)
+        same = _same_tensors if original.framework == "torch" else _same_tree
+        assert same(ckpt.tensors, original.tensors)
+
+
+def test_truncated_real_checkpoint_names_the_file(tmp_path: Path, model: torch.nn.Module) -> None:
+    path = tmp_path / "r18.safetensors"
+    parity.write_checkpoint(path, model.state_dict(), "torch")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    for framework in ("torch", "flax"):
+        with pytest.raises(parity.CheckpointError, match="r18.safetensors"):
+            parity.load_checkpoint(path, framework)
+
+
+# --- atomic writes --------------------------------------------------------------------------------
+
+
+def test_failed_write_leaves_no_partial_file(tmp_path: Path) -> None:
+    path = tmp_path / "out.bin"
+
+    def half_then_fail(f) -> None:
+        f.write(b"x" * 1000)
+        raise RuntimeError("disk gone")
+
+    with pytest.raises(RuntimeError, match="disk gone"):
+        atomic_write(path, half_then_fail)
+    assert os.listdir(tmp_path) == []
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        atomic_write(path, half_then_fail)
+    assert os.listdir(tmp_path) == ["out.bin"] and path.read_bytes() == b"old"
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_failed_checkpoint_write_keeps_the_old_file(
+    tmp_path: Path, model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch, suffix: str
+) -> None:
+    path = tmp_path / f"w{suffix}"
+    path.write_bytes(b"previous")
+
+    def no_space(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(parity.CheckpointError, match=f"w{suffix}: cannot write"):
+        parity.write_checkpoint(path, model.state_dict(), "torch")
+    assert os.listdir(tmp_path) == [path.name] and path.read_bytes() == b"previous"
+
+
+# --- the CLI ---------------------------------------------------------------------------------------
+
+
+def test_cli_converts_both_directions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tv = torchvision.models.resnet18(weights=None)
+    src = tmp_path / "tv.pth"
+    torch.save(tv.state_dict(), src)
+
+    flax_file = tmp_path / "flax.safetensors"
+    assert main(["convert", str(src), str(flax_file)]) == 0
+    out = capsys.readouterr().out
+    assert "(torch) -> " in out and "(flax)" in out and "resnet18" in out and "1000 classes" in out
+    assert "122 tensors" in out and "bytes" in out
+    variables = parity.read_checkpoint(flax_file).tensors
+    assert _same_tree(variables, parity.torch_to_flax(tv))
+
+    back = tmp_path / "back.safetensors"
+    assert main(["convert", str(flax_file), str(back), "--layout", "torchvision"]) == 0
+    assert "(torch, torchvision names)" in capsys.readouterr().out
+    sd = parity.read_checkpoint(back).tensors
+    assert _same_tensors(sd, tv.state_dict())
+    torchvision.models.resnet18(weights=None).load_state_dict(sd, strict=True)
+
+    msgpack = tmp_path / "half.msgpack"
+    assert main(["convert", str(back), str(msgpack), "--dtype", "bfloat16"]) == 0
+    capsys.readouterr()
+    assert parity.read_checkpoint(msgpack).tensors["params"]["fc"]["kernel"].dtype == jnp.bfloat16
+
+
+def test_cli_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a zip file at all")
+    assert main(["convert", str(bad), str(tmp_path / "out.safetensors")]) == 2
+    assert "bad.pth" in capsys.readouterr().err
+    assert not (tmp_path / "out.safetensors").exists()
