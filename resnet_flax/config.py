@@ -1,0 +1,151 @@
+"""Every training hyperparameter in one dataclass; each field is a `resnet-train` flag."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from typing import Any, Sequence
+
+from resnet_torch.arch import DEPTHS
+
+DATASETS = ("digits", "cifar10", "imagefolder")
+OPTIMIZERS = ("sgd", "adamw")
+DTYPES = ("float32", "bfloat16")
+ON_NONFINITE = ("stop", "skip")
+# Random-crop padding for 32x32-class images, as in the usual CIFAR recipe.
+DEFAULT_CROP_PADDING = 4
+# Fields with a fixed set of values (checked in TrainConfig, offered as choices on the command line).
+CHOICES = {
+    "dataset": DATASETS,
+    "optimizer": OPTIMIZERS,
+    "dtype": DTYPES,
+    "on_nonfinite": ON_NONFINITE,
+    "arch": tuple(DEPTHS),
+}
+
+
+def _field(default: Any, help: str) -> Any:
+    """A config field whose help text is its comment and its flag's --help line."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """What `resnet-train` does; the defaults reach >= 97% on digits in under 3 minutes on 2 CPU cores."""
+
+    # data
+    dataset: str = _field("digits", "digits (scikit-learn, built in), cifar10 or imagefolder")
+    data_dir: str = _field("", "folder of the cifar10 python batches or of the image folder")
+    image_size: int = _field(32, "square side the images are resized to (cifar10 stays 32)")
+    test_fraction: float = _field(0.2, "held-out share when the data has no test split of its own")
+    train_limit: int = _field(0, "use only the first N shuffled training images (0: all)")
+    crop_padding: int | None = _field(None, "random crop: pad by N pixels and crop back (None: 4, 0 for digits)")
+    hflip: bool | None = _field(None, "random horizontal flips (default: on, except for digits)")
+    # model
+    arch: str = _field("resnet18", "depth: " + ", ".join(DEPTHS))
+    small_stem: bool = _field(True, "3x3/1 stem without max-pool, for small images like 32x32")
+    zero_init_residual: bool = _field(False, "start each block's last BatchNorm scale at zero")
+    dtype: str = _field("float32", "computation dtype (params stay float32): float32 or bfloat16")
+    # optimization
+    epochs: int = _field(2, "epochs; the learning-rate schedule spans all of them")
+    batch_size: int = _field(32, "global batch size, split over every device")
+    optimizer: str = _field("sgd", "sgd (momentum, optional nesterov) or adamw")
+    lr: float = _field(0.02, "peak learning rate")
+    momentum: float = _field(0.9, "SGD momentum (AdamW's b1)")
+    nesterov: bool = _field(True, "Nesterov momentum for SGD")
+    weight_decay: float = _field(5e-4, "weight decay (SGD: added to the gradient; AdamW: decoupled)")
+    decay_bn_bias: bool = _field(False, "also decay BatchNorm scales and biases (1-d params)")
+    warmup_epochs: float = _field(0.5, "linear warm-up from 0 to --lr, then cosine decay to 0")
+    label_smoothing: float = _field(0.1, "label smoothing of the cross-entropy targets")
+    seed: int = _field(0, "seed of init, data order and augmentation")
+    on_nonfinite: str = _field("stop", "a NaN/inf loss: stop (naming the step) or skip the update and count it")
+    inject_nan_at_step: int = _field(-1, "fault injection: make the loss at this step NaN (-1: never)")
+    # run
+    run_dir: str = _field("runs/train", "where metrics, plot, checkpoints and the PyTorch export go")
+    resume: bool = _field(False, "continue from the latest checkpoint in --run-dir")
+    stop_after_epoch: int = _field(0, "end this invocation after this epoch (0: run all --epochs)")
+    keep_checkpoints: int = _field(2, "keep this many latest checkpoints, plus the best one")
+    export: bool = _field(True, "write model.safetensors for resnet_torch and verify it on the test set")
+    progress: bool = _field(True, "a progress bar per epoch on stderr")
+    # devices
+    distributed: bool = _field(False, "call jax.distributed.initialize (multi-host)")
+    coordinator_address: str = _field("", "host:port of process 0 (empty: detect from the cluster)")
+    num_processes: int = _field(0, "number of processes (0: detect)")
+    process_id: int = _field(-1, "this process's index (-1: detect)")
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("epochs", "batch_size", "image_size", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dataset != "digits" and not self.data_dir:
+            problems.append(f"dataset {self.dataset} needs --data-dir")
+        if not 0.0 < self.test_fraction < 1.0:
+            problems.append(f"test_fraction must be between 0 and 1, got {self.test_fraction}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0.0 <= self.warmup_epochs < self.epochs:
+            problems.append(f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs}")
+        if self.lr <= 0 or self.weight_decay < 0 or (self.crop_padding or 0) < 0 or self.train_limit < 0:
+            problems.append("lr must be > 0; weight_decay, crop_padding and train_limit >= 0")
+        if not 0 <= self.stop_after_epoch <= self.epochs:
+            problems.append(f"stop_after_epoch must be in [0, epochs], got {self.stop_after_epoch}")
+        if problems:
+            raise ValueError("bad training config: " + "; ".join(problems))
+
+    @property
+    def crop(self) -> int:
+        """Random-crop padding: 4 unless asked otherwise, 0 for digits (two epochs need no regularising)."""
+        default = 0 if self.dataset == "digits" else DEFAULT_CROP_PADDING
+        return default if self.crop_padding is None else self.crop_padding
+
+    @property
+    def flip(self) -> bool:
+        """Horizontal flips: on unless asked otherwise, except for digits (a mirrored 2 is no 2)."""
+        return self.dataset != "digits" if self.hflip is None else self.hflip
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+# Fields that may change between an interrupted run and its --resume without changing the result.
+RESUMABLE_CHANGES = frozenset({"resume", "stop_after_epoch", "progress", "export", "keep_checkpoints"})
+
+
+def _flag_type(annotation: str) -> Any:
+    base = annotation.replace(" | None", "")
+    return {"int": int, "float": float, "str": str, "bool": bool}[base]
+
+
+def parser() -> argparse.ArgumentParser:
+    """An argparse parser with one flag per TrainConfig field (--no-X for booleans)."""
+    p = argparse.ArgumentParser(
+        prog="resnet-train",
+        description="Train the Flax ResNet with optax, then export it to PyTorch and verify the export.",
+    )
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        if hints[f.name] in (bool, bool | None):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        else:
+            kind = _flag_type(str(f.type))
+            p.add_argument(flag, type=kind, default=f.default, choices=CHOICES.get(f.name), help=help_text)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    """Command-line flags -> TrainConfig; a bad value exits with argparse's usage message."""
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        return TrainConfig(**vars(args))
+    except ValueError as e:
+        p.error(str(e))
+        raise

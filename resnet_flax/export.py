@@ -1,0 +1,88 @@
+"""Trained Flax weights -> a PyTorch safetensors checkpoint, verified against resnet_torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+import parity
+
+from .augment import normalize
+
+# CPU fp32 eval-logit tolerance (relative, ||a-b||/||b||) from the project's tolerance table.
+EXPORT_RTOL = 1e-5
+# Batch size of the verification pass (memory only; results do not depend on it).
+VERIFY_BATCH = 128
+
+
+class ExportMismatchError(RuntimeError):
+    """resnet_torch with the exported weights does not reproduce the Flax model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportCheck:
+    """How resnet_torch with the exported weights compares with the Flax model on the test set."""
+
+    rel_err: float
+    mismatched_predictions: int
+    images: int
+
+    @property
+    def ok(self) -> bool:
+        return self.rel_err <= EXPORT_RTOL and self.mismatched_predictions == 0
+
+
+def export_torch(variables: dict[str, Any], path: str | Path, metadata: dict[str, Any]) -> Path:
+    """Write the seed-layout state dict as safetensors (temp name, then rename); metadata as strings."""
+    state_dict = parity.flax_to_torch(jax.device_get(variables), layout="seed")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(dict(state_dict), str(tmp), metadata={k: json.dumps(v) for k, v in metadata.items()})
+    os.replace(tmp, path)
+    return path
+
+
+def load_torch(path: str | Path) -> torch.nn.Module:
+    """resnet_torch model rebuilt from an exported file (architecture read from its keys), eval mode."""
+    from safetensors.torch import load_file
+
+    try:
+        state_dict = load_file(str(path))
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable safetensors checkpoint ({e})") from None
+    model = parity.arch_of(state_dict).torch_model()
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
+
+
+def verify_export(
+    path: str | Path,
+    flax_model: Any,
+    variables: dict[str, Any],
+    images_nhwc_u8: np.ndarray,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> ExportCheck:
+    """Run resnet_torch (CPU, fp32) from the file and the Flax model on the same images; compare logits."""
+    torch_model = load_torch(path)
+    apply = jax.jit(lambda v, x: flax_model.apply(v, normalize(x, mean, std), train=False))
+    flax_logits, torch_logits = [], []
+    for start in range(0, len(images_nhwc_u8), VERIFY_BATCH):
+        batch = images_nhwc_u8[start : start + VERIFY_BATCH]
+        flax_logits.append(np.asarray(apply(variables, jnp.asarray(batch)), np.float64))
+        x_nchw = torch.from_numpy(np.array(normalize(jnp.asarray(batch), mean, std))).permute(0, 3, 1, 2)
+        with torch.no_grad():
+            torch_logits.append(torch_model(x_nchw.contiguous()).double().numpy())
+    a, b = np.concatenate(flax_logits), np.concatenate(torch_logits)
+    rel = float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    mismatched = int(np.sum(np.argmax(a, -1) != np.argmax(b, -1)))
+    return ExportCheck(rel, mismatched, len(a))

@@ -1,0 +1,133 @@
+"""The train state and the pure step functions; the loop jits them with its shardings."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from . import model as models
+from .augment import augment, normalize
+from .config import TrainConfig
+
+Array = jax.Array
+# Keys for the two random streams, folded into the seed so they never overlap.
+INIT_STREAM, AUGMENT_STREAM = 0, 1
+# Init draws ~11M normals once; XLA compiles "rbg" bits about twice as fast as threefry on CPU.
+# Augmentation keeps threefry: its bits do not depend on how the batch is sharded.
+INIT_PRNG = "rbg"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything a step changes; checkpointing this (plus the config) resumes a run exactly."""
+
+    step: Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    skipped: Array  # updates left out because the loss or gradients were not finite
+    apply_fn: Callable[..., Any] = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    mean: tuple[float, ...] = struct.field(pytree_node=False)  # dataset statistics for normalize()
+    std: tuple[float, ...] = struct.field(pytree_node=False)
+
+    def variables(self) -> dict[str, Any]:
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def build_model(config: TrainConfig, num_classes: int, dtype: Any = None, precision: Any = None) -> models.ResNet:
+    """The Flax ResNet a config describes, computing in config.dtype unless dtype overrides it."""
+    return models.build(
+        config.arch,
+        num_classes=num_classes,
+        small_stem=config.small_stem,
+        zero_init_residual=config.zero_init_residual,
+        dtype=dtype or DTYPES[config.dtype],
+        param_dtype=jnp.float32,
+        precision=precision,
+    )
+
+
+def create_train_state(
+    config: TrainConfig,
+    num_classes: int,
+    tx: optax.GradientTransformation,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> TrainState:
+    """A fresh state: the model initialised from (seed, INIT_STREAM), float32 params, step 0."""
+    model = build_model(config, num_classes)
+    key = jax.random.fold_in(jax.random.key(config.seed, impl=INIT_PRNG), INIT_STREAM)
+    probe = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+    variables = jax.jit(lambda k: model.init(k, probe, train=False))(key)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(variables["params"]),
+        skipped=jnp.zeros((), jnp.int32),
+        apply_fn=model.apply,
+        tx=tx,
+        mean=tuple(mean),
+        std=tuple(std),
+    )
+
+
+def _all_finite(*trees: Any) -> Array:
+    leaves = [x for t in trees for x in jax.tree.leaves(t) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def cross_entropy(logits: Array, labels: Array, num_classes: int, label_smoothing: float) -> Array:
+    """Per-example softmax cross-entropy against label-smoothed one-hot targets, in float32."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes, dtype=jnp.float32), label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def train_step(
+    state: TrainState, images_u8: Array, labels: Array, config: TrainConfig
+) -> tuple[TrainState, dict[str, Array]]:
+    """One optimizer step on a uint8 NHWC batch: augment, normalise, forward in train mode, update.
+
+    An update whose loss, gradients or new BatchNorm statistics are not finite is not applied
+    (the step counter still advances and ``skipped`` counts it); ``metrics['finite']`` says which.
+    """
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), AUGMENT_STREAM), state.step)
+    x = normalize(augment(key, images_u8, config.crop, config.flip), state.mean, state.std)
+
+    def loss_fn(params: Any) -> tuple[Array, tuple[Array, Any]]:
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats}, x, train=True, mutable=["batch_stats"]
+        )
+        loss = cross_entropy(logits, labels, logits.shape[-1], config.label_smoothing).mean()
+        if config.inject_nan_at_step >= 0:
+            loss = jnp.where(state.step == config.inject_nan_at_step, jnp.nan, loss)
+        return loss, (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = _all_finite(loss, grads, batch_stats)
+    keep = lambda new, old: jnp.where(finite, new, old)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=jax.tree.map(keep, params, state.params),
+        batch_stats=jax.tree.map(keep, batch_stats, state.batch_stats),
+        opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+        skipped=state.skipped + jnp.logical_not(finite).astype(jnp.int32),
+    )
+    correct = jnp.sum(jnp.argmax(logits, -1) == labels)
+    return new_state, {"loss": loss, "correct": correct, "finite": finite}
+
+
+def eval_step(state: TrainState, images_u8: Array, labels: Array, mask: Array) -> dict[str, Array]:
+    """Summed loss (no smoothing), correct count and count over the batch's real (mask=True) images."""
+    logits = state.apply_fn(state.variables(), normalize(images_u8, state.mean, state.std), train=False)
+    loss = cross_entropy(logits, labels, logits.shape[-1], 0.0)
+    weight = mask.astype(jnp.float32)
+    correct = (jnp.argmax(logits, -1) == labels) & mask
+    return {"loss": jnp.sum(loss * weight), "correct": jnp.sum(correct), "count": jnp.sum(mask)}

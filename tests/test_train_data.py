@@ -1,0 +1,136 @@
+"""Dataset loaders on tiny generated data in each real format, and the training config's flags."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from resnet_flax import data
+from resnet_flax.config import TrainConfig, parse_args
+
+
+def _write_cifar_batch(path, rng, n):
+    """A batch as the official python version stores it: bytes keys, (N, 3072) uint8 rows, label list."""
+    images = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+    labels = [int(v) for v in rng.integers(0, 10, n)]
+    batch = {b"batch_label": path.name.encode(), b"labels": labels, b"data": images.reshape(n, -1),
+             b"filenames": [f"{i}.png".encode() for i in range(n)]}
+    path.write_bytes(pickle.dumps(batch, protocol=2))
+    return images.transpose(0, 2, 3, 1), np.asarray(labels)
+
+
+def test_cifar10_batches_load_as_nhwc(tmp_path):
+    rng = np.random.default_rng(1)
+    train = [_write_cifar_batch(tmp_path / name, rng, 3 + i) for i, name in enumerate(data.CIFAR10_TRAIN)]
+    test = _write_cifar_batch(tmp_path / data.CIFAR10_TEST, rng, 4)
+    ds = data.load_cifar10(tmp_path)
+    np.testing.assert_array_equal(ds.train_images, np.concatenate([t[0] for t in train]))
+    np.testing.assert_array_equal(ds.train_labels, np.concatenate([t[1] for t in train]))
+    np.testing.assert_array_equal(ds.test_images, test[0])
+    assert ds.train_images.dtype == np.uint8 and ds.train_images.shape == (3 + 4 + 5 + 6 + 7, 32, 32, 3)
+    expected_mean = ds.train_images.reshape(-1, 3).mean(0) / 255
+    np.testing.assert_allclose(ds.mean, expected_mean, rtol=1e-12)
+
+
+def test_cifar10_errors_name_the_file(tmp_path):
+    rng = np.random.default_rng(2)
+    for name in data.CIFAR10_TRAIN[:4]:
+        _write_cifar_batch(tmp_path / name, rng, 2)
+    with pytest.raises(FileNotFoundError, match="data_batch_5"):
+        data.load_cifar10(tmp_path)
+    _write_cifar_batch(tmp_path / "data_batch_5", rng, 2)
+    (tmp_path / data.CIFAR10_TEST).write_bytes(pickle.dumps({b"data": np.zeros((2, 10), np.uint8), b"labels": [0, 1]}))
+    with pytest.raises(ValueError, match="test_batch.*3072"):
+        data.load_cifar10(tmp_path)
+    # A pickle that would call a function is refused, not run.
+    (tmp_path / data.CIFAR10_TEST).write_bytes(pickle.dumps({b"data": print}))
+    with pytest.raises(ValueError, match="refusing builtins.print"):
+        data.load_cifar10(tmp_path)
+
+
+def _write_images(folder, rng, n, size, suffix):
+    folder.mkdir(parents=True)
+    for i in range(n):
+        pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}{suffix}")
+
+
+def test_imagefolder_resizes_and_splits(tmp_path):
+    rng = np.random.default_rng(3)
+    _write_images(tmp_path / "cat", rng, 10, (23, 17), ".png")
+    _write_images(tmp_path / "dog", rng, 5, (40, 31), ".JPG")
+    (tmp_path / "dog" / "notes.txt").write_text("not an image")
+    ds = data.load_imagefolder(tmp_path, image_size=12, test_fraction=0.2)
+    assert ds.num_classes == 2
+    assert ds.train_images.shape[1:] == (12, 12, 3) and ds.train_images.dtype == np.uint8
+    assert len(ds.train_labels) + len(ds.test_labels) == 15
+    # Stratified: 2 of 10 cats and 1 of 5 dogs are held out, the same ones every time.
+    assert np.bincount(ds.test_labels).tolist() == [2, 1]
+    again = data.load_imagefolder(tmp_path, image_size=12, test_fraction=0.2)
+    np.testing.assert_array_equal(ds.test_images, again.test_images)
+
+
+def test_imagefolder_uses_its_own_train_test_split(tmp_path):
+    rng = np.random.default_rng(4)
+    for split, n in (("train", 4), ("val", 2)):
+        for name in ("a", "b", "c"):
+            _write_images(tmp_path / split / name, rng, n, (9, 13), ".jpeg")
+    ds = data.load_imagefolder(tmp_path, image_size=8, test_fraction=0.5)
+    assert (len(ds.train_labels), len(ds.test_labels), ds.num_classes) == (12, 6, 3)
+    assert sorted(set(ds.test_labels.tolist())) == [0, 1, 2]
+
+
+def test_imagefolder_bad_input(tmp_path):
+    with pytest.raises(FileNotFoundError, match="one subfolder of images per class"):
+        data.load_imagefolder(tmp_path / "nowhere", 8, 0.2)
+    _write_images(tmp_path / "only", np.random.default_rng(5), 2, (8, 8), ".png")
+    with pytest.raises(ValueError, match="at least 2"):
+        data.load_imagefolder(tmp_path, 8, 0.2)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(ValueError, match="broken.png"):
+        data.load_imagefolder(tmp_path, 8, 0.2)
+
+
+def test_digits_split_is_fixed_and_upscaled():
+    ds = data.load_digits(image_size=32, test_fraction=0.2)
+    assert ds.train_images.shape[1:] == ds.test_images.shape[1:] == (32, 32, 3)
+    assert len(ds.train_labels) + len(ds.test_labels) == 1797 and abs(len(ds.test_labels) - 360) <= 5
+    assert ds.train_images.dtype == np.uint8 and ds.train_images.max() == 255
+    np.testing.assert_array_equal(ds.train_images[..., 0], ds.train_images[..., 2])
+    again = data.load_digits(image_size=32, test_fraction=0.2)
+    np.testing.assert_array_equal(ds.test_labels, again.test_labels)
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    a = data.epoch_permutation(3, 5, 100)
+    assert sorted(a.tolist()) == list(range(100))
+    np.testing.assert_array_equal(a, data.epoch_permutation(3, 5, 100))
+    assert not np.array_equal(a, data.epoch_permutation(3, 6, 100))
+    assert not np.array_equal(a, data.epoch_permutation(4, 5, 100))
+
+
+def test_every_config_field_is_a_flag():
+    config = parse_args(["--lr", "0.3", "--no-nesterov", "--optimizer", "adamw", "--hflip", "--dtype", "bfloat16"])
+    got = (config.lr, config.nesterov, config.optimizer, config.flip, config.dtype)
+    assert got == (0.3, False, "adamw", True, "bfloat16")
+    assert parse_args([]) == TrainConfig()
+    assert not TrainConfig().flip  # digits: a mirrored digit is another glyph
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--optimizer", "lamb"], "invalid choice: 'lamb'"),
+        (["--dataset", "cifar10"], "needs --data-dir"),
+        (["--epochs", "2", "--warmup-epochs", "3"], "warmup_epochs"),
+        (["--arch", "resnet19"], "invalid choice: 'resnet19'"),
+    ],
+)
+def test_bad_flags_exit_with_a_sentence(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(flags)
+    assert message in capsys.readouterr().err
