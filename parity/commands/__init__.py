@@ -1,5 +1,5 @@
 """Subcommands of resnet-parity: each module has add_parser(subparsers) that sets ``run``."""
 
-from . import summary
+from . import check, convert, summary
 
-COMMANDS = (summary,)
+COMMANDS = (summary, convert, check)

@@ -1,0 +1,73 @@
+"""Parity checks: the same weights in resnet_torch and resnet_flax must compute the same function.
+
+Each check compares the two frameworks on one random batch (odd sizes welcome) in one precision
+mode (``parity.precision``): eval logits, train-mode logits, the running statistics a train-mode
+call leaves behind, gradients of a cross-entropy loss, and parameters after SGD steps. Errors are
+relative, ``||flax - torch|| / ||torch||`` over all compared tensors together; when a check fails
+its result names the first stage (conv1, conv2_x.. conv5_x, fc) whose outputs diverge.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Iterable
+
+import jax
+import torch
+
+import resnet_flax
+
+from .compare import CheckResult, errors, numpy_of_jax, numpy_of_torch, stage_errors
+from .pairs import Batch, Pair, autocast, make_batch, make_pair, pair_result
+from .precision import EVAL, GRADIENTS, MODES, RUNNING_STATS, SGD, TRAIN_LOGITS, applied
+from .train_checks import JIT_CACHE_SIZE, FlaxTrainStep, check_sgd, check_train, optax_sgd
+
+__all__ = ["CheckResult", "Pair", "check_eval", "check_pair", "errors", "make_pair", "optax_sgd", "run_checks"]
+
+
+@functools.lru_cache(maxsize=JIT_CACHE_SIZE)
+def _jitted_eval(model: resnet_flax.ResNet) -> Callable[..., dict[str, jax.Array]]:
+    return jax.jit(lambda v, x: model.apply(v, x, train=False, return_stages=True))
+
+
+def check_eval(pair: Pair, batch: Batch) -> CheckResult:
+    """Eval-mode logits, with every stage's output compared for the diagnosis."""
+    model = pair.torch_model.eval()
+    with torch.no_grad(), autocast(pair):
+        t_stages = model.forward_stages(batch.x_torch)
+    f_stages = _jitted_eval(pair.flax_model)(pair.variables, batch.x_jax)
+    stages = stage_errors(t_stages, f_stages)
+    logits = ([numpy_of_jax(f_stages["fc"])], [numpy_of_torch(t_stages["fc"])])
+    return pair_result(pair, EVAL, *logits, stages, "forward outputs (eval mode)")
+
+
+def check_pair(
+    pair: Pair, size: tuple[int, int], batch_size: int, seed: int = 0, checks: Iterable[str] | None = None
+) -> list[CheckResult]:
+    """The checks (default: all) that the pair's precision mode has a tolerance for (call inside ``applied``)."""
+    wanted = set(pair.mode.tolerances if checks is None else checks) & set(pair.mode.tolerances)
+    batch = make_batch(pair, size, batch_size, seed)
+    results = [check_eval(pair, batch)] if EVAL in wanted else []
+    if wanted & {TRAIN_LOGITS, RUNNING_STATS, GRADIENTS, SGD}:
+        step = FlaxTrainStep(pair, with_gradients=bool(wanted & {GRADIENTS, SGD}))
+        train = check_train(pair, batch, step)
+        results += [r for r in train if r.check in wanted]
+        if SGD in wanted:
+            batches = [batch] + [make_batch(pair, size, batch_size, seed + i) for i in range(1, pair.mode.sgd_steps)]
+            results.append(check_sgd(pair, batches, step, train[0].stage_errors))
+    return results
+
+
+def run_checks(
+    arch: str,
+    device: str,
+    precision: str,
+    size: tuple[int, int],
+    batch_size: int,
+    seed: int = 0,
+    checks: Iterable[str] | None = None,
+) -> list[CheckResult]:
+    """Build a random model in both frameworks and run the checks of one precision mode."""
+    with applied(MODES[precision], device):
+        pair = make_pair(arch, precision, device, seed)
+        return check_pair(pair, size, batch_size, seed, checks)

@@ -1,0 +1,121 @@
+"""resnet-parity check: prove that resnet_torch and resnet_flax compute the same function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from resnet_torch.arch import DEPTHS
+
+from ..checks import run_checks
+from ..precision import CHECKS, DEVICES, MODES, PRECISIONS, applied, jax_device, precisions_for, torch_tf32_summary
+from ..report import format_error, format_result, header, versions, write_json
+
+DEFAULT_SIZE = (97, 131)  # odd and non-square: 'SAME' and symmetric padding differ at every stride
+DEFAULT_BATCH = 2
+EXIT_FAILED = 1  # some check exceeded its tolerance or raised
+EXIT_BAD_INPUT = 2  # the run could not start (e.g. no GPU), as argparse's own usage errors
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _check_list(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in CHECKS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(CHECKS)}, got {text!r}")
+    return names
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "check",
+        help="prove both frameworks compute the same function (logits, BN stats, gradients, SGD)",
+        description="Build a random model at each depth, copy its weights to Flax with the converter, and "
+        "compare both frameworks on a random batch: eval logits, train-mode logits and running "
+        "statistics, cross-entropy gradients, and parameters after SGD steps (momentum, weight decay). "
+        "Prints a table and exits non-zero when any check exceeds its tolerance; a failed check names "
+        "the first stage (conv1, conv2_x..conv5_x, fc) whose outputs diverge.",
+    )
+    p.add_argument("--arch", choices=(*DEPTHS, "all"), default="resnet18", help="depth, or all (default: resnet18)")
+    p.add_argument("--device", choices=DEVICES, default="cpu", help="where both frameworks run (default: cpu)")
+    p.add_argument(
+        "--precision",
+        choices=(*PRECISIONS, "all"),
+        default="all",
+        help="arithmetic; all = fp64, fp32 on cpu and fp32, tf32, bf16 on gpu (default: all)",
+    )
+    p.add_argument("--size", nargs=2, type=_positive_int, metavar=("H", "W"), default=DEFAULT_SIZE,
+                   help=f"input height and width (default: {DEFAULT_SIZE[0]} {DEFAULT_SIZE[1]})")
+    p.add_argument("--batch", type=_positive_int, default=DEFAULT_BATCH, help=f"batch size (default: {DEFAULT_BATCH})")
+    p.add_argument("--checks", type=_check_list, default=CHECKS,
+                   help=f"comma-separated subset of: {', '.join(CHECKS)} (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default: 0)")
+    p.add_argument("--json", metavar="FILE", help="also write every result, the modes and versions as JSON")
+    p.set_defaults(run=run)
+
+
+def _payload(args: argparse.Namespace, runs: list[dict[str, Any]], complete: bool, passed: bool) -> dict[str, Any]:
+    """The JSON report: settings, versions and every run's results."""
+    return {
+        "device": args.device,
+        "size": list(args.size),
+        "batch": args.batch,
+        "seed": args.seed,
+        "complete": complete,
+        "passed": passed,
+        "versions": versions(),
+        "runs": runs,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the checks, print the table as results arrive, and return the exit code."""
+    archs = tuple(DEPTHS) if args.arch == "all" else (args.arch,)
+    size = tuple(args.size)
+    try:
+        precisions = precisions_for(args.device, args.precision)
+        jax_device(args.device)
+    except (ValueError, RuntimeError) as e:
+        print(f"resnet-parity check: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    runs: list[dict[str, Any]] = []
+    failed = False
+    print(f"device {args.device}, input {args.batch}x3x{size[0]}x{size[1]}, seed {args.seed}")
+    modes = {}
+    for precision in precisions:
+        with applied(MODES[precision], args.device):
+            modes[precision] = f"{MODES[precision].describe(args.device)} [{torch_tf32_summary()}]"
+        print(f"precision {modes[precision]}")
+    print(header(), flush=True)
+    for arch in archs:
+        for precision in precisions:
+            run_info: dict[str, Any] = {"arch": arch, "precision": precision, "mode": modes[precision]}
+            try:
+                results = run_checks(arch, args.device, precision, size, args.batch, args.seed, args.checks)
+            except Exception as e:  # one broken run must not hide the others' figures
+                print(format_error(arch, precision, e), flush=True)
+                run_info["error"] = f"{type(e).__name__}: {e}"
+                failed = True
+            else:
+                for r in results:
+                    print(format_result(r), flush=True)
+                run_info["results"] = [r.to_json() for r in results]
+                failed |= not all(r.passed for r in results)
+            runs.append(run_info)
+            if args.json:
+                # Rewritten after every run, so an interrupted run still leaves the figures it has.
+                complete = len(runs) == len(archs) * len(precisions)
+                write_json(args.json, _payload(args, runs, complete, passed=complete and not failed))
+    print("FAILED: some checks exceed their tolerance" if failed else "all checks pass")
+    return EXIT_FAILED if failed else 0

@@ -1,0 +1,107 @@
+"""The same random ResNet in both frameworks, and random batches for it."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+import resnet_flax
+import resnet_torch
+
+from .compare import CheckResult, errors
+from .convert import torch_to_flax
+from .precision import MODES, Mode, jax_device, torch_device
+
+NUM_CLASSES = 10  # the seed's default classifier width
+# torch NCHW (batch, channels, height, width) -> Flax NHWC.
+TO_NHWC = (0, 2, 3, 1)
+
+
+@dataclasses.dataclass
+class Pair:
+    """The same weights in both frameworks, on one device, in one precision mode."""
+
+    arch: str
+    device: str
+    mode: Mode
+    torch_model: resnet_torch.ResNet
+    flax_model: resnet_flax.ResNet
+    variables: dict[str, Any]
+
+
+@dataclasses.dataclass
+class Batch:
+    """NCHW images and integer labels on the torch side, NHWC and labels on the JAX side."""
+
+    x_torch: torch.Tensor
+    y_torch: torch.Tensor
+    x_jax: jax.Array
+    y_jax: jax.Array
+
+
+def randomize_batchnorm(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Give every BatchNorm random affine parameters, running statistics and counter.
+
+    Fresh BatchNorms (scale 1, bias 0, mean 0, var 1) would hide a converter that drops or swaps them.
+    """
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(torch.rand(c, generator=generator) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=generator) * 0.1)
+                m.running_mean.copy_(torch.randn(c, generator=generator) * 0.1)
+                m.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
+                m.num_batches_tracked.fill_(int(torch.randint(0, 100, (), generator=generator)))
+
+
+def make_pair(arch: str, precision: str, device: str, seed: int = 0, num_classes: int = NUM_CLASSES) -> Pair:
+    """A randomly initialised resnet_torch model and its resnet_flax copy (call inside ``applied``)."""
+    mode = MODES[precision]
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = resnet_torch.build(arch, num_classes=num_classes)
+    randomize_batchnorm(model, torch.Generator().manual_seed(seed))
+    model = model.to(device=torch_device(device), dtype=mode.torch_dtype)
+    flax_model = resnet_flax.build(
+        arch,
+        num_classes=num_classes,
+        dtype=mode.jax_dtype,
+        param_dtype=mode.jax_param_dtype,
+        precision=mode.jax_precision,
+    )
+    # Committed to the run's device once, so every jitted call runs there.
+    variables = jax.device_put(torch_to_flax(model.state_dict(), target=flax_model), jax_device(device))
+    return Pair(arch, device, mode, model, flax_model, variables)
+
+
+def make_batch(pair: Pair, size: tuple[int, int], batch: int, seed: int) -> Batch:
+    """A fresh random batch (standard normal images, uniform labels) for both frameworks."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, *size, generator=g, dtype=torch.float64).to(pair.mode.torch_dtype)
+    y = torch.randint(0, pair.flax_model.num_classes, (batch,), generator=g)
+    x_jax = jnp.asarray(x.numpy().transpose(TO_NHWC), dtype=pair.mode.jax_param_dtype)
+    dev = torch_device(pair.device)
+    return Batch(x.to(dev), y.to(dev), x_jax, jnp.asarray(y.numpy()))
+
+
+def autocast(pair: Pair) -> Any:
+    """torch.autocast for the pair's mode (a no-op context unless the mode computes in bf16)."""
+    dtype = pair.mode.torch_autocast
+    return torch.autocast(torch_device(pair.device).type, dtype=dtype, enabled=dtype is not None)
+
+
+def pair_result(
+    pair: Pair, check: str, got: list[np.ndarray], ref: list[np.ndarray], stages: dict[str, float], basis: str
+) -> CheckResult:
+    """The result of one check of a pair: errors over got against ref, with the mode's tolerance."""
+    max_abs, rel = errors(got, ref)
+    tol = pair.mode.tolerances[check]
+    return CheckResult(pair.arch, pair.mode.name, pair.device, check, max_abs, rel, tol, stages, basis)
+
+

@@ -1,0 +1,161 @@
+"""Train-mode parity: logits and running statistics, cross-entropy gradients, SGD steps."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+import optax
+import torch
+import torch.nn.functional as F
+
+import resnet_flax
+from resnet_torch.arch import STAGE_OUTPUTS
+
+from .compare import CheckResult, grouped_errors, numpy_of_jax, numpy_of_torch, stage_errors
+from .convert import flax_to_torch
+from .pairs import Batch, Pair, pair_result
+from .precision import GRADIENTS, RUNNING_STATS, SGD, TRAIN_LOGITS, jax_device
+
+# SGD hyperparameters of the optimizer check; nonzero momentum and weight decay so both are exercised.
+LEARNING_RATE = 0.05
+MOMENTUM = 0.9
+WEIGHT_DECAY = 5e-4
+_BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+# Jitted functions are cached per (hashable) Flax model, so repeated checks of one model compile once.
+JIT_CACHE_SIZE = 16
+
+
+def _train_forward(model: resnet_flax.ResNet) -> Callable[..., tuple[jax.Array, Any]]:
+    """(params, batch_stats, x, y) -> (mean cross-entropy, (updated batch_stats, stage outputs)).
+
+    One function serves the train-mode, gradient and SGD checks, so XLA compiles it once per model.
+    The loss is F.cross_entropy's: softmax cross-entropy with integer labels, averaged over the batch.
+    """
+
+    def loss_fn(params: Any, batch_stats: Any, x: jax.Array, y: jax.Array) -> tuple[jax.Array, Any]:
+        stages, updated = model.apply(
+            {"params": params, "batch_stats": batch_stats}, x, train=True, return_stages=True, mutable=["batch_stats"]
+        )
+        loss = optax.softmax_cross_entropy_with_integer_labels(stages["fc"], y).mean()
+        return loss, (updated["batch_stats"], stages)
+
+    return loss_fn
+
+
+@functools.lru_cache(maxsize=JIT_CACHE_SIZE)
+def _jitted_train(model: resnet_flax.ResNet, with_gradients: bool) -> Callable[..., tuple[Any, Any]]:
+    loss_fn = _train_forward(model)
+    if with_gradients:
+        return jax.jit(jax.grad(loss_fn, has_aux=True))
+    # The forward alone compiles several times faster than its gradient.
+    return jax.jit(lambda *args: (None, loss_fn(*args)[1]))
+
+
+@dataclasses.dataclass
+class FlaxTrainStep:
+    """One jitted train-mode call: gradients (when asked for), new batch_stats and stage outputs."""
+
+    pair: Pair
+    with_gradients: bool = True
+
+    def __call__(self, params: Any, batch_stats: Any, batch: Batch) -> tuple[Any, Any, dict[str, jax.Array]]:
+        fn = _jitted_train(self.pair.flax_model, self.with_gradients)
+        grads, (batch_stats, stages) = fn(params, batch_stats, batch.x_jax, batch.y_jax)
+        return grads, batch_stats, stages
+
+
+def _torch_train_step(model: torch.nn.Module, batch: Batch, backward: bool = True) -> dict[str, torch.Tensor]:
+    """Stage outputs of one train-mode forward; with ``backward``, the loss's gradients left in ``.grad``."""
+    model.zero_grad()
+    with torch.set_grad_enabled(backward):
+        stages = model.forward_stages(batch.x_torch)
+        if backward:
+            F.cross_entropy(stages["fc"], batch.y_torch).backward()
+    return stages
+
+
+def _bn_state(sd: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The BatchNorm buffers of a state dict, as float64 arrays."""
+    return {k: numpy_of_torch(v) for k, v in sd.items() if k.rsplit(".", 1)[-1] in _BN_STATS}
+
+
+def _diagnosis(forward: dict[str, float], by_stage: dict[str, float], tol: float) -> tuple[dict[str, float], str]:
+    """Forward outputs first (a forward mismatch spoils every gradient); else tensors in backprop order."""
+    if any(not e <= tol for e in forward.values()):
+        return forward, "forward outputs (train mode)"
+    return dict(reversed(list(by_stage.items()))), "tensors by stage, in backpropagation order"
+
+
+def check_train(pair: Pair, batch: Batch, step: FlaxTrainStep) -> list[CheckResult]:
+    """Train-mode logits, the running statistics (and counters) one train-mode call leaves, and gradients."""
+    model = copy.deepcopy(pair.torch_model).train()
+    t_stages = _torch_train_step(model, batch, backward=step.with_gradients)
+    grads, f_stats, f_stages = step(pair.variables["params"], pair.variables["batch_stats"], batch)
+    forward = stage_errors(t_stages, f_stages)
+    logits = ([numpy_of_jax(f_stages["fc"])], [numpy_of_torch(t_stages["fc"])])
+    results = [pair_result(pair, TRAIN_LOGITS, *logits, forward, "forward outputs (train mode)")]
+    ref = _bn_state(model.state_dict())
+    got = _bn_state(flax_to_torch({"params": pair.variables["params"], "batch_stats": f_stats}))
+    by_stage = grouped_errors(got, ref, STAGE_OUTPUTS)
+    stats = ([got[k] for k in ref], [ref[k] for k in ref])
+    results.append(pair_result(pair, RUNNING_STATS, *stats, by_stage, "running statistics by stage"))
+    if step.with_gradients:
+        ref = {k: numpy_of_torch(p.grad) for k, p in model.named_parameters()}
+        sd = flax_to_torch({"params": grads, "batch_stats": f_stats})
+        got = {k: numpy_of_torch(sd[k]) for k in ref}
+        stages, basis = _diagnosis(forward, grouped_errors(got, ref, STAGE_OUTPUTS), pair.mode.tolerances[GRADIENTS])
+        results.append(pair_result(pair, GRADIENTS, [got[k] for k in ref], [ref[k] for k in ref], stages, basis))
+    return results
+
+
+def optax_sgd(learning_rate: float, momentum: float, weight_decay: float) -> optax.GradientTransformation:
+    """The optax chain that computes what torch.optim.SGD(lr, momentum, weight_decay) computes.
+
+    torch (dampening 0, no Nesterov): d = g + wd * p; buf = d on the first step (a copy, not
+    momentum * 0 + (1 - dampening) * d: the same value), else buf = momentum * buf + d; p -= lr * buf.
+    optax: add_decayed_weights gives d = g + wd * p (coupled L2, as torch, not AdamW-style); sgd's
+    trace starts at zeros, so its first buf = d + momentum * 0 = d as torch's, then
+    buf = d + momentum * buf; scale_by_learning_rate gives -lr * buf, added to p.
+    """
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate, momentum=momentum))
+
+
+@functools.lru_cache(maxsize=JIT_CACHE_SIZE)
+def _jitted_sgd(
+    learning_rate: float, momentum: float, weight_decay: float
+) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """Jitted (init, update) of optax_sgd; update applies the updates and returns (params, state)."""
+    tx = optax_sgd(learning_rate, momentum, weight_decay)
+
+    def update(grads: Any, opt_state: Any, params: Any) -> tuple[Any, Any]:
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return jax.jit(tx.init), jax.jit(update)
+
+
+def check_sgd(pair: Pair, batches: list[Batch], step: FlaxTrainStep, forward: dict[str, float]) -> CheckResult:
+    """Parameters and BatchNorm state after one SGD step per batch, torch.optim.SGD against optax."""
+    model = copy.deepcopy(pair.torch_model).train()
+    opt = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    init, update = _jitted_sgd(LEARNING_RATE, MOMENTUM, WEIGHT_DECAY)
+    params, stats = pair.variables["params"], pair.variables["batch_stats"]
+    opt_state = jax.device_put(init(params), jax_device(pair.device))
+    for batch in batches:
+        _torch_train_step(model, batch)
+        opt.step()
+        grads, stats, _ = step(params, stats, batch)
+        params, opt_state = update(grads, opt_state, params)
+
+    ref = {k: numpy_of_torch(v) for k, v in model.state_dict().items()}
+    sd = flax_to_torch({"params": params, "batch_stats": stats})
+    got = {k: numpy_of_torch(sd[k]) for k in ref}
+    stages, basis = _diagnosis(forward, grouped_errors(got, ref, STAGE_OUTPUTS), pair.mode.tolerances[SGD])
+    return pair_result(pair, SGD, [got[k] for k in ref], [ref[k] for k in ref], stages, basis)
+
+
