@@ -1,0 +1,1 @@
+"""Throughput and latency benchmarks of resnet_flax, resnet_torch and torchvision's ResNet."""
