@@ -21,6 +21,10 @@ Initializer = Callable[..., Array]
 TORCH_BN_MOMENTUM = 0.1
 # torch.nn.BatchNorm2d's default epsilon (Flax's default is the same; named so nobody changes one side).
 TORCH_BN_EPS = 1e-5
+# Backends where a 1x1 convolution runs as a matrix product over channels (same result): XLA's CPU
+# convolutions are several times slower than its dot there. On GPU cuDNN's convolution is the fast
+# path, and XLA's Triton GEMM fusion aborts compiling a strided slice that feeds a float32 dot.
+MATMUL_1X1_BACKENDS = ("cpu",)
 # Flax has no BatchNorm counter; torch's num_batches_tracked is kept so round trips lose nothing.
 COUNTER_DTYPE = jnp.int32
 
@@ -78,9 +82,7 @@ class Conv2d(nn.Module):
         k = self.kernel_size
         kernel = self.param("kernel", self.kernel_init, (k, k, self.in_channels, self.out_channels), self.param_dtype)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        if k == 1 and self.padding == 0:
-            # A 1x1 convolution is a matrix product over channels; XLA's CPU convolutions are
-            # several times slower than its dot for this case, and the result is the same.
+        if k == 1 and self.padding == 0 and jax.default_backend() in MATMUL_1X1_BACKENDS:
             x = x[:, :: self.stride, :: self.stride, :]
             return jnp.einsum("nhwc,co->nhwo", x, kernel[0, 0], precision=self.precision)
         p = self.padding

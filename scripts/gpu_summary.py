@@ -109,8 +109,8 @@ def key_figure(step: dict[str, str], report_dir: Path) -> str:
         return first[0] if first else "-"
     if step["name"] == "parity-check":
         return parity_figure(_load_json(report_dir / "parity-gpu.json"))
-    if step["name"] == "throughput":
-        return throughput_figure(_load_json(report_dir / "throughput.json"))
+    if step["name"].startswith("throughput"):
+        return throughput_figure(_load_json(report_dir / f"{step['name']}.json"))
     return _last_line(log)
 
 
