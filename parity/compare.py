@@ -16,6 +16,12 @@ from resnet_torch.arch import STAGE_OUTPUTS
 TO_NCHW = (0, 3, 1, 2)
 
 
+# Two computations that each miss the float64 answer by e can differ by up to 2e: a mirror is held
+# to that where the problem amplifies rounding beyond the tolerance, not to a bound no
+# implementation could meet (torch fp32 against torch fp64 is the measure of e).
+FLOOR_FACTOR = 2.0
+
+
 @dataclasses.dataclass
 class CheckResult:
     """One compared quantity: its errors, tolerance and, per stage, the errors behind a diagnosis."""
@@ -29,22 +35,31 @@ class CheckResult:
     tol: float
     stage_errors: dict[str, float]  # stage -> relative error, in the order the diagnosis reads them
     stage_basis: str  # what stage_errors measure, e.g. "forward outputs (train mode)"
+    # torch's own relative error in this precision against torch in float64 on the same input: how
+    # much rounding the problem amplifies. 0.0 where not measured (float64 runs, eval checks).
+    floor: float = 0.0
+
+    @property
+    def limit(self) -> float:
+        """The bound rel is held to: the tolerance, or FLOOR_FACTOR x the floor where that is larger."""
+        return max(self.tol, FLOOR_FACTOR * self.floor)
 
     @property
     def passed(self) -> bool:
-        """Within tolerance (a NaN error never passes)."""
-        return bool(self.rel <= self.tol)
+        """Within the limit (a NaN error never passes)."""
+        return bool(self.rel <= self.limit)
 
     @property
     def first_diverging(self) -> str | None:
         """The first stage whose error exceeds the tolerance, if this check failed."""
         if self.passed:
             return None
-        return next((s for s, e in self.stage_errors.items() if not e <= self.tol), None)
+        return next((s for s, e in self.stage_errors.items() if not e <= self.limit), None)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of every field, pass and diagnosis included."""
-        return {**dataclasses.asdict(self), "passed": self.passed, "first_diverging": self.first_diverging}
+        extra = {"limit": self.limit, "passed": self.passed, "first_diverging": self.first_diverging}
+        return {**dataclasses.asdict(self), **extra}
 
 
 def errors(a: Iterable[np.ndarray], b: Iterable[np.ndarray]) -> tuple[float, float]:

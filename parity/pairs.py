@@ -97,11 +97,17 @@ def autocast(pair: Pair) -> Any:
 
 
 def pair_result(
-    pair: Pair, check: str, got: list[np.ndarray], ref: list[np.ndarray], stages: dict[str, float], basis: str
+    pair: Pair,
+    check: str,
+    got: list[np.ndarray],
+    ref: list[np.ndarray],
+    stages: dict[str, float],
+    basis: str,
+    floor: float = 0.0,
 ) -> CheckResult:
     """The result of one check of a pair: errors over got against ref, with the mode's tolerance."""
     max_abs, rel = errors(got, ref)
     tol = pair.mode.tolerances[check]
-    return CheckResult(pair.arch, pair.mode.name, pair.device, check, max_abs, rel, tol, stages, basis)
+    return CheckResult(pair.arch, pair.mode.name, pair.device, check, max_abs, rel, tol, stages, basis, floor)
 
 

@@ -12,9 +12,10 @@ from typing import Any, Iterable, Mapping
 from .checks import CheckResult
 
 COLUMNS = (
-    "arch", "precision", "check", "max abs error", "relative error", "tolerance", "pass", "first diverging stage"
+    "arch", "precision", "check", "max abs error", "relative error", "tolerance", "torch vs fp64", "pass",
+    "first diverging stage",
 )
-_WIDTHS = (10, 9, 14, 13, 14, 9, 4, 21)
+_WIDTHS = (10, 9, 14, 13, 14, 9, 13, 4, 21)
 
 
 def _row(cells: Iterable[str]) -> str:
@@ -29,13 +30,14 @@ def header() -> str:
 def format_result(r: CheckResult) -> str:
     """One table row: errors in scientific notation, PASS/FAIL, and the diverging stage of a failure."""
     stage = r.first_diverging or ("-" if r.passed else "none (every stage within tolerance)")
-    errors = (f"{r.max_abs:.3e}", f"{r.rel:.3e}", f"{r.tol:.0e}")
+    floor = f"{r.floor:.3e}" if r.floor else "-"
+    errors = (f"{r.max_abs:.3e}", f"{r.rel:.3e}", f"{r.tol:.0e}", floor)
     return _row((r.arch, r.precision, r.check, *errors, "PASS" if r.passed else "FAIL", stage))
 
 
 def format_error(arch: str, precision: str, error: BaseException) -> str:
     """A row for a run that raised instead of producing results."""
-    return _row((arch, precision, "error", "-", "-", "-", "FAIL", f"{type(error).__name__}: {error}"))
+    return _row((arch, precision, "error", "-", "-", "-", "-", "FAIL", f"{type(error).__name__}: {error}"))
 
 
 def versions() -> dict[str, str]:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import resnet_flax
 from resnet_torch.arch import STAGE_OUTPUTS
 
-from .compare import CheckResult, grouped_errors, numpy_of_jax, numpy_of_torch, stage_errors
+from .compare import FLOOR_FACTOR, CheckResult, errors, grouped_errors, numpy_of_jax, numpy_of_torch, stage_errors
 from .convert import flax_to_torch
 from .pairs import Batch, Pair, pair_result
 from .precision import GRADIENTS, RUNNING_STATS, SGD, TRAIN_LOGITS, jax_device
@@ -91,25 +91,47 @@ def _diagnosis(forward: dict[str, float], by_stage: dict[str, float], tol: float
     return dict(reversed(list(by_stage.items()))), "tensors by stage, in backpropagation order"
 
 
+def _float64_reference(pair: Pair, batch: Batch, backward: bool) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The same train-mode call by torch in float64: the answer float32 rounding is measured against."""
+    model = copy.deepcopy(pair.torch_model).to(torch.float64).train()
+    stages = _torch_train_step(model, dataclasses.replace(batch, x_torch=batch.x_torch.to(torch.float64)), backward)
+    return model, stages
+
+
 def check_train(pair: Pair, batch: Batch, step: FlaxTrainStep) -> list[CheckResult]:
-    """Train-mode logits, the running statistics (and counters) one train-mode call leaves, and gradients."""
+    """Train-mode logits, the running statistics (and counters) one train-mode call leaves, and gradients.
+
+    In float32 modes each result also carries torch's own error against torch in float64 (its floor),
+    so rounding that the problem amplifies is told apart from a mismatch.
+    """
     model = copy.deepcopy(pair.torch_model).train()
     t_stages = _torch_train_step(model, batch, backward=step.with_gradients)
     grads, f_stats, f_stages = step(pair.variables["params"], pair.variables["batch_stats"], batch)
+    measure_floor = pair.mode.torch_dtype == torch.float32
+    if measure_floor:
+        model64, stages64 = _float64_reference(pair, batch, backward=step.with_gradients)
     forward = stage_errors(t_stages, f_stages)
     logits = ([numpy_of_jax(f_stages["fc"])], [numpy_of_torch(t_stages["fc"])])
-    results = [pair_result(pair, TRAIN_LOGITS, *logits, forward, "forward outputs (train mode)")]
+    floor = errors(logits[1], [numpy_of_torch(stages64["fc"])])[1] if measure_floor else 0.0
+    results = [pair_result(pair, TRAIN_LOGITS, *logits, forward, "forward outputs (train mode)", floor)]
     ref = _bn_state(model.state_dict())
     got = _bn_state(flax_to_torch({"params": pair.variables["params"], "batch_stats": f_stats}))
     by_stage = grouped_errors(got, ref, STAGE_OUTPUTS)
     stats = ([got[k] for k in ref], [ref[k] for k in ref])
-    results.append(pair_result(pair, RUNNING_STATS, *stats, by_stage, "running statistics by stage"))
+    if measure_floor:
+        ref64 = _bn_state(model64.state_dict())
+        floor = errors(stats[1], [ref64[k] for k in ref])[1]
+    results.append(pair_result(pair, RUNNING_STATS, *stats, by_stage, "running statistics by stage", floor))
     if step.with_gradients:
         ref = {k: numpy_of_torch(p.grad) for k, p in model.named_parameters()}
         sd = flax_to_torch({"params": grads, "batch_stats": f_stats})
         got = {k: numpy_of_torch(sd[k]) for k in ref}
-        stages, basis = _diagnosis(forward, grouped_errors(got, ref, STAGE_OUTPUTS), pair.mode.tolerances[GRADIENTS])
-        results.append(pair_result(pair, GRADIENTS, [got[k] for k in ref], [ref[k] for k in ref], stages, basis))
+        if measure_floor:
+            ref64 = {k: numpy_of_torch(p.grad) for k, p in model64.named_parameters()}
+            floor = errors([ref[k] for k in ref], [ref64[k] for k in ref])[1]
+        limit = max(pair.mode.tolerances[GRADIENTS], FLOOR_FACTOR * floor)
+        stages, basis = _diagnosis(forward, grouped_errors(got, ref, STAGE_OUTPUTS), limit)
+        results.append(pair_result(pair, GRADIENTS, [got[k] for k in ref], [ref[k] for k in ref], stages, basis, floor))
     return results
 
 
@@ -139,23 +161,37 @@ def _jitted_sgd(
     return jax.jit(tx.init), jax.jit(update)
 
 
-def check_sgd(pair: Pair, batches: list[Batch], step: FlaxTrainStep, forward: dict[str, float]) -> CheckResult:
-    """Parameters and BatchNorm state after one SGD step per batch, torch.optim.SGD against optax."""
-    model = copy.deepcopy(pair.torch_model).train()
+def _torch_sgd(model: torch.nn.Module, batches: list[Batch]) -> dict[str, np.ndarray]:
+    """The state dict (float64 arrays) of a train-mode model after one torch.optim.SGD step per batch."""
     opt = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    for batch in batches:
+        _torch_train_step(model, batch)
+        opt.step()
+    return {k: numpy_of_torch(v) for k, v in model.state_dict().items()}
+
+
+def check_sgd(pair: Pair, batches: list[Batch], step: FlaxTrainStep, forward: dict[str, float]) -> CheckResult:
+    """Parameters and BatchNorm state after one SGD step per batch, torch.optim.SGD against optax.
+
+    In float32 modes the result carries torch's own error against the same steps in float64 (floor).
+    """
+    ref = _torch_sgd(copy.deepcopy(pair.torch_model).train(), batches)
     init, update = _jitted_sgd(LEARNING_RATE, MOMENTUM, WEIGHT_DECAY)
     params, stats = pair.variables["params"], pair.variables["batch_stats"]
     opt_state = jax.device_put(init(params), jax_device(pair.device))
     for batch in batches:
-        _torch_train_step(model, batch)
-        opt.step()
         grads, stats, _ = step(params, stats, batch)
         params, opt_state = update(grads, opt_state, params)
 
-    ref = {k: numpy_of_torch(v) for k, v in model.state_dict().items()}
+    floor = 0.0
+    if pair.mode.torch_dtype == torch.float32:
+        model64 = copy.deepcopy(pair.torch_model).to(torch.float64).train()
+        ref64 = _torch_sgd(model64, [dataclasses.replace(b, x_torch=b.x_torch.to(torch.float64)) for b in batches])
+        floor = errors([ref[k] for k in ref], [ref64[k] for k in ref])[1]
     sd = flax_to_torch({"params": params, "batch_stats": stats})
     got = {k: numpy_of_torch(sd[k]) for k in ref}
-    stages, basis = _diagnosis(forward, grouped_errors(got, ref, STAGE_OUTPUTS), pair.mode.tolerances[SGD])
-    return pair_result(pair, SGD, [got[k] for k in ref], [ref[k] for k in ref], stages, basis)
+    limit = max(pair.mode.tolerances[SGD], FLOOR_FACTOR * floor)
+    stages, basis = _diagnosis(forward, grouped_errors(got, ref, STAGE_OUTPUTS), limit)
+    return pair_result(pair, SGD, [got[k] for k in ref], [ref[k] for k in ref], stages, basis, floor)
 
 

@@ -132,6 +132,25 @@ def test_nan_never_passes_and_first_diverging_is_in_stage_order() -> None:
     assert json.loads(json.dumps(r.to_json(), allow_nan=True))["passed"] is False
 
 
+def test_floor_widens_the_limit_only_to_twice_torchs_own_error() -> None:
+    stages = {"conv1": 1e-3, "fc": 1e-3}
+    r = CheckResult("resnet50", FP32, CPU, GRADIENTS, 1.0, 3e-2, 1e-3, stages, "tensors", floor=2e-2)
+    assert r.limit == pytest.approx(4e-2) and r.passed
+    worse = CheckResult("resnet50", FP32, CPU, GRADIENTS, 1.0, 5e-2, 1e-3, stages, "tensors", floor=2e-2)
+    assert not worse.passed
+    unmeasured = CheckResult("resnet50", FP32, CPU, GRADIENTS, 1.0, 3e-2, 1e-3, stages, "tensors")
+    assert unmeasured.limit == 1e-3 and not unmeasured.passed
+
+
+def test_floor_is_measured_in_fp32_train_checks_only() -> None:
+    fp32 = {r.check: r for r in run_checks("resnet18", CPU, FP32, (33, 47), 2, seed=3)}
+    for check in (TRAIN_LOGITS, GRADIENTS, SGD):
+        assert 0.0 < fp32[check].floor < fp32[check].tol, check  # resnet18 is well conditioned
+    assert fp32[EVAL].floor == 0.0
+    fp64 = run_checks("resnet18", CPU, FP64, (33, 47), 2, seed=3, checks=[TRAIN_LOGITS])
+    assert all(r.floor == 0.0 for r in fp64)
+
+
 def test_optax_chain_matches_torch_sgd_step_by_step() -> None:
     """Five steps on random tensors: momentum buffer (first step included) and coupled weight decay agree."""
     rng = np.random.default_rng(6)
