@@ -19,6 +19,7 @@ from parity.arch import ArchSpec
 from parity.arrays import numpy_dtype
 from parity.convert import LEAF_RULES, check_flax_variables
 from parity.names import seed_to_torchvision
+from parity.pairs import randomize_batchnorm
 from resnet_torch.arch import DEPTHS
 
 EVAL_RTOL_FP32 = 1e-5
@@ -45,14 +46,7 @@ def _random_state_dict(spec: ArchSpec, dtype: torch.dtype = torch.float32) -> di
 
 def _randomize_bn(model: torch.nn.Module) -> torch.nn.Module:
     """Random BatchNorm affine parameters and running statistics, so a wrong stat mapping shows."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.num_batches_tracked.fill_(int(torch.randint(1, 1000, ())))
+    randomize_batchnorm(model, torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()))))
     return model.eval()
 
 

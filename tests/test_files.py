@@ -21,6 +21,7 @@ import parity
 import resnet_torch
 from parity.cli import main
 from parity.files import atomic_write
+from parity.pairs import randomize_batchnorm
 
 RTOL_FP32 = 1e-5
 ODD_SIZE = (33, 47)
@@ -29,14 +30,7 @@ FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthChe
 
 def _model(num_classes: int = 5) -> torch.nn.Module:
     model = resnet_torch.resnet18(num_classes=num_classes)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.num_batches_tracked.fill_(17)
+    randomize_batchnorm(model, torch.Generator().manual_seed(17))
     return model.eval()
 
 

@@ -11,21 +11,12 @@ from resnet_torch.arch import DEPTHS
 from ..checks import run_checks
 from ..precision import CHECKS, DEVICES, MODES, PRECISIONS, applied, jax_device, precisions_for, torch_tf32_summary
 from ..report import format_error, format_result, header, versions, write_json
+from .args import positive_int
 
 DEFAULT_SIZE = (97, 131)  # odd and non-square: 'SAME' and symmetric padding differ at every stride
 DEFAULT_BATCH = 2
 EXIT_FAILED = 1  # some check exceeded its tolerance or raised
 EXIT_BAD_INPUT = 2  # the run could not start (e.g. no GPU), as argparse's own usage errors
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _check_list(text: str) -> tuple[str, ...]:
@@ -54,9 +45,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="all",
         help="arithmetic; all = fp64, fp32 on cpu and fp32, tf32, bf16 on gpu (default: all)",
     )
-    p.add_argument("--size", nargs=2, type=_positive_int, metavar=("H", "W"), default=DEFAULT_SIZE,
+    p.add_argument("--size", nargs=2, type=positive_int, metavar=("H", "W"), default=DEFAULT_SIZE,
                    help=f"input height and width (default: {DEFAULT_SIZE[0]} {DEFAULT_SIZE[1]})")
-    p.add_argument("--batch", type=_positive_int, default=DEFAULT_BATCH, help=f"batch size (default: {DEFAULT_BATCH})")
+    p.add_argument("--batch", type=positive_int, default=DEFAULT_BATCH, help=f"batch size (default: {DEFAULT_BATCH})")
     p.add_argument("--checks", type=_check_list, default=CHECKS,
                    help=f"comma-separated subset of: {', '.join(CHECKS)} (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default: 0)")

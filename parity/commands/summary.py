@@ -12,19 +12,11 @@ from resnet_flax import show as flax_show
 from resnet_torch import show as torch_show
 from resnet_torch.arch import DEPTHS
 
+from .args import positive_int
+
 FRAMEWORKS = ("torch", "flax")
 # The seed's three ways: summary() table, model.modules(), model.named_parameters().
 SHOWS = ("table", "modules", "parameters")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -38,12 +30,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", choices=tuple(DEPTHS), default="resnet50", help="depth (default: resnet50)")
     p.add_argument("--framework", choices=FRAMEWORKS, default="torch", help="which side to show (default: torch)")
     p.add_argument("--show", choices=SHOWS, default="table", help="what to show (default: table)")
-    p.add_argument("--num-classes", type=_positive_int, default=10, help="classifier outputs (default: 10, the seed's)")
+    p.add_argument("--num-classes", type=positive_int, default=10, help="classifier outputs (default: 10, the seed's)")
     p.add_argument("--small-stem", action="store_true", help="3x3/1 stem without max-pool, for 32x32 images")
     p.add_argument(
         "--input-size",
         nargs=2,
-        type=_positive_int,
+        type=positive_int,
         default=(224, 224),
         metavar=("H", "W"),
         help="image height and width for the table's shapes (default: 224 224)",
