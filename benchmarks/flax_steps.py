@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import optax
 
 import resnet_flax
+from parity.train_checks import optax_sgd
+from resnet_flax import augment
 from resnet_flax.fold import fold
 
 from .common import IMAGENET_MEAN, IMAGENET_STD, LEARNING_RATE, MOMENTUM, WEIGHT_DECAY, Settings, Step
@@ -27,9 +29,7 @@ def _device(settings: Settings) -> jax.Device:
 
 def normalize(images_u8: jax.Array, dtype: Any) -> jax.Array:
     """uint8 NHWC images -> ImageNet-normalised ``dtype`` images, on the device (fuses into the stem)."""
-    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32).reshape(1, 1, 1, 3)
-    inv_std = (1.0 / jnp.asarray(IMAGENET_STD, jnp.float32)).reshape(1, 1, 1, 3)
-    return ((images_u8.astype(jnp.float32) / 255.0 - mean) * inv_std).astype(dtype)
+    return augment.normalize(images_u8, IMAGENET_MEAN, IMAGENET_STD).astype(dtype)
 
 
 def _data(settings: Settings, batch: int) -> tuple[jax.Array, jax.Array]:
@@ -62,8 +62,8 @@ def _inference(settings: Settings, folded: bool) -> tuple[Any, Callable[[Any, ja
 
 
 def optimizer() -> optax.GradientTransformation:
-    """torch.optim.SGD(lr, momentum, weight_decay) in optax: decay is added to the gradient first."""
-    return optax.chain(optax.add_decayed_weights(WEIGHT_DECAY), optax.sgd(LEARNING_RATE, momentum=MOMENTUM))
+    """torch.optim.SGD(lr, momentum, weight_decay) in optax, the chain the parity checks prove."""
+    return optax_sgd(LEARNING_RATE, MOMENTUM, WEIGHT_DECAY)
 
 
 def make_train_step(model: resnet_flax.ResNet, tx: optax.GradientTransformation) -> Any:
