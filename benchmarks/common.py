@@ -32,50 +32,76 @@ class Settings:
 
 @dataclasses.dataclass
 class Step:
-    """One implementation in one mode: ``run`` queues a step, ``sync`` waits until the device is done."""
+    """One implementation in one mode: ``run`` queues a call of ``steps_per_call`` steps (one batch
+    each), ``sync`` waits until the device is done."""
 
     impl: str
     mode: str  # "train" or "infer"
     run: Callable[[], None]
     sync: Callable[[], None]
+    steps_per_call: int = 1
 
 
-def time_steps(step: Step, warmup: int, steps: int, repeats: int) -> dict[str, float | list[float]]:
-    """Seconds per step over ``steps`` queued steps, after ``warmup`` steps; median over ``repeats``.
-
-    The clock stops only once the device has finished (``sync``), so asynchronous dispatch in
-    JAX and CUDA cannot hide work; compilation happens in the first warm-up step and is timed apart.
-    """
+def warm_up(step: Step, calls: int) -> float:
+    """Run ``calls`` untimed calls (at least one); return the seconds of the first, which compiles."""
     start = time.perf_counter()
     step.run()
     step.sync()
     first = time.perf_counter() - start
-    for _ in range(max(warmup - 1, 0)):
+    for _ in range(max(calls - 1, 0)):
         step.run()
     step.sync()
-    per_step, cpu_per_step = [], []
-    for _ in range(repeats):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        for _ in range(steps):
-            step.run()
-        step.sync()
-        per_step.append((time.perf_counter() - start) / steps)
-        cpu_per_step.append((time.process_time() - cpu_start) / steps)
+    return first
+
+
+def time_repeat(step: Step, calls: int) -> tuple[float, float]:
+    """Wall and process-CPU seconds per step over ``calls`` queued calls of ``step.steps_per_call`` steps.
+
+    The clock stops only once the device has finished (``sync``), so asynchronous dispatch in
+    JAX and CUDA cannot hide work.
+    """
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for _ in range(calls):
+        step.run()
+    step.sync()
+    n = calls * step.steps_per_call
+    return (time.perf_counter() - start) / n, (time.process_time() - cpu_start) / n
+
+
+def _summary(first: float, repeats: list[tuple[float, float]]) -> dict[str, float | list[float]]:
+    walls = [wall for wall, _ in repeats]
     return {
         "first_step_s": first,
-        "step_s": statistics.median(per_step),
-        "step_s_all": per_step,
-        "cpu_s": statistics.median(cpu_per_step),
+        "step_s": statistics.median(walls),
+        "step_s_all": walls,
+        "cpu_s": statistics.median(cpu for _, cpu in repeats),
     }
+
+
+def time_steps(step: Step, warmup: int, steps: int, repeats: int) -> dict[str, float | list[float]]:
+    """Seconds per step over ``steps`` queued calls, after ``warmup`` calls; median over ``repeats``.
+    Compilation happens in the first warm-up call and is timed apart."""
+    first = warm_up(step, warmup)
+    return _summary(first, [time_repeat(step, steps) for _ in range(repeats)])
+
+
+def time_interleaved(
+    steps: list[Step], firsts: list[float], calls: int, repeats: int
+) -> list[dict[str, float | list[float]]]:
+    """``time_steps`` for several warmed-up steps at once: round r times each step once, in an order
+    rotated by r, so drift and order effects (clocks, caches, other jobs) fall on all of them alike."""
+    timings: list[list[tuple[float, float]]] = [[] for _ in steps]
+    for r in range(repeats):
+        for i in [(r + k) % len(steps) for k in range(len(steps))]:
+            timings[i].append(time_repeat(steps[i], calls))
+    return [_summary(first, t) for first, t in zip(firsts, timings)]
 
 
 def time_latency(step: Step, warmup: int, calls: int) -> dict[str, float]:
     """Milliseconds per call when every call waits for its result (no queueing): median and min,
     and the median CPU time of this process per call (all its threads; on a shared machine it
     counts the work done where wall time also counts waiting for a core)."""
-    for _ in range(max(warmup, 1)):
-        step.run()
-        step.sync()
+    warm_up(step, warmup)
     times, cpu_times = [], []
     for _ in range(calls):
         start, cpu_start = time.perf_counter(), time.process_time()

@@ -1,4 +1,5 @@
-"""resnet_flax under jax.jit: one whole train step, and inference with BatchNorm folded (or not)."""
+"""resnet_flax under jax.jit: one whole train step with the fused train-mode BatchNorm (or the plain
+mirror's), and inference with BatchNorm folded (or not)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import resnet_flax
 from parity.train_checks import optax_sgd
 from resnet_flax import augment
 from resnet_flax.fold import fold
+from resnet_flax.fused import fused
 
 from .common import IMAGENET_MEAN, IMAGENET_STD, LEARNING_RATE, MOMENTUM, WEIGHT_DECAY, Settings, Step
 
@@ -66,10 +68,12 @@ def optimizer() -> optax.GradientTransformation:
     return optax_sgd(LEARNING_RATE, MOMENTUM, WEIGHT_DECAY)
 
 
-def make_train_step(model: resnet_flax.ResNet, tx: optax.GradientTransformation) -> Any:
+def make_train_step(model: resnet_flax.ResNet, tx: optax.GradientTransformation, steps_per_call: int = 1) -> Any:
     """Forward, loss, gradients, optimizer update and new BatchNorm statistics, all under one jit.
 
-    The state (params, batch_stats, opt_state) is donated, so XLA updates it in place.
+    The state (params, batch_stats, opt_state) is donated, so XLA updates it in place. With
+    ``steps_per_call`` K > 1 one call runs K steps (``lax.scan``) over K stacked batches
+    (images (K, N, H, W, C), labels (K, N)) and returns the last loss: one dispatch for K steps.
     """
 
     def train_step(state: tuple[Any, Any, Any], images: jax.Array, labels: jax.Array) -> tuple[tuple[Any, Any, Any], jax.Array]:
@@ -85,24 +89,37 @@ def make_train_step(model: resnet_flax.ResNet, tx: optax.GradientTransformation)
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), new_stats, opt_state), loss
 
-    return jax.jit(train_step, donate_argnums=0)
+    if steps_per_call == 1:
+        return jax.jit(train_step, donate_argnums=0)
+
+    def train_steps(state: tuple[Any, Any, Any], images: jax.Array, labels: jax.Array) -> tuple[tuple[Any, Any, Any], jax.Array]:
+        state, losses = jax.lax.scan(lambda s, batch: train_step(s, *batch), state, (images, labels))
+        return state, losses[-1]
+
+    return jax.jit(train_steps, donate_argnums=0)
 
 
-def train(settings: Settings) -> Step:
-    """A train step of resnet_flax on a fixed synthetic batch."""
+def train(settings: Settings, fused_bn: bool = True, steps_per_call: int = 1) -> Step:
+    """A train step of resnet_flax on fixed synthetic batches; ``fused_bn`` trains the
+    ``resnet_flax.fused`` model (what resnet-train uses), else the plain mirror."""
     model, variables = _model_and_variables(settings)
+    model = fused(model) if fused_bn else model
     # A copy: the step donates its state, and the cached initial variables must survive it.
     variables = jax.tree.map(jnp.copy, variables)
     tx = optimizer()
     with jax.default_device(_device(settings)):
-        images, labels = _data(settings, settings.batch)
+        images, labels = _data(settings, settings.batch * steps_per_call)
+        if steps_per_call > 1:
+            images = images.reshape(steps_per_call, settings.batch, *images.shape[1:])
+            labels = labels.reshape(steps_per_call, settings.batch)
         holder = {"state": (variables["params"], variables["batch_stats"], tx.init(variables["params"])), "loss": None}
-    step_fn = make_train_step(model, tx)
+    step_fn = make_train_step(model, tx, steps_per_call)
 
     def run() -> None:
         holder["state"], holder["loss"] = step_fn(holder["state"], images, labels)
 
-    return Step("resnet_flax", "train", run, lambda: jax.block_until_ready(holder["state"]))
+    impl = "resnet_flax" if fused_bn else "resnet_flax_plain"
+    return Step(impl, "train", run, lambda: jax.block_until_ready(holder["state"]), steps_per_call)
 
 
 def infer(settings: Settings, folded: bool = True, batch: int | None = None) -> Step:
@@ -119,4 +136,4 @@ def infer(settings: Settings, folded: bool = True, batch: int | None = None) -> 
         jax.block_until_ready(outputs)
         outputs.clear()
 
-    return Step("resnet_flax" if folded else "resnet_flax_unfolded", "infer", run, sync)
+    return Step("resnet_flax" if folded else "resnet_flax_plain", "infer", run, sync)

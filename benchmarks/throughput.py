@@ -24,15 +24,17 @@ if __package__ in (None, ""):
     # Run as a file (python benchmarks/throughput.py): make the checkout importable.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# implementation -> which modes it runs; resnet_flax infers with BatchNorm folded.
+# implementation -> which modes it runs. resnet_flax is the fast path: it trains with the fused
+# BatchNorm (resnet_flax.fused) and infers with BatchNorm folded (resnet_flax.fold); resnet_flax_plain
+# is the plain mirror in both modes, the baseline of those two levers.
 # Default order: the headline comparison first, so a run cut short by a time limit still has it.
 IMPLS: dict[str, dict[str, bool]] = {
     "resnet_flax": {"train": True, "infer": True},
     "torchvision+compile": {"train": True, "infer": True},
+    "resnet_flax_plain": {"train": True, "infer": True},
     "torchvision": {"train": True, "infer": True},
     "resnet_torch+compile": {"train": True, "infer": True},
     "resnet_torch": {"train": True, "infer": True},
-    "resnet_flax_unfolded": {"train": False, "infer": True},
 }
 MODES = ("train", "infer")
 # The comparisons the targets are stated in: (numerator, denominator) of images/s.
@@ -40,7 +42,8 @@ RATIOS = (
     ("resnet_flax", "torchvision+compile"),
     ("resnet_flax", "torchvision"),
     ("resnet_flax", "resnet_torch"),
-    ("resnet_flax", "resnet_flax_unfolded"),
+    ("resnet_flax", "resnet_flax_plain"),
+    ("resnet_flax_plain", "torchvision+compile"),
     ("resnet_torch", "torchvision"),
     ("resnet_torch+compile", "torchvision+compile"),
 )
@@ -72,6 +75,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="torch's CPU threads (default: torch's own); 1 avoids OpenMP stalls on a CPU shared with other jobs",
     )
     p.add_argument("--latency-calls", type=int, default=10, help="timed calls per latency figure (default 10)")
+    p.add_argument(
+        "--flax-steps-per-call",
+        type=int,
+        default=1,
+        help="opt-in: each resnet_flax train call runs K steps under lax.scan on K batches (--steps counts calls)",
+    )
     p.add_argument("--xla-gpu-autotune-level", type=int, default=None, help="opt-in: XLA's --xla_gpu_autotune_level (0-5)")
     p.add_argument(
         "--xla-gpu-command-buffer",
@@ -79,6 +88,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="opt-in: XLA's --xla_gpu_enable_command_buffer, e.g. '' (off) or FUSION,CUBLAS,CUDNN",
     )
     p.add_argument("--xla-flag", action="append", default=[], help="opt-in: any extra XLA flag, e.g. --xla-flag=--xla_gpu_...=true")
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="build and warm up every implementation first, then take their timed repeats in turns "
+        "(ratios robust to drift; needs memory for all at once)",
+    )
     p.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file")
     args = p.parse_args(argv)
     args.impls = _choices(args.impl, IMPLS, "--impl")
@@ -88,7 +103,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.latency = [int(b) for b in latency.split(",") if b.strip()]
     except ValueError:
         p.error(f"--latency-batches expects comma-separated integers, got {latency!r}")
-    for name in ("batch", "size", "steps", "repeats", "num_classes", "latency_calls", "torch_threads"):
+    for name in ("batch", "size", "steps", "repeats", "num_classes", "latency_calls", "torch_threads", "flax_steps_per_call"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.warmup < 1:
@@ -129,19 +144,20 @@ def configure_environment(args: argparse.Namespace) -> None:
 
 
 def builders() -> dict[tuple[str, str], Callable[..., Any]]:
-    """(implementation, mode) -> a function of (settings, batch) that builds its Step."""
+    """(implementation, mode) -> a function of (settings, batch, Flax steps per call) that builds its Step."""
     from benchmarks import flax_steps, torch_steps
 
     table: dict[tuple[str, str], Callable[..., Any]] = {
-        ("resnet_flax", "train"): lambda s, b: flax_steps.train(s),
-        ("resnet_flax", "infer"): lambda s, b: flax_steps.infer(s, folded=True, batch=b),
-        ("resnet_flax_unfolded", "infer"): lambda s, b: flax_steps.infer(s, folded=False, batch=b),
+        ("resnet_flax", "train"): lambda s, b, k: flax_steps.train(s, fused_bn=True, steps_per_call=k),
+        ("resnet_flax", "infer"): lambda s, b, k: flax_steps.infer(s, folded=True, batch=b),
+        ("resnet_flax_plain", "train"): lambda s, b, k: flax_steps.train(s, fused_bn=False, steps_per_call=k),
+        ("resnet_flax_plain", "infer"): lambda s, b, k: flax_steps.infer(s, folded=False, batch=b),
     }
     for family in ("resnet_torch", "torchvision"):
         for compiled in (False, True):
             name = f"{family}+compile" if compiled else family
-            table[(name, "train")] = lambda s, b, f=family, c=compiled: torch_steps.train(f, s, c)
-            table[(name, "infer")] = lambda s, b, f=family, c=compiled: torch_steps.infer(f, s, c, batch=b)
+            table[(name, "train")] = lambda s, b, k, f=family, c=compiled: torch_steps.train(f, s, c)
+            table[(name, "infer")] = lambda s, b, k, f=family, c=compiled: torch_steps.infer(f, s, c, batch=b)
     return table
 
 
@@ -228,21 +244,42 @@ def _available(impls: list[str], explicit: bool) -> list[str]:
     return [i for i in impls if not i.startswith("torchvision")]
 
 
+def _record_error(report: dict[str, Any], impl: str, kind: str, error: Exception) -> None:
+    report["errors"].append({"impl": impl, "what": kind, "error": f"{type(error).__name__}: {error}"})
+    traceback.print_exc()
+
+
 def _measure(kind: str, impl: str, report: dict[str, Any], measure: Callable[[], dict[str, Any]]) -> None:
     """Append one figure (or its error) to the report; one failure must not hide the others' figures."""
     try:
         report[kind].append({"impl": impl, **measure()})
     except Exception as e:  # noqa: BLE001 - recorded in the report and printed with its traceback
-        report["errors"].append({"impl": impl, "what": kind, "error": f"{type(e).__name__}: {e}"})
-        traceback.print_exc()
+        _record_error(report, impl, kind, e)
+
+
+def _figure(step: Any, batch: int, timing: dict[str, Any]) -> dict[str, Any]:
+    """One throughput row of the report from a Step's timing."""
+    print(f"  {step.impl:22s} {step.mode:5s} {batch / timing['step_s']:10.1f} img/s", flush=True)
+    return {
+        "mode": step.mode,
+        "batch": batch,
+        "steps_per_call": step.steps_per_call,
+        "images_per_s": batch / timing["step_s"],
+        "step_ms": 1e3 * timing["step_s"],
+        "step_ms_all": [1e3 * t for t in timing["step_s_all"]],
+        "first_step_s": timing["first_step_s"],
+        "cpu_ms_per_step": 1e3 * timing["cpu_s"],
+    }
 
 
 def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] = lambda report: None) -> dict[str, Any]:
     """Every chosen (implementation, mode) timed, then latencies; returns the JSON-ready report.
 
-    ``save`` gets the report after every figure, so a run cut short by a time limit keeps what it measured.
+    One after another, each freed before the next; or, with ``--interleave``, all built and warmed up
+    first and their timed repeats taken in turns. ``save`` gets the report after every figure, so a
+    run cut short by a time limit keeps what it measured.
     """
-    from benchmarks.common import Settings, time_latency, time_steps
+    from benchmarks.common import Settings, time_interleaved, time_latency, time_steps, warm_up
 
     _check_device(args)
     impls = _available(args.impls, explicit=args.impl != ",".join(IMPLS))
@@ -252,30 +289,38 @@ def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] = lambd
     config["xla_flags_added"] = xla_flags(args)
     report: dict[str, Any] = {"config": config, "machine": machine(args.device)}
     report.update(results=[], ratios=[], latency=[], errors=[])
+    chosen = [(impl, mode) for impl in impls for mode in args.modes if IMPLS[impl][mode]]
+
+    def build(impl: str, mode: str) -> Any:
+        return table[(impl, mode)](settings, None, args.flax_steps_per_call)
 
     def throughput(impl: str, mode: str) -> dict[str, Any]:
-        timing = time_steps(table[(impl, mode)](settings, None), args.warmup, args.steps, args.repeats)
-        print(f"  {impl:22s} {mode:5s} {args.batch / timing['step_s']:10.1f} img/s", flush=True)
-        return {
-            "mode": mode,
-            "batch": args.batch,
-            "images_per_s": args.batch / timing["step_s"],
-            "step_ms": 1e3 * timing["step_s"],
-            "step_ms_all": [1e3 * t for t in timing["step_s_all"]],
-            "first_step_s": timing["first_step_s"],
-            "cpu_ms_per_step": 1e3 * timing["cpu_s"],
-        }
+        step = build(impl, mode)
+        return _figure(step, args.batch, time_steps(step, args.warmup, args.steps, args.repeats))
 
     def latency(impl: str, batch: int) -> dict[str, Any]:
-        return {"batch": batch, **time_latency(table[(impl, "infer")](settings, batch), args.warmup, args.latency_calls)}
+        return {"batch": batch, **time_latency(table[(impl, "infer")](settings, batch, 1), args.warmup, args.latency_calls)}
 
-    for impl in impls:
-        for mode in (m for m in args.modes if IMPLS[impl][m]):
+    if args.interleave:
+        warmed: list[tuple[Any, float]] = []
+        for impl, mode in chosen:
+            try:
+                step = build(impl, mode)
+                warmed.append((step, warm_up(step, args.warmup)))
+            except Exception as e:  # noqa: BLE001 - recorded in the report and printed with its traceback
+                _record_error(report, impl, "results", e)
+        timings = time_interleaved([s for s, _ in warmed], [f for _, f in warmed], args.steps, args.repeats)
+        report["results"] = [{"impl": s.impl, **_figure(s, args.batch, t)} for (s, _), t in zip(warmed, timings)]
+        report["ratios"] = ratios(report["results"])
+        save(report)
+    else:
+        for impl, mode in chosen:
             _measure("results", impl, report, lambda: throughput(impl, mode))
             report["ratios"] = ratios(report["results"])
             _release(args.device)
             save(report)
-        for batch in args.latency if IMPLS[impl]["infer"] else ():
+    for impl in (i for i in impls if IMPLS[i]["infer"]):
+        for batch in args.latency:
             _measure("latency", impl, report, lambda: latency(impl, batch))
             _release(args.device)
             save(report)

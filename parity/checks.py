@@ -66,8 +66,10 @@ def run_checks(
     batch_size: int,
     seed: int = 0,
     checks: Iterable[str] | None = None,
+    fused_bn: bool = False,
 ) -> list[CheckResult]:
-    """Build a random model in both frameworks and run the checks of one precision mode."""
+    """Build a random model in both frameworks and run the checks of one precision mode
+    (``fused_bn``: the Flax side is the fused-BatchNorm training model, ``resnet_flax.fused``)."""
     with applied(MODES[precision], device):
-        pair = make_pair(arch, precision, device, seed)
+        pair = make_pair(arch, precision, device, seed, fused_bn=fused_bn)
         return check_pair(pair, size, batch_size, seed, checks)

@@ -12,6 +12,7 @@ import torch
 
 import resnet_flax
 import resnet_torch
+from resnet_flax.fused import fused
 
 from .compare import CheckResult, errors
 from .convert import torch_to_flax
@@ -60,8 +61,13 @@ def randomize_batchnorm(model: torch.nn.Module, generator: torch.Generator) -> N
                 m.num_batches_tracked.fill_(int(torch.randint(0, 100, (), generator=generator)))
 
 
-def make_pair(arch: str, precision: str, device: str, seed: int = 0, num_classes: int = NUM_CLASSES) -> Pair:
-    """A randomly initialised resnet_torch model and its resnet_flax copy (call inside ``applied``)."""
+def make_pair(
+    arch: str, precision: str, device: str, seed: int = 0, num_classes: int = NUM_CLASSES, fused_bn: bool = False
+) -> Pair:
+    """A randomly initialised resnet_torch model and its resnet_flax copy (call inside ``applied``).
+
+    ``fused_bn`` makes the Flax side a ``resnet_flax.fused.FusedResNet``, the model training uses.
+    """
     mode = MODES[precision]
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(seed)
@@ -75,6 +81,8 @@ def make_pair(arch: str, precision: str, device: str, seed: int = 0, num_classes
         param_dtype=mode.jax_param_dtype,
         precision=mode.jax_precision,
     )
+    if fused_bn:
+        flax_model = fused(flax_model)
     # Committed to the run's device once, so every jitted call runs there.
     variables = jax.device_put(torch_to_flax(model.state_dict(), target=flax_model), jax_device(device))
     return Pair(arch, device, mode, model, flax_model, variables)

@@ -48,6 +48,7 @@ class TrainConfig:
     small_stem: bool = _field(True, "3x3/1 stem without max-pool, for small images like 32x32")
     zero_init_residual: bool = _field(False, "start each block's last BatchNorm scale at zero")
     dtype: str = _field("float32", "computation dtype (params stay float32): float32 or bfloat16")
+    fused_bn: bool = _field(True, "train-mode BatchNorm with one-pass statistics and a closed-form backward (same function, faster)")
     # optimization
     epochs: int = _field(2, "epochs; the learning-rate schedule spans all of them")
     batch_size: int = _field(32, "global batch size, split over every device")

@@ -8,7 +8,6 @@ The folded tree keeps the model's paths; each convolution gains a ``bias``, Batc
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, ClassVar, Mapping
 
 import jax
@@ -17,7 +16,7 @@ import numpy as np
 from flax import linen as nn
 
 from .layers import TORCH_BN_EPS, Conv2d, Dtype, Initializer
-from .model import ResNet
+from .model import ResNet, rebuild
 
 Array = jax.Array
 # Folding is done once, on the host, in float64, so the folded weights carry no extra rounding
@@ -114,6 +113,4 @@ def fold(model: ResNet, variables: Mapping[str, Any], *, epsilon: float = TORCH_
     if not isinstance(variables, Mapping) or not {"params", "batch_stats"} <= set(variables):
         got = sorted(variables) if isinstance(variables, Mapping) else type(variables).__name__
         raise ValueError(f"fold expects variables with 'params' and 'batch_stats', got {got}")
-    fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(ResNet) if f.init and f.name not in ("parent", "name")}
-    folded = FoldedResNet(**fields)
-    return folded, {"params": _fold_tree(variables["params"], variables["batch_stats"], epsilon, "")}
+    return rebuild(model, FoldedResNet), {"params": _fold_tree(variables["params"], variables["batch_stats"], epsilon, "")}

@@ -6,7 +6,7 @@ Each difference from Flax's own layers is a named constant or field with its rea
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,6 @@ TORCH_BN_EPS = 1e-5
 MATMUL_1X1_BACKENDS = ("cpu",)
 # Flax has no BatchNorm counter; torch's num_batches_tracked is kept so round trips lose nothing.
 COUNTER_DTYPE = jnp.int32
-
 
 
 def kaiming_normal_fan_out(key: Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> Array:
@@ -96,6 +95,30 @@ class Conv2d(nn.Module):
         )
 
 
+def per_channel(v: Array, ndim: int) -> Array:
+    """A per-channel vector shaped to broadcast against channels-last input without rank promotion."""
+    return v.reshape((1,) * (ndim - 1) + (v.shape[-1],))
+
+
+def batch_norm(x: Array, mean: Array, var: Array, scale: Array, bias: Array, epsilon: float) -> Array:
+    """(x - mean) * scale / sqrt(var + eps) + bias over the last axis, in x's dtype."""
+    mul = scale * jax.lax.rsqrt(var + epsilon)
+    return (x - per_channel(mean, x.ndim)) * per_channel(mul, x.ndim) + per_channel(bias, x.ndim)
+
+
+def batch_norm_train(x: Array, scale: Array, bias: Array, epsilon: float) -> tuple[Array, Array, Array]:
+    """Train-mode BatchNorm over every axis but the last, differentiated by JAX: the output, the
+    batch mean and the biased batch variance, all in the dtype of scale (float32 or wider).
+
+    The variance is two-pass, mean((x - mean)^2), and normalisation uses it, as torch does.
+    """
+    xf = x.astype(scale.dtype)
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(xf, axes)
+    var = jnp.mean(jnp.square(xf - per_channel(mean, x.ndim)), axes)
+    return batch_norm(xf, mean, var, scale, bias, epsilon), mean, var
+
+
 class BatchNorm2d(nn.Module):
     """torch.nn.BatchNorm2d over the channel (last) axis of NHWC input, with torch's semantics.
 
@@ -112,6 +135,10 @@ class BatchNorm2d(nn.Module):
     param_dtype: Dtype = jnp.float32
     scale_init: Initializer = nn.initializers.ones
 
+    # Train-mode normalisation, (x, scale, bias, epsilon) -> (output, batch mean, biased batch
+    # variance); resnet_flax.fused swaps in one with a hand-written backward pass.
+    train_norm: ClassVar[Callable[[Array, Array, Array, float], tuple[Array, Array, Array]]] = staticmethod(batch_norm_train)
+
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = self.num_features
@@ -125,14 +152,12 @@ class BatchNorm2d(nn.Module):
         count = self.variable("batch_stats", "num_batches_tracked", jnp.zeros, (), COUNTER_DTYPE)
 
         compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
-        xf = x.astype(compute_dtype)
+        scale, bias = scale.astype(compute_dtype), bias.astype(compute_dtype)
         if self.use_running_average:
             mean, var = ra_mean.value.astype(compute_dtype), ra_var.value.astype(compute_dtype)
+            y = batch_norm(x.astype(compute_dtype), mean, var, scale, bias, self.epsilon)
         else:
-            axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(xf, axes)
-            # Two-pass (biased) variance: normalisation uses it, as torch does in train mode.
-            var = jnp.mean(jnp.square(xf - mean.reshape(_channels_last(x, c))), axes)
+            y, mean, var = self.train_norm(x, scale, bias, self.epsilon)
             if not self.is_initializing():
                 n = x.size // c
                 # torch updates the running variance with the unbiased batch variance.
@@ -141,15 +166,7 @@ class BatchNorm2d(nn.Module):
                 ra_mean.value = ((1 - m) * ra_mean.value + m * mean).astype(ra_mean.value.dtype)
                 ra_var.value = ((1 - m) * ra_var.value + m * unbiased).astype(ra_var.value.dtype)
                 count.value = count.value + 1
-        mul = scale.astype(compute_dtype) * jax.lax.rsqrt(var + self.epsilon)
-        bcast = _channels_last(x, c)
-        y = (xf - mean.reshape(bcast)) * mul.reshape(bcast) + bias.astype(compute_dtype).reshape(bcast)
         return y.astype(self.dtype or x.dtype)
-
-
-def _channels_last(x: Array, c: int) -> tuple[int, ...]:
-    """The shape that broadcasts a per-channel vector against x without rank promotion."""
-    return (1,) * (x.ndim - 1) + (c,)
 
 
 class Linear(nn.Module):

@@ -7,8 +7,9 @@ converter in ``parity`` is a rule over names.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Sequence, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -196,6 +197,15 @@ class ResNet(nn.Module):
         )
         outputs[HEAD] = Linear(in_features, self.num_classes, precision=self.precision, name=HEAD, **dtypes, **linear_init)(x)
         return outputs if return_stages else outputs[HEAD]
+
+
+ResNetT = TypeVar("ResNetT", bound=ResNet)
+
+
+def rebuild(model: ResNet, cls: type[ResNetT]) -> ResNetT:
+    """``model`` with every option kept, as another ResNet class (folded, fused)."""
+    fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(ResNet) if f.init and f.name not in ("parent", "name")}
+    return cls(**fields)
 
 
 def build(arch: str, **kwargs: Any) -> ResNet:

@@ -12,6 +12,7 @@ from flax import struct
 from . import model as models
 from .augment import augment, normalize
 from .config import TrainConfig
+from .fused import fused
 
 Array = jax.Array
 # Keys for the two random streams, folded into the seed so they never overlap.
@@ -41,7 +42,7 @@ class TrainState(struct.PyTreeNode):
 
 def build_model(config: TrainConfig, num_classes: int, dtype: Any = None, precision: Any = None) -> models.ResNet:
     """The Flax ResNet a config describes, computing in config.dtype unless dtype overrides it."""
-    return models.build(
+    model = models.build(
         config.arch,
         num_classes=num_classes,
         small_stem=config.small_stem,
@@ -50,6 +51,7 @@ def build_model(config: TrainConfig, num_classes: int, dtype: Any = None, precis
         param_dtype=jnp.float32,
         precision=precision,
     )
+    return fused(model) if config.fused_bn else model
 
 
 def create_train_state(

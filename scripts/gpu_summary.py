@@ -1,6 +1,6 @@
-"""Compose scripts/gpu_check.sh's report: parity-gpu.md with every log, and a short table on stdout.
+"""Compose scripts/gpu_check.sh's report: a markdown file with every log, and a short table on stdout.
 
-    python3 scripts/gpu_summary.py --steps LOGDIR/steps.tsv --report-dir DIR --mode gpu|dry
+    python3 scripts/gpu_summary.py --steps LOGDIR/steps.tsv --report-dir DIR --mode gpu|dry [--report NAME]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ LOG_TAIL_LINES = 400  # per step in the markdown report; the full logs stay besi
 
 
 def read_steps(path: Path) -> list[dict[str, str]]:
-    """The step records gpu_check.sh wrote: name, rc (or 'skip'), seconds, command."""
+    """The step records gpu_check.sh wrote: name, rc, seconds, command."""
     steps = []
     for line in path.read_text().splitlines():
         name, rc, seconds, command = (line.split("\t", 3) + ["", "", ""])[:4]
@@ -28,9 +28,7 @@ def read_steps(path: Path) -> list[dict[str, str]]:
 
 
 def status(rc: str) -> str:
-    """ok, FAIL (rc N), TIMEOUT or SKIP."""
-    if rc == "skip":
-        return "SKIP"
+    """ok, FAIL (rc N) or TIMEOUT."""
     if rc == "0":
         return "ok"
     return "TIMEOUT" if rc in TIMEOUT_CODES else f"FAIL (rc {rc})"
@@ -95,15 +93,13 @@ def throughput_figure(report: dict[str, Any] | None) -> str:
     if report is None:
         return "no JSON written"
     figures = [f"{r['impl']} {r['mode']} {r['images_per_s']:.0f}" for r in report.get("results", [])]
-    errors = [f"FAILED {e['impl']} {e['mode']}" for e in report.get("errors", [])]
+    errors = [f"FAILED {e['impl']} {e['what']}: {e['error'][:120]}" for e in report.get("errors", [])]
     return "; ".join(figures + errors) + " img/s" if figures else "; ".join(errors) or "no figures"
 
 
 def key_figure(step: dict[str, str], report_dir: Path) -> str:
     """The one line that matters for each step."""
     log = report_dir / "gpu-logs" / f"{step['name']}.log"
-    if step["rc"] == "skip":
-        return step["command"]
     if step["name"] == "environment":
         first = log.read_text(errors="replace").splitlines()[:1] if log.exists() else []
         return first[0] if first else "-"
@@ -148,25 +144,27 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def short_table(steps: list[dict[str, str]], report_dir: Path, mode: str) -> str:
+def short_table(steps: list[dict[str, str]], report_dir: Path, mode: str, report: str) -> str:
     """The table printed last: one line per step."""
     head = "GPU check summary" + ("" if mode == "gpu" else " (DRY RUN on CPU: no GPU figures)")
-    rows = [head, f"{'step':<14} {'status':<12} {'s':>5}  key figure"]
+    width = max([len("step"), *(len(s["name"]) for s in steps)])
+    rows = [head, f"{'step':<{width}} {'status':<12} {'s':>5}  key figure"]
     for s in steps:
-        rows.append(f"{s['name']:<14} {status(s['rc']):<12} {s['seconds']:>5}  {key_figure(s, report_dir)[:300]}")
-    rows.append(f"full report: {report_dir / 'parity-gpu.md'}")
+        rows.append(f"{s['name']:<{width}} {status(s['rc']):<12} {s['seconds']:>5}  {key_figure(s, report_dir)[:300]}")
+    rows.append(f"full report: {report_dir / report}")
     return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=Path, required=True, help="steps.tsv written by gpu_check.sh")
-    p.add_argument("--report-dir", type=Path, required=True, help="where parity-gpu.md and the JSON files live")
+    p.add_argument("--report-dir", type=Path, required=True, help="where the report and the JSON files live")
+    p.add_argument("--report", default="parity-gpu.md", help="the report's file name (default: parity-gpu.md)")
     p.add_argument("--mode", choices=("gpu", "dry"), required=True, help="a GPU run or the CPU dry run")
     args = p.parse_args(argv)
     steps = read_steps(args.steps)
-    write_atomic(args.report_dir / "parity-gpu.md", markdown(steps, args.report_dir, args.mode))
-    print(short_table(steps, args.report_dir, args.mode))
+    write_atomic(args.report_dir / args.report, markdown(steps, args.report_dir, args.mode))
+    print(short_table(steps, args.report_dir, args.mode, args.report))
     return 0
 
 

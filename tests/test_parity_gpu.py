@@ -1,7 +1,7 @@
 """Parity on a CUDA GPU: ResNet-50, batch 8 at 224 (and an odd size), in every GPU precision mode.
 
 CPU twins: tests/test_parity.py runs the same checks in fp32 (strict) on the CPU, and the TF32-default
-and bf16 code paths on the CPU (test_gpu_modes_on_cpu).
+and bf16 code paths on the CPU (test_gpu_modes_on_cpu); tests/test_fused.py runs the fused model's.
 """
 
 from __future__ import annotations
@@ -24,6 +24,15 @@ def test_resnet50_on_gpu(precision: str, size: tuple[int, int]) -> None:
     for r in results:
         assert r.device == GPU
         assert r.passed, f"{r.precision} {r.check}: rel {r.rel:.3e} > {r.tol:.0e}, first diverging {r.first_diverging}"
+
+
+@pytest.mark.parametrize("precision", [FP32, BF16])
+def test_fused_resnet50_on_gpu(precision: str) -> None:
+    """The fused-BatchNorm model training uses (resnet_flax.fused) against torch, every check."""
+    results = run_checks("resnet50", GPU, precision, (224, 224), 8, seed=0, fused_bn=True)
+    assert [r.check for r in results] == [c for c in CHECKS if c in MODES[precision].tolerances]
+    for r in results:
+        assert r.passed, f"fused {r.precision} {r.check}: rel {r.rel:.3e} > {r.tol:.0e}, first diverging {r.first_diverging}"
 
 
 def test_strict_mode_turns_tf32_off_and_restores() -> None:

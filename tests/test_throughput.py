@@ -63,3 +63,32 @@ def test_xla_flags_are_opt_in() -> None:
     assert throughput.xla_flags(throughput.parse_args([])) == []
     args = throughput.parse_args(["--xla-gpu-autotune-level", "0", "--xla-gpu-command-buffer", ""])
     assert throughput.xla_flags(args) == ["--xla_gpu_autotune_level=0", "--xla_gpu_enable_command_buffer="]
+
+
+def test_interleaved_repeats_rotate_the_order() -> None:
+    """Round r starts with step r: no implementation always runs first (or after the same one)."""
+    from benchmarks.common import Step, time_interleaved
+
+    calls: list[str] = []
+    steps = [Step(name, "train", lambda n=name: calls.append(n), lambda: None, steps_per_call=k) for name, k in (("a", 1), ("b", 2), ("c", 1))]
+    timings = time_interleaved(steps, [1.0, 2.0, 3.0], calls=2, repeats=3)
+    rounds = ["".join(calls[i : i + 6 : 2]) for i in range(0, 18, 6)]
+    assert rounds == ["abc", "bca", "cab"]
+    assert [t["first_step_s"] for t in timings] == [1.0, 2.0, 3.0]
+    assert all(len(t["step_s_all"]) == 3 for t in timings)
+
+
+def test_interleaved_run_reports_every_implementation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("XLA_FLAGS", "JAX_PLATFORMS", "XLA_PYTHON_CLIENT_PREALLOCATE"):
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "interleaved.json"
+    argv = ["--arch", "resnet18", "--batch", "2", "--size", "32", "--steps", "1", "--warmup", "1", "--repeats", "2"]
+    argv += ["--dtype", "fp32", "--device", "cpu", "--impl", "resnet_flax,resnet_flax_plain", "--mode", "train"]
+    argv += ["--latency-batches", "", "--interleave", "--flax-steps-per-call", "2", "--json", str(out)]
+    assert throughput.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert [(r["impl"], r["steps_per_call"], len(r["step_ms_all"])) for r in report["results"]] == [
+        ("resnet_flax", 2, 2),
+        ("resnet_flax_plain", 2, 2),
+    ]
+    assert [(r["impl"], r["over"]) for r in report["ratios"]] == [("resnet_flax", "resnet_flax_plain")]

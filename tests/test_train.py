@@ -26,7 +26,8 @@ from resnet_flax.config import TrainConfig
 from resnet_flax.export import load_torch
 from resnet_flax.loop import NonFiniteLossError, fit
 from resnet_flax.optim import make_optimizer
-from resnet_flax.steps import create_train_state, train_step
+from resnet_flax.fused import FusedResNet
+from resnet_flax.steps import build_model, create_train_state, train_step
 from resnet_flax.runlog import PLOT_FILE, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,6 +112,13 @@ def test_bfloat16_step_keeps_float32_params():
     assert dtypes == {np.dtype(np.float32)}
     moved = [not np.array_equal(a, b) for a, b in zip(_leaves(state.params), _leaves(new.params))]
     assert all(moved)
+
+
+def test_training_uses_the_fused_batchnorm_unless_asked_not_to():
+    """tests/test_fused.py proves the fused model computes the plain one's function and gradient."""
+    assert isinstance(build_model(TrainConfig(), 10), FusedResNet)
+    plain = build_model(TrainConfig(fused_bn=False), 10)
+    assert type(plain) is resnet_flax.ResNet and plain == resnet_flax.resnet18(num_classes=10, small_stem=True)
 
 
 def test_nan_loss_stops_naming_the_step(tmp_path):

@@ -50,9 +50,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=positive_int, default=DEFAULT_BATCH, help=f"batch size (default: {DEFAULT_BATCH})")
     p.add_argument("--checks", type=_check_list, default=CHECKS,
                    help=f"comma-separated subset of: {', '.join(CHECKS)} (default: all)")
+    p.add_argument("--fused-bn", action="store_true",
+                   help="check resnet_flax.fused.FusedResNet, the fused-BatchNorm model training uses, instead of ResNet")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default: 0)")
     p.add_argument("--json", metavar="FILE", help="also write every result, the modes and versions as JSON")
     p.set_defaults(run=run)
+
+
+def _flax_model(args: argparse.Namespace) -> str:
+    return "FusedResNet (resnet_flax.fused)" if args.fused_bn else "ResNet"
 
 
 def _payload(args: argparse.Namespace, runs: list[dict[str, Any]], complete: bool, passed: bool) -> dict[str, Any]:
@@ -62,6 +68,7 @@ def _payload(args: argparse.Namespace, runs: list[dict[str, Any]], complete: boo
         "size": list(args.size),
         "batch": args.batch,
         "seed": args.seed,
+        "flax_model": _flax_model(args),
         "complete": complete,
         "passed": passed,
         "versions": versions(),
@@ -82,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
     runs: list[dict[str, Any]] = []
     failed = False
-    print(f"device {args.device}, input {args.batch}x3x{size[0]}x{size[1]}, seed {args.seed}")
+    print(f"device {args.device}, input {args.batch}x3x{size[0]}x{size[1]}, seed {args.seed}, flax {_flax_model(args)}")
     modes = {}
     for precision in precisions:
         with applied(MODES[precision], args.device):
@@ -93,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         for precision in precisions:
             run_info: dict[str, Any] = {"arch": arch, "precision": precision, "mode": modes[precision]}
             try:
-                results = run_checks(arch, args.device, precision, size, args.batch, args.seed, args.checks)
+                results = run_checks(arch, args.device, precision, size, args.batch, args.seed, args.checks, args.fused_bn)
             except Exception as e:  # one broken run must not hide the others' figures
                 print(format_error(arch, precision, e), flush=True)
                 run_info["error"] = f"{type(e).__name__}: {e}"
