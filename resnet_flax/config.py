@@ -116,6 +116,8 @@ class TrainConfig:
 
 # Fields that may change between an interrupted run and its --resume without changing the result.
 RESUMABLE_CHANGES = frozenset({"resume", "stop_after_epoch", "progress", "export", "keep_checkpoints"})
+# Fields added after runs were saved, with the value that reproduces a run whose config.json lacks them.
+LATER_FIELDS = {"fused_bn": False}
 
 
 def _flag_type(annotation: str) -> Any:

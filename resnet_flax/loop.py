@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from . import runlog, sharding
 from .checkpoint import Checkpoints
-from .config import RESUMABLE_CHANGES, TrainConfig
+from .config import LATER_FIELDS, RESUMABLE_CHANGES, TrainConfig
 from .data import Dataset, epoch_permutation, load_dataset, steps_per_epoch
 from .export import EXPORT_RTOL, ExportMismatchError, export_torch, verify_export
 from .optim import make_optimizer, schedule
@@ -71,7 +71,7 @@ def _check_run_dir(run_dir: Path, config: TrainConfig, checkpoints: Checkpoints)
                 "pass --resume to continue it, or --run-dir for a new run"
             )
     elif saved_path.exists():
-        saved = json.loads(saved_path.read_text())
+        saved = {**LATER_FIELDS, **json.loads(saved_path.read_text())}
         ours = dataclasses.asdict(config)
         changed = sorted(k for k in ours if k not in RESUMABLE_CHANGES and saved.get(k) != ours[k])
         if changed:

@@ -99,6 +99,13 @@ def test_resume_is_bit_exact(straight, tmp_path):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="lr: 0.02 -> 0.1"):
         fit(dataclasses.replace(split, resume=True, lr=0.1))
+    # A run saved before config had fused_bn trained the plain model: it resumes as that, and only as that.
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["fused_bn"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="fused_bn: False -> True"):
+        fit(dataclasses.replace(split, stop_after_epoch=0, resume=True))
+    assert fit(dataclasses.replace(split, stop_after_epoch=0, resume=True, fused_bn=False))["steps"] == 48
 
 
 def test_bfloat16_step_keeps_float32_params():
