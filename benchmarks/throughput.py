@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -360,23 +358,10 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: Path, report: dict[str, Any]) -> None:
-    """Write the report to a temporary file beside ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     configure_environment(args)
+    from parity.report import write_json  # after configure_environment: it imports jax
     path = args.json
     report = run(args, save=(lambda r: write_json(path, r)) if path is not None else (lambda r: None))
     print(format_report(report))

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .checks import CheckResult
+from .files import atomic_write
 
 COLUMNS = (
     "arch", "precision", "check", "max abs error", "relative error", "tolerance", "torch vs fp64", "pass",
@@ -62,12 +62,5 @@ def write_json(path: str | os.PathLike[str], payload: Mapping[str, Any]) -> None
     """Write payload as JSON to a temporary file beside path, then rename it into place."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, allow_nan=True)
-            f.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    data = (json.dumps(payload, indent=2, allow_nan=True) + "\n").encode()
+    atomic_write(target, lambda f: f.write(data))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -12,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 import parity
 
@@ -42,26 +40,10 @@ class ExportCheck:
 
 
 def export_torch(variables: dict[str, Any], path: str | Path, metadata: dict[str, Any]) -> Path:
-    """Write the seed-layout state dict as safetensors (temp name, then rename); metadata as strings."""
+    """Write the seed-layout state dict as safetensors (atomically, with a checksum); metadata as JSON strings."""
     state_dict = parity.flax_to_torch(jax.device_get(variables), layout="seed")
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(dict(state_dict), str(tmp), metadata={k: json.dumps(v) for k, v in metadata.items()})
-    os.replace(tmp, path)
-    return path
-
-
-def load_torch(path: str | Path) -> torch.nn.Module:
-    """resnet_torch model rebuilt from an exported file (architecture read from its keys), eval mode."""
-    from safetensors.torch import load_file
-
-    try:
-        state_dict = load_file(str(path))
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable safetensors checkpoint ({e})") from None
-    model = parity.arch_of(state_dict).torch_model()
-    model.load_state_dict(state_dict, strict=True)
-    return model.eval()
+    parity.write_checkpoint(path, state_dict, "torch", {k: json.dumps(v) for k, v in metadata.items()})
+    return Path(path)
 
 
 def verify_export(
@@ -73,7 +55,7 @@ def verify_export(
     std: Sequence[float],
 ) -> ExportCheck:
     """Run resnet_torch (CPU, fp32) from the file and the Flax model on the same images; compare logits."""
-    torch_model = load_torch(path)
+    torch_model = parity.load_checkpoint(path, "torch")
     apply = jax.jit(lambda v, x: flax_model.apply(v, normalize(x, mean, std), train=False))
     flax_logits, torch_logits = [], []
     for start in range(0, len(images_nhwc_u8), VERIFY_BATCH):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from parity.files import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -13,10 +14,8 @@ PLOT_FILE = "curves.png"
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name beside path, then rename into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    """Write data to path all at once (temporary file beside it, then a rename)."""
+    atomic_write(path, lambda f: f.write(data))
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -56,8 +55,8 @@ def plot_curves(run_dir: Path) -> Path | None:
         ax.legend()
     fig.tight_layout()
     path = run_dir / PLOT_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)
     return path

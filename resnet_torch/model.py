@@ -178,9 +178,7 @@ class ResNet(nn.Module):
         """The seed's initialization: kaiming normal (fan_out) convs, BN (1, 0), fc normal(0, 0.01)."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.constant_(m.bias, 0)
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")  # every conv is bias-free
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)

@@ -133,7 +133,8 @@ def markdown(steps: list[dict[str, str]], report_dir: Path, mode: str) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write text to a temporary file beside path, then rename it into place."""
+    """Write text to a temporary file beside path, then rename it into place. (Not parity.files'
+    atomic_write: the summary must be written even when torch or jax fail to import.)"""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:

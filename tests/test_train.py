@@ -18,12 +18,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import parity
 import resnet_flax
 import resnet_torch
 from resnet_flax import data
 from resnet_flax.checkpoint import load_variables
 from resnet_flax.config import TrainConfig
-from resnet_flax.export import load_torch
 from resnet_flax.loop import NonFiniteLossError, fit
 from resnet_flax.optim import make_optimizer
 from resnet_flax.fused import FusedResNet
@@ -82,7 +82,7 @@ def test_export_loads_into_resnet_torch_with_the_same_predictions(straight):
         torch_logits = model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
     assert np.linalg.norm(flax_logits - torch_logits) / np.linalg.norm(torch_logits) <= 1e-5
     np.testing.assert_array_equal(flax_logits.argmax(-1), torch_logits.argmax(-1))
-    assert type(load_torch(result["export"])).__name__ == "ResNet"
+    assert type(parity.load_checkpoint(result["export"], "torch")).__name__ == "ResNet"
 
 
 def test_resume_is_bit_exact(straight, tmp_path):
