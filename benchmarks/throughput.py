@@ -161,12 +161,12 @@ def builders() -> dict[tuple[str, str], Callable[..., Any]]:
 
 def machine(device: str) -> dict[str, Any]:
     """CPU model and core count, GPU name, and the library versions that produced the figures."""
-    import flax
     import jax
     import jaxlib
     import numpy
-    import optax
     import torch
+
+    from parity.report import versions as library_versions
 
     cpu = platform.processor()
     try:
@@ -174,15 +174,7 @@ def machine(device: str) -> dict[str, Any]:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    versions = {
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "flax": flax.__version__,
-        "optax": optax.__version__,
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-    }
+    versions = {**library_versions(), "jaxlib": jaxlib.__version__, "numpy": numpy.__version__}
     from benchmarks.torch_steps import torchvision_available
 
     if torchvision_available():
