@@ -58,11 +58,13 @@ def torch_to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def numpy_to_torch(a: np.ndarray) -> torch.Tensor:
-    """A tensor sharing a writable numpy array's memory (bfloat16 included); no copy."""
+    """A tensor sharing a numpy array's memory through DLPack (bfloat16 and read-only arrays
+    included; write through it only to a writable array); no copy."""
+    # DLPack has no ml_dtypes bfloat16: share the bits as int16 and reinterpret.
     if a.dtype == _BF16:
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+        return torch.from_dlpack(a.view(np.int16)).view(torch.bfloat16)
     torch_dtype(a.dtype)  # raises ValueError naming the dtype when torch has none like it
-    return torch.from_numpy(a)
+    return torch.from_dlpack(a)
 
 
 def torch_views(leaves: list[Any]) -> list[torch.Tensor]:
@@ -73,15 +75,7 @@ def torch_views(leaves: list[Any]) -> list[torch.Tensor]:
     """
     on_device = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
     host = dict(zip(on_device, jax.device_put([leaves[i] for i in on_device], jax.devices("cpu")[0])))
-    return [torch.from_dlpack(host[i]) if i in host else _numpy_view(np.asarray(x)) for i, x in enumerate(leaves)]
-
-
-def _numpy_view(a: np.ndarray) -> torch.Tensor:
-    # DLPack has no ml_dtypes bfloat16: share the bits as int16 and reinterpret.
-    if a.dtype == _BF16:
-        return torch.from_dlpack(a.view(np.int16)).view(torch.bfloat16)
-    torch_dtype(a.dtype)  # raises ValueError naming the dtype when torch has none like it
-    return torch.from_dlpack(a)
+    return [torch.from_dlpack(host[i]) if i in host else numpy_to_torch(np.asarray(x)) for i, x in enumerate(leaves)]
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
