@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 # ImageNet channel statistics: synthetic uint8 images are normalised with them on the device,
 # inside the timed step, as a real input pipeline that ships uint8 would do.
@@ -94,7 +94,7 @@ def time_interleaved(
     for r in range(repeats):
         for i in [(r + k) % len(steps) for k in range(len(steps))]:
             timings[i].append(time_repeat(steps[i], calls))
-    return [_summary(first, t) for first, t in zip(firsts, timings)]
+    return [_summary(first, t) for first, t in zip(firsts, timings, strict=True)]
 
 
 def time_latency(step: Step, warmup: int, calls: int) -> dict[str, float]:

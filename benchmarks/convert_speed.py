@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from resnet_torch.arch import DEPTHS
+from resnet_arch import DEPTHS
 
 _CHILD = """
 import json, sys, time
@@ -51,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown arch {', '.join(unknown)}; expected one of {', '.join(DEPTHS)}")
     print("seconds, wall (CPU time in brackets); 'first' is the first call in a fresh process")
-    print(f"{'arch':<10} {'tensors':>7} {'MB':>6}  {'torch->flax first':>19} {'second':>15}  {'flax->torch first':>19} {'second':>15}")
+    print(
+        f"{'arch':<10} {'tensors':>7} {'MB':>6}  "
+        f"{'torch->flax first':>19} {'second':>15}  {'flax->torch first':>19} {'second':>15}"
+    )
     for arch in args.archs:
         runs = [measure(arch) for _ in range(args.repeat)]
         best = {k: min(r[k] for r in runs) for k in runs[0]}

@@ -4,24 +4,22 @@ mirror's), and inference with BatchNorm folded (or not)."""
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
 import resnet_flax
-from parity.train_checks import optax_sgd
-from resnet_flax import augment
+from parity.optim import torch_sgd
+from resnet_arch import dtype_name
+from resnet_flax import preprocess
 from resnet_flax.fold import fold
 from resnet_flax.fused import fused
+from resnet_flax.model import init_key
 
 from .common import IMAGENET_MEAN, IMAGENET_STD, LEARNING_RATE, MOMENTUM, WEIGHT_DECAY, Settings, Step
-
-# Initial weights only need the right scale: the "rbg" PRNG compiles in half the time of threefry.
-INIT_PRNG = "rbg"
-# bf16 runs compute in bfloat16 with float32 parameters; the model keeps BatchNorm statistics in float32.
-COMPUTE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
 
 def _device(settings: Settings) -> jax.Device:
@@ -31,7 +29,7 @@ def _device(settings: Settings) -> jax.Device:
 
 def normalize(images_u8: jax.Array, dtype: Any) -> jax.Array:
     """uint8 NHWC images -> ImageNet-normalised ``dtype`` images, on the device (fuses into the stem)."""
-    return augment.normalize(images_u8, IMAGENET_MEAN, IMAGENET_STD).astype(dtype)
+    return preprocess.normalize(images_u8, IMAGENET_MEAN, IMAGENET_STD).astype(dtype)
 
 
 def _data(settings: Settings, batch: int) -> tuple[jax.Array, jax.Array]:
@@ -43,17 +41,19 @@ def _data(settings: Settings, batch: int) -> tuple[jax.Array, jax.Array]:
     return images, labels
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model_and_variables(settings: Settings) -> tuple[resnet_flax.ResNet, Any]:
     """The model and its initial variables, made once per run (initialisation compiles too)."""
-    model = resnet_flax.build(settings.arch, num_classes=settings.num_classes, dtype=COMPUTE_DTYPES[settings.dtype])
+    model = resnet_flax.build(
+        settings.arch, num_classes=settings.num_classes, dtype=jnp.dtype(dtype_name(settings.dtype))
+    )
     with jax.default_device(_device(settings)):
         images, _ = _data(settings, 1)
-        variables = jax.jit(lambda x: model.init(jax.random.key(settings.seed + 1, impl=INIT_PRNG), normalize(x, model.dtype)))(images)
+        variables = jax.jit(lambda x: model.init(init_key(settings.seed + 1), normalize(x, model.dtype)))(images)
     return model, variables
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _inference(settings: Settings, folded: bool) -> tuple[Any, Callable[[Any, jax.Array], jax.Array]]:
     """Eval variables (folded or not) and one jitted forward, shared by every batch size."""
     model, variables = _model_and_variables(settings)
@@ -65,7 +65,7 @@ def _inference(settings: Settings, folded: bool) -> tuple[Any, Callable[[Any, ja
 
 def optimizer() -> optax.GradientTransformation:
     """torch.optim.SGD(lr, momentum, weight_decay) in optax, the chain the parity checks prove."""
-    return optax_sgd(LEARNING_RATE, MOMENTUM, WEIGHT_DECAY)
+    return torch_sgd(LEARNING_RATE, MOMENTUM, WEIGHT_DECAY)
 
 
 def make_train_step(model: resnet_flax.ResNet, tx: optax.GradientTransformation, steps_per_call: int = 1) -> Any:
@@ -76,12 +76,16 @@ def make_train_step(model: resnet_flax.ResNet, tx: optax.GradientTransformation,
     (images (K, N, H, W, C), labels (K, N)) and returns the last loss: one dispatch for K steps.
     """
 
-    def train_step(state: tuple[Any, Any, Any], images: jax.Array, labels: jax.Array) -> tuple[tuple[Any, Any, Any], jax.Array]:
+    def train_step(
+        state: tuple[Any, Any, Any], images: jax.Array, labels: jax.Array
+    ) -> tuple[tuple[Any, Any, Any], jax.Array]:
         params, batch_stats, opt_state = state
 
         def loss_fn(p: Any) -> tuple[jax.Array, Any]:
             x = normalize(images, model.dtype)
-            logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])
+            logits, updates = model.apply(
+                {"params": p, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+            )
             loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
             return loss, updates["batch_stats"]
 
@@ -92,7 +96,9 @@ def make_train_step(model: resnet_flax.ResNet, tx: optax.GradientTransformation,
     if steps_per_call == 1:
         return jax.jit(train_step, donate_argnums=0)
 
-    def train_steps(state: tuple[Any, Any, Any], images: jax.Array, labels: jax.Array) -> tuple[tuple[Any, Any, Any], jax.Array]:
+    def train_steps(
+        state: tuple[Any, Any, Any], images: jax.Array, labels: jax.Array
+    ) -> tuple[tuple[Any, Any, Any], jax.Array]:
         state, losses = jax.lax.scan(lambda s, batch: train_step(s, *batch), state, (images, labels))
         return state, losses[-1]
 

@@ -15,8 +15,9 @@ import os
 import platform
 import sys
 import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 if __package__ in (None, ""):
     # Run as a file (python benchmarks/throughput.py): make the checkout importable.
@@ -64,7 +65,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--latency-batches",
         default=None,
-        help=f"comma-separated batch sizes for per-call latency (default {CPU_LATENCY_BATCHES} on cpu, none on gpu; '' for none)",
+        help=f"comma-separated batch sizes for per-call latency "
+        f"(default {CPU_LATENCY_BATCHES} on cpu, none on gpu; '' for none)",
     )
     p.add_argument(
         "--torch-threads",
@@ -79,13 +81,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=1,
         help="opt-in: each resnet_flax train call runs K steps under lax.scan on K batches (--steps counts calls)",
     )
-    p.add_argument("--xla-gpu-autotune-level", type=int, default=None, help="opt-in: XLA's --xla_gpu_autotune_level (0-5)")
+    p.add_argument(
+        "--xla-gpu-autotune-level", type=int, default=None, help="opt-in: XLA's --xla_gpu_autotune_level (0-5)"
+    )
     p.add_argument(
         "--xla-gpu-command-buffer",
         default=None,
         help="opt-in: XLA's --xla_gpu_enable_command_buffer, e.g. '' (off) or FUSION,CUBLAS,CUDNN",
     )
-    p.add_argument("--xla-flag", action="append", default=[], help="opt-in: any extra XLA flag, e.g. --xla-flag=--xla_gpu_...=true")
+    p.add_argument(
+        "--xla-flag", action="append", default=[], help="opt-in: any extra XLA flag, e.g. --xla-flag=--xla_gpu_...=true"
+    )
     p.add_argument(
         "--interleave",
         action="store_true",
@@ -96,12 +102,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.impls = _choices(args.impl, IMPLS, "--impl")
     args.modes = _choices(args.mode, MODES, "--mode")
-    latency = CPU_LATENCY_BATCHES if args.latency_batches is None and args.device == "cpu" else args.latency_batches or ""
+    latency = (
+        CPU_LATENCY_BATCHES if args.latency_batches is None and args.device == "cpu" else args.latency_batches or ""
+    )
     try:
         args.latency = [int(b) for b in latency.split(",") if b.strip()]
     except ValueError:
         p.error(f"--latency-batches expects comma-separated integers, got {latency!r}")
-    for name in ("batch", "size", "steps", "repeats", "num_classes", "latency_calls", "torch_threads", "flax_steps_per_call"):
+    for name in (
+        "batch",
+        "size",
+        "steps",
+        "repeats",
+        "num_classes",
+        "latency_calls",
+        "torch_threads",
+        "flax_steps_per_call",
+    ):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.warmup < 1:
@@ -181,7 +198,12 @@ def machine(device: str) -> dict[str, Any]:
         import torchvision
 
         versions["torchvision"] = torchvision.__version__
-    info: dict[str, Any] = {"cpu": cpu, "cpu_cores": os.cpu_count(), "platform": platform.platform(), "versions": versions}
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "versions": versions,
+    }
     if device == "gpu":
         info["gpu"] = torch.cuda.get_device_name(0)
         info["jax_devices"] = [str(d) for d in jax.devices()]
@@ -289,7 +311,10 @@ def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] = lambd
         return _figure(step, args.batch, time_steps(step, args.warmup, args.steps, args.repeats))
 
     def latency(impl: str, batch: int) -> dict[str, Any]:
-        return {"batch": batch, **time_latency(table[(impl, "infer")](settings, batch, 1), args.warmup, args.latency_calls)}
+        return {
+            "batch": batch,
+            **time_latency(table[(impl, "infer")](settings, batch, 1), args.warmup, args.latency_calls),
+        }
 
     if args.interleave:
         warmed: list[tuple[Any, float]] = []
@@ -300,18 +325,20 @@ def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] = lambd
             except Exception as e:  # noqa: BLE001 - recorded in the report and printed with its traceback
                 _record_error(report, impl, "results", e)
         timings = time_interleaved([s for s, _ in warmed], [f for _, f in warmed], args.steps, args.repeats)
-        report["results"] = [{"impl": s.impl, **_figure(s, args.batch, t)} for (s, _), t in zip(warmed, timings)]
+        report["results"] = [
+            {"impl": s.impl, **_figure(s, args.batch, t)} for (s, _), t in zip(warmed, timings, strict=True)
+        ]
         report["ratios"] = ratios(report["results"])
         save(report)
     else:
         for impl, mode in chosen:
-            _measure("results", impl, report, lambda: throughput(impl, mode))
+            _measure("results", impl, report, lambda impl=impl, mode=mode: throughput(impl, mode))
             report["ratios"] = ratios(report["results"])
             _release(args.device)
             save(report)
     for impl in (i for i in impls if IMPLS[i]["infer"]):
         for batch in args.latency:
-            _measure("latency", impl, report, lambda: latency(impl, batch))
+            _measure("latency", impl, report, lambda impl=impl, batch=batch: latency(impl, batch))
             _release(args.device)
             save(report)
     return report
@@ -338,7 +365,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"{'implementation':24s}{'mode':7s}{'images/s':>12s}{'ms/step':>10s}{'first step s':>14s}",
     ]
     for r in report["results"]:
-        lines.append(f"{r['impl']:24s}{r['mode']:7s}{r['images_per_s']:12.1f}{r['step_ms']:10.2f}{r['first_step_s']:14.1f}")
+        lines.append(
+            f"{r['impl']:24s}{r['mode']:7s}{r['images_per_s']:12.1f}{r['step_ms']:10.2f}{r['first_step_s']:14.1f}"
+        )
     for r in report["ratios"]:
         lines.append(f"{r['mode']:6s} {r['impl']} / {r['over']}: {r['ratio']:.3f}x")
     if report["latency"]:
@@ -354,6 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     configure_environment(args)
     from parity.report import write_json  # after configure_environment: it imports jax
+
     path = args.json
     report = run(args, save=(lambda r: write_json(path, r)) if path is not None else (lambda r: None))
     print(format_report(report))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from resnet_torch.arch import HEAD, IN_CHANNELS, STAGES, STEM, STEM_WIDTH, arch_name
+from resnet_arch import HEAD, IN_CHANNELS, STAGES, STEM, STEM_WIDTH, arch_name
 
 # Per block type, each convolution of residual_function in order: (kernel size, output width as a
 # multiple of the stage width; the last one's factor is the block's expansion). The block's
@@ -54,7 +55,7 @@ class ArchSpec:
 
         conv_bn(f"{STEM}.0", f"{STEM}.1", IN_CHANNELS, STEM_WIDTH, _STEM_KERNEL[self.small_stem])
         c_in = STEM_WIDTH
-        for (stage, width, stride), blocks in zip(STAGES, self.num_block):
+        for (stage, width, stride), blocks in zip(STAGES, self.num_block, strict=True):
             for i in range(blocks):
                 prefix, c = f"{stage}.{i}", c_in
                 for j, (k, factor) in enumerate(convs):

@@ -7,7 +7,8 @@ a jax array adopts an aligned numpy buffer on CPU, a torch tensor is its own buf
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import ml_dtypes
@@ -74,7 +75,7 @@ def torch_views(leaves: list[Any]) -> list[torch.Tensor]:
     arrays (read-only ones included) are then shared through DLPack, without a copy.
     """
     on_device = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
-    host = dict(zip(on_device, jax.device_put([leaves[i] for i in on_device], jax.devices("cpu")[0])))
+    host = dict(zip(on_device, jax.device_put([leaves[i] for i in on_device], jax.devices("cpu")[0]), strict=True))
     return [torch.from_dlpack(host[i]) if i in host else numpy_to_torch(np.asarray(x)) for i, x in enumerate(leaves)]
 
 

@@ -10,7 +10,7 @@ its result names the first stage (conv1, conv2_x.. conv5_x, fc) whose outputs di
 from __future__ import annotations
 
 import functools
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import jax
 import torch
@@ -18,11 +18,12 @@ import torch
 import resnet_flax
 
 from .compare import CheckResult, errors, numpy_of_jax, numpy_of_torch, stage_errors
+from .optim import torch_sgd
 from .pairs import Batch, Pair, autocast, make_batch, make_pair, pair_result
 from .precision import EVAL, GRADIENTS, MODES, RUNNING_STATS, SGD, TRAIN_LOGITS, applied
-from .train_checks import JIT_CACHE_SIZE, FlaxTrainStep, check_sgd, check_train, optax_sgd
+from .train_checks import JIT_CACHE_SIZE, FlaxTrainStep, check_sgd, check_train
 
-__all__ = ["CheckResult", "Pair", "check_eval", "check_pair", "errors", "make_pair", "optax_sgd", "run_checks"]
+__all__ = ["CheckResult", "Pair", "check_eval", "check_pair", "errors", "make_pair", "run_checks", "torch_sgd"]
 
 
 @functools.lru_cache(maxsize=JIT_CACHE_SIZE)

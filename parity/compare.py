@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
-from resnet_torch.arch import STAGE_OUTPUTS
+from resnet_arch import STAGE_OUTPUTS
 
 # Flax NHWC (batch, height, width, channels) -> torch NCHW.
 TO_NCHW = (0, 3, 1, 2)
@@ -97,7 +98,8 @@ def stage_of(key: str) -> str:
 def stage_errors(torch_stages: Mapping[str, torch.Tensor], flax_stages: Mapping[str, jax.Array]) -> dict[str, float]:
     """Relative error of every stage output (conv1 .. fc), in forward order."""
     return {
-        s: errors([numpy_of_jax(flax_stages[s], nchw=True)], [numpy_of_torch(torch_stages[s])])[1] for s in STAGE_OUTPUTS
+        s: errors([numpy_of_jax(flax_stages[s], nchw=True)], [numpy_of_torch(torch_stages[s])])[1]
+        for s in STAGE_OUTPUTS
     }
 
 
@@ -110,5 +112,3 @@ def grouped_errors(
         keys = [k for k in ref if stage_of(k) == stage]
         out[stage] = errors([got[k] for k in keys], [ref[k] for k in keys])[1]
     return out
-
-

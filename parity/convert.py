@@ -11,7 +11,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import warnings
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -285,7 +286,7 @@ def flax_to_torch(
     views = torch_views([leaves[k][1] for k in expected])
     out = collections.OrderedDict()
     with one_torch_thread():
-        for key, src in zip(expected, views):
+        for key, src in zip(expected, views, strict=True):
             out[rename(key)] = _flax_leaf_to_torch(leaves[key][0], src, cast)
     return out
 

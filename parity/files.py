@@ -21,8 +21,9 @@ import json
 import os
 import pickle
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, Any, Callable, Mapping
+from typing import IO, Any
 
 import flax.serialization
 import jax
@@ -101,7 +102,7 @@ def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
 def _flat_flax(variables: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     flat = traverse_util.flatten_dict({k: variables[k] for k in variables})
     names = [_SEP.join(map(str, path)) for path in flat]
-    return dict(zip(names, torch_views(list(flat.values()))))
+    return dict(zip(names, torch_views(list(flat.values())), strict=True))
 
 
 def _state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -114,7 +115,8 @@ def _state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
         ):
             return dict(candidate)
     raise CheckpointError(
-        f"{path}: expected a state dict of named tensors (top level or under {' or '.join(map(repr, _STATE_DICT_KEYS))}), "
+        f"{path}: expected a state dict of named tensors "
+        f"(top level or under {' or '.join(map(repr, _STATE_DICT_KEYS))}), "
         f"got {type(obj).__name__}"
     )
 
@@ -219,4 +221,3 @@ def write_checkpoint(
         return atomic_write(path, lambda f: f.write(data))
     except OSError as e:
         raise CheckpointError(f"{path}: cannot write: {e}") from e
-

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from resnet_torch.arch import HEAD
+from resnet_arch import HEAD
 
 from .convert import ConversionError, check_flax_variables, check_state_dict, flax_to_torch, torch_to_flax
 from .files import FLAX, FRAMEWORKS, TORCH, read_checkpoint

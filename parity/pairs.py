@@ -117,5 +117,3 @@ def pair_result(
     max_abs, rel = errors(got, ref)
     tol = pair.mode.tolerances[check]
     return CheckResult(pair.arch, pair.mode.name, pair.device, check, max_abs, rel, tol, stages, basis, floor)
-
-

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -55,27 +56,59 @@ _FP32_TOL = {EVAL: 1e-5, TRAIN_LOGITS: 2e-4, RUNNING_STATS: 2e-4, GRADIENTS: 1e-
 
 MODES: dict[str, Mode] = {
     FP64: Mode(
-        FP64, torch.float64, jnp.float64, jnp.float64, jax.lax.Precision.HIGHEST, False, False, None, True,
+        FP64,
+        torch.float64,
+        jnp.float64,
+        jnp.float64,
+        jax.lax.Precision.HIGHEST,
+        False,
+        False,
+        None,
+        True,
         {EVAL: 1e-10, TRAIN_LOGITS: 1e-10, RUNNING_STATS: 1e-10, GRADIENTS: 1e-10, SGD: 1e-10},
         # Three steps: fp64 rounding is small enough that multi-step drift proves the semantics.
         3,
         "float64 everywhere (torch .double(), jax_enable_x64 with dtype=param_dtype=float64)",
     ),
     FP32: Mode(
-        FP32, torch.float32, jnp.float32, jnp.float32, jax.lax.Precision.HIGHEST, False, False, None, False,
+        FP32,
+        torch.float32,
+        jnp.float32,
+        jnp.float32,
+        jax.lax.Precision.HIGHEST,
+        False,
+        False,
+        None,
+        False,
         _FP32_TOL,
         # One step: fp32 rounding through train-mode BatchNorm makes longer runs chaotic (DESIGN.md).
         1,
         "float32, TF32 off on both sides (torch convs and matmuls in IEEE fp32; JAX precision=HIGHEST)",
     ),
     TF32: Mode(
-        TF32, torch.float32, jnp.float32, jnp.float32, None, True, False, None, False,
+        TF32,
+        torch.float32,
+        jnp.float32,
+        jnp.float32,
+        None,
+        True,
+        False,
+        None,
+        False,
         {EVAL: 3e-3, TRAIN_LOGITS: 3e-2, RUNNING_STATS: 3e-2},
         0,
         "float32 with each framework's GPU default (torch: TF32 cuDNN convs, fp32 matmuls; JAX precision=DEFAULT)",
     ),
     BF16: Mode(
-        BF16, torch.float32, jnp.bfloat16, jnp.float32, None, True, False, torch.bfloat16, False,
+        BF16,
+        torch.float32,
+        jnp.bfloat16,
+        jnp.float32,
+        None,
+        True,
+        False,
+        torch.bfloat16,
+        False,
         {EVAL: 3e-2},
         0,
         "bf16 compute, float32 parameters (torch.autocast bfloat16; flax dtype=bfloat16)",

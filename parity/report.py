@@ -5,21 +5,29 @@ from __future__ import annotations
 import json
 import os
 import platform
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from .checks import CheckResult
 from .files import atomic_write
 
 COLUMNS = (
-    "arch", "precision", "check", "max abs error", "relative error", "tolerance", "torch vs fp64", "pass",
+    "arch",
+    "precision",
+    "check",
+    "max abs error",
+    "relative error",
+    "tolerance",
+    "torch vs fp64",
+    "pass",
     "first diverging stage",
 )
 _WIDTHS = (10, 9, 14, 13, 14, 9, 13, 4, 21)
 
 
 def _row(cells: Iterable[str]) -> str:
-    return "  ".join(str(c).ljust(w) for c, w in zip(cells, _WIDTHS)).rstrip()
+    return "  ".join(str(c).ljust(w) for c, w in zip(cells, _WIDTHS, strict=True)).rstrip()
 
 
 def header() -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -14,10 +15,11 @@ import torch
 import torch.nn.functional as F
 
 import resnet_flax
-from resnet_torch.arch import STAGE_OUTPUTS
+from resnet_arch import STAGE_OUTPUTS
 
 from .compare import FLOOR_FACTOR, CheckResult, errors, grouped_errors, numpy_of_jax, numpy_of_torch, stage_errors
 from .convert import flax_to_torch
+from .optim import torch_sgd
 from .pairs import Batch, Pair, pair_result
 from .precision import GRADIENTS, RUNNING_STATS, SGD, TRAIN_LOGITS, jax_device
 
@@ -135,24 +137,12 @@ def check_train(pair: Pair, batch: Batch, step: FlaxTrainStep) -> list[CheckResu
     return results
 
 
-def optax_sgd(learning_rate: float, momentum: float, weight_decay: float) -> optax.GradientTransformation:
-    """The optax chain that computes what torch.optim.SGD(lr, momentum, weight_decay) computes.
-
-    torch (dampening 0, no Nesterov): d = g + wd * p; buf = d on the first step (a copy, not
-    momentum * 0 + (1 - dampening) * d: the same value), else buf = momentum * buf + d; p -= lr * buf.
-    optax: add_decayed_weights gives d = g + wd * p (coupled L2, as torch, not AdamW-style); sgd's
-    trace starts at zeros, so its first buf = d + momentum * 0 = d as torch's, then
-    buf = d + momentum * buf; scale_by_learning_rate gives -lr * buf, added to p.
-    """
-    return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate, momentum=momentum))
-
-
 @functools.lru_cache(maxsize=JIT_CACHE_SIZE)
 def _jitted_sgd(
     learning_rate: float, momentum: float, weight_decay: float
 ) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """Jitted (init, update) of optax_sgd; update applies the updates and returns (params, state)."""
-    tx = optax_sgd(learning_rate, momentum, weight_decay)
+    """Jitted (init, update) of torch_sgd; update applies the updates and returns (params, state)."""
+    tx = torch_sgd(learning_rate, momentum, weight_decay)
 
     def update(grads: Any, opt_state: Any, params: Any) -> tuple[Any, Any]:
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -193,5 +183,3 @@ def check_sgd(pair: Pair, batches: list[Batch], step: FlaxTrainStep, forward: di
     limit = max(pair.mode.tolerances[SGD], FLOOR_FACTOR * floor)
     stages, basis = _diagnosis(forward, grouped_errors(got, ref, STAGE_OUTPUTS), limit)
     return pair_result(pair, SGD, [got[k] for k in ref], [ref[k] for k in ref], stages, basis, floor)
-
-

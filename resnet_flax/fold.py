@@ -8,7 +8,8 @@ The folded tree keeps the model's paths; each convolution gains a ``bias``, Batc
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -103,7 +104,9 @@ def _fold_tree(params: Mapping[str, Any], stats: Mapping[str, Any], eps: float, 
     return out
 
 
-def fold(model: ResNet, variables: Mapping[str, Any], *, epsilon: float = TORCH_BN_EPS) -> tuple[FoldedResNet, dict[str, Any]]:
+def fold(
+    model: ResNet, variables: Mapping[str, Any], *, epsilon: float = TORCH_BN_EPS
+) -> tuple[FoldedResNet, dict[str, Any]]:
     """An inference-only FoldedResNet and its ``{'params': ...}`` that give ``model``'s eval logits.
 
     ``variables`` are the model's concrete ``{'params', 'batch_stats'}``; parameter dtypes are kept.
@@ -113,4 +116,6 @@ def fold(model: ResNet, variables: Mapping[str, Any], *, epsilon: float = TORCH_
     if not isinstance(variables, Mapping) or not {"params", "batch_stats"} <= set(variables):
         got = sorted(variables) if isinstance(variables, Mapping) else type(variables).__name__
         raise ValueError(f"fold expects variables with 'params' and 'batch_stats', got {got}")
-    return rebuild(model, FoldedResNet), {"params": _fold_tree(variables["params"], variables["batch_stats"], epsilon, "")}
+    return rebuild(model, FoldedResNet), {
+        "params": _fold_tree(variables["params"], variables["batch_stats"], epsilon, "")
+    }

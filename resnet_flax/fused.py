@@ -54,13 +54,17 @@ def fused_batch_norm_train(x: Array, scale: Array, bias: Array, epsilon: float) 
     return _forward(x, scale, bias, epsilon)[0]
 
 
-def _forward(x: Array, scale: Array, bias: Array, epsilon: float) -> tuple[tuple[Array, Array, Array], tuple[Array, ...]]:
+def _forward(
+    x: Array, scale: Array, bias: Array, epsilon: float
+) -> tuple[tuple[Array, Array, Array], tuple[Array, ...]]:
     mean, var = _moments(x, scale.dtype)
     out = batch_norm(x.astype(scale.dtype), mean, var, scale, bias, epsilon)
     return (out, mean, var), (x, mean, jax.lax.rsqrt(var + epsilon), scale)
 
 
-def _backward(epsilon: float, residuals: tuple[Array, ...], cotangents: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+def _backward(
+    epsilon: float, residuals: tuple[Array, ...], cotangents: tuple[Array, Array, Array]
+) -> tuple[Array, Array, Array]:
     """Gradients for x, scale and bias. With xhat = (x - mean) / std and dy the output's cotangent:
 
     dbias = sum(dy), dscale = sum(dy * xhat),

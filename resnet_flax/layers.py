@@ -6,7 +6,8 @@ Each difference from Flax's own layers is a named constant or field with its rea
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, ClassVar, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -137,7 +138,9 @@ class BatchNorm2d(nn.Module):
 
     # Train-mode normalisation, (x, scale, bias, epsilon) -> (output, batch mean, biased batch
     # variance); resnet_flax.fused swaps in one with a hand-written backward pass.
-    train_norm: ClassVar[Callable[[Array, Array, Array, float], tuple[Array, Array, Array]]] = staticmethod(batch_norm_train)
+    train_norm: ClassVar[Callable[[Array, Array, Array, float], tuple[Array, Array, Array]]] = staticmethod(
+        batch_norm_train
+    )
 
     @nn.compact
     def __call__(self, x: Array) -> Array:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import traverse_util
 
-from resnet_torch.arch import IN_CHANNELS
+from resnet_arch import IN_CHANNELS
 
 from .layers import Sequential
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import DEPTHS, HEAD, IN_CHANNELS, STAGES, STEM, STEM_WIDTH, check_options
+from resnet_arch import DEPTHS, HEAD, IN_CHANNELS, STAGES, STEM, STEM_WIDTH, check_options
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
@@ -125,7 +125,7 @@ class ResNet(nn.Module):
                 nn.ReLU(inplace=True),
                 nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
             )
-        for (name, width, stride), blocks in zip(STAGES, num_block):
+        for (name, width, stride), blocks in zip(STAGES, num_block, strict=True):
             setattr(self, name, self._make_layer(block, width, blocks, stride))
         self.avg_pool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * block.expansion, num_classes)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .arch import IN_CHANNELS
+from resnet_arch import IN_CHANNELS
 
 # The seed's summary(model, (3, 224, 224)).
 DEFAULT_INPUT_HW = (224, 224)

@@ -1,6 +1,6 @@
 """Compose scripts/gpu_check.sh's report: a markdown file with every log, and a short table on stdout.
 
-    python3 scripts/gpu_summary.py --steps LOGDIR/steps.tsv --report-dir DIR --mode gpu|dry [--report NAME]
+python3 scripts/gpu_summary.py --steps LOGDIR/steps.tsv --report-dir DIR --mode gpu|dry [--report NAME]
 """
 
 from __future__ import annotations

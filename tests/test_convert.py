@@ -20,7 +20,7 @@ from parity.arrays import numpy_dtype
 from parity.convert import LEAF_RULES, check_flax_variables
 from parity.names import seed_to_torchvision
 from parity.pairs import randomize_batchnorm
-from resnet_torch.arch import DEPTHS
+from resnet_arch import DEPTHS
 
 EVAL_RTOL_FP32 = 1e-5
 ODD_SIZE = (33, 47)  # odd, non-square: symmetric padding and 'SAME' differ here
@@ -85,7 +85,9 @@ def test_conversion_gives_the_flax_models_tree(name: str, small_stem: bool) -> N
     model = resnet_flax.build(name, num_classes=7, small_stem=small_stem)
     tree = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
     expected = {p: (v.shape, v.dtype) for p, v in traverse_util.flatten_dict(tree).items()}
-    variables = parity.torch_to_flax(_random_state_dict(_spec(name, num_classes=7, small_stem=small_stem)), target=model)
+    variables = parity.torch_to_flax(
+        _random_state_dict(_spec(name, num_classes=7, small_stem=small_stem)), target=model
+    )
     assert {p: (v.shape, v.dtype) for p, v in traverse_util.flatten_dict(variables).items()} == expected
 
 
@@ -147,7 +149,8 @@ def test_module_and_pairs_give_the_same_tree() -> None:
     a = parity.torch_to_flax(model)
     b = parity.torch_to_flax([*model.named_parameters(), *model.named_buffers()])
     assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    assert all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+    leaves = zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+    assert all(np.array_equal(x, y) for x, y in leaves)
 
 
 def test_named_parameters_alone_warns_and_takes_fresh_stats() -> None:
@@ -158,16 +161,17 @@ def test_named_parameters_alone_warns_and_takes_fresh_stats() -> None:
     np.testing.assert_array_equal(np.asarray(stats["mean"]), 0.0)
     np.testing.assert_array_equal(np.asarray(stats["var"]), 1.0)
     assert int(stats["num_batches_tracked"]) == 0
-    np.testing.assert_array_equal(
-        np.asarray(variables["params"]["fc"]["kernel"]), model.fc.weight.detach().numpy().T
-    )
+    np.testing.assert_array_equal(np.asarray(variables["params"]["fc"]["kernel"]), model.fc.weight.detach().numpy().T)
 
 
 @pytest.mark.parametrize("name", list(DEPTHS))
 def test_torchvision_names_round_trip_and_load_strict(name: str) -> None:
     with torch.device("meta"):
         tv_shapes = {k: v.shape for k, v in getattr(torchvision.models, name)(weights=None).state_dict().items()}
-    sd = {k: torch.randint(0, 99, ()) if k.endswith("num_batches_tracked") else torch.randn(s) for k, s in tv_shapes.items()}
+    sd = {
+        k: torch.randint(0, 99, ()) if k.endswith("num_batches_tracked") else torch.randn(s)
+        for k, s in tv_shapes.items()
+    }
     variables = parity.torch_to_flax(sd)
     assert parity.arch_of(sd) == _spec(name)
     back = parity.flax_to_torch(variables, layout="torchvision")

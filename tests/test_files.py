@@ -289,7 +289,7 @@ def test_cli_converts_both_directions(tmp_path: Path, capsys: pytest.CaptureFixt
     torchvision.models.resnet18(weights=None).load_state_dict(sd, strict=True)
 
     msgpack = tmp_path / "half.msgpack"
-    assert main(["convert", str(back), str(msgpack), "--dtype", "bfloat16"]) == 0
+    assert main(["convert", str(back), str(msgpack), "--dtype", "bf16"]) == 0
     capsys.readouterr()
     assert parity.read_checkpoint(msgpack).tensors["params"]["fc"]["kernel"].dtype == jnp.bfloat16
 

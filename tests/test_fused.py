@@ -3,7 +3,8 @@ two-pass one, the same variables, and parity with torch when it is the Flax side
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,9 @@ from resnet_flax.fused import FusedResNet, fused, fused_batch_norm_train
 from resnet_flax.layers import TORCH_BN_EPS, batch_norm_train
 
 
-def _weighted_loss(norm: Callable[..., tuple[jax.Array, ...]], w_out: jax.Array, w_mean: jax.Array, w_var: jax.Array) -> Callable[..., jax.Array]:
+def _weighted_loss(
+    norm: Callable[..., tuple[jax.Array, ...]], w_out: jax.Array, w_mean: jax.Array, w_var: jax.Array
+) -> Callable[..., jax.Array]:
     """A loss that uses the output and both returned statistics, so every cotangent is nonzero."""
 
     def loss(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
@@ -36,13 +39,16 @@ def test_fused_gradients_equal_autodiff_fp64(shape: tuple[int, ...]) -> None:
         c = shape[-1]
         x = jax.random.normal(k[0], shape, jnp.float64) * 3 + 2
         scale, bias = jax.random.normal(k[1], (c,), jnp.float64), jax.random.normal(k[2], (c,), jnp.float64)
-        weights = (jax.random.normal(k[3], shape, jnp.float64), jax.random.normal(k[4], (c,), jnp.float64),
-                   jax.random.normal(k[5], (c,), jnp.float64))
+        weights = (
+            jax.random.normal(k[3], shape, jnp.float64),
+            jax.random.normal(k[4], (c,), jnp.float64),
+            jax.random.normal(k[5], (c,), jnp.float64),
+        )
         want_out = batch_norm_train(x, scale, bias, TORCH_BN_EPS)
         got_out = fused_batch_norm_train(x, scale, bias, TORCH_BN_EPS)
         want = jax.grad(_weighted_loss(batch_norm_train, *weights), (0, 1, 2))(x, scale, bias)
         got = jax.grad(_weighted_loss(fused_batch_norm_train, *weights), (0, 1, 2))(x, scale, bias)
-    for a, b in zip((*want_out, *want), (*got_out, *got)):
+    for a, b in zip((*want_out, *want), (*got_out, *got), strict=True):
         assert a.dtype == b.dtype == jnp.float64
         np.testing.assert_allclose(b, a, rtol=1e-11, atol=1e-12)
 
@@ -89,7 +95,9 @@ def _flat_gradients(model: resnet_flax.ResNet, variables: dict, x: jax.Array, y:
         logits, _ = model.apply(variables_in, x, train=True, mutable=["batch_stats"])
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    return np.concatenate([np.asarray(g, np.float64).ravel() for g in jax.tree.leaves(jax.grad(loss)(variables["params"]))])
+    return np.concatenate(
+        [np.asarray(g, np.float64).ravel() for g in jax.tree.leaves(jax.grad(loss)(variables["params"]))]
+    )
 
 
 def test_fused_float32_gradients_are_no_less_accurate() -> None:
@@ -121,4 +129,6 @@ def test_fused_parity_with_torch(arch: str, precision: str, size: tuple[int, int
     results = run_checks(arch, CPU, precision, size, 2, seed=1, checks=wanted, fused_bn=True)
     assert [r.check for r in results] == [c for c in CHECKS if c in wanted]
     for r in results:
-        assert r.passed, f"{arch} {precision} {r.check}: rel {r.rel:.3e} > {r.tol:.0e}, first diverging {r.first_diverging}"
+        assert r.passed, (
+            f"{arch} {precision} {r.check}: rel {r.rel:.3e} > {r.tol:.0e}, first diverging {r.first_diverging}"
+        )

@@ -20,13 +20,17 @@ def _dry_run(out: Path, *flags: str) -> subprocess.CompletedProcess[str]:
     env.pop("XLA_FLAGS", None)
     return subprocess.run(
         ["bash", "scripts/gpu_check.sh", "--dry-run", *flags],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
 
 
 def _summary_rows(stdout: str) -> dict[str, str]:
     """step name -> status, from the short table printed last."""
-    table = stdout[stdout.index("GPU check summary"):].splitlines()[2:]
+    table = stdout[stdout.index("GPU check summary") :].splitlines()[2:]
     return {row.split()[0]: row.split()[1] for row in table if not row.startswith("full report")}
 
 
@@ -35,7 +39,9 @@ def test_dry_run_writes_the_report(tmp_path: Path) -> None:
     run = _dry_run(tmp_path)
     assert run.returncode == 0, run.stderr
     steps = _summary_rows(run.stdout)
-    assert steps == {s: "ok" for s in ("environment", "gpu-tests", "parity-check", "throughput-headline", "convert-speed")}
+    assert steps == {
+        s: "ok" for s in ("environment", "gpu-tests", "parity-check", "throughput-headline", "convert-speed")
+    }
     report = (tmp_path / "parity-gpu.md").read_text()
     assert report.startswith("# GPU check: DRY RUN") and "| parity-check | ok |" in report
     assert json.loads((tmp_path / "parity-gpu.json").read_text())["passed"] is True
@@ -61,8 +67,12 @@ def test_levers_dry_run_measures_both_models_per_lever(tmp_path: Path) -> None:
 
 def test_unknown_argument_is_refused(tmp_path: Path) -> None:
     run = subprocess.run(
-        ["bash", "scripts/gpu_check.sh", "--fast"], cwd=REPO, env={**os.environ, "OUT": str(tmp_path)},
-        capture_output=True, text=True, timeout=60,
+        ["bash", "scripts/gpu_check.sh", "--fast"],
+        cwd=REPO,
+        env={**os.environ, "OUT": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert run.returncode == 2 and "expected --dry-run and/or --levers" in run.stderr
     assert list(tmp_path.iterdir()) == []  # refused before anything is written

@@ -8,14 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import seed_reference
 import torch
 
 import resnet_flax
 import resnet_torch
-import seed_reference
 from parity.cli import main
+from resnet_arch import DEPTHS, HEAD, STAGE_OUTPUTS, STAGES, STEM
 from resnet_flax.layers import BatchNorm2d
-from resnet_torch.arch import DEPTHS, HEAD, STAGE_OUTPUTS, STAGES, STEM
 
 # torchvision's parameter counts at num_classes=1000 (torchvision.models.resnetXX().parameters()).
 TORCHVISION_PARAMS = {
@@ -59,7 +59,7 @@ def nhwc(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (shape[0], *shape[2:], shape[1]) if len(shape) == 4 else shape
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def flax_trace(arch: str, small_stem: bool, hw: tuple[int, int], num_classes: int) -> tuple[dict, int]:
     """(stage output shapes, params count) of a Flax model, traced with eval_shape (no compute)."""
     model = resnet_flax.build(arch, num_classes=num_classes, small_stem=small_stem)
@@ -191,7 +191,7 @@ def _options(init_weights: bool) -> dict:
     return dict(num_classes=1000, init_weights=init_weights, zero_init_residual=init_weights)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def flax_init(block: str, init_weights: bool) -> dict:
     model = resnet_flax.ResNet(resnet_flax.model.BLOCKS[block], (1, 1, 1, 1), **_options(init_weights))
     return jax.tree_util.tree_map(np.asarray, _flax_params(model))

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from parity import checks, pairs
-from parity.checks import CheckResult, check_pair, errors, make_pair, optax_sgd, run_checks
+from parity.checks import CheckResult, check_pair, errors, make_pair, run_checks, torch_sgd
 from parity.cli import main
 from parity.precision import (
     BF16,
@@ -37,7 +37,7 @@ from parity.precision import (
     precisions_for,
     torch_tf32_summary,
 )
-from resnet_torch.arch import STAGE_OUTPUTS
+from resnet_arch import STAGE_OUTPUTS
 
 FORWARD = (EVAL, TRAIN_LOGITS, RUNNING_STATS)
 # depth -> (odd, non-square input size, checks in fp64, checks in fp32)
@@ -114,7 +114,7 @@ def test_errors_are_relative_over_all_tensors() -> None:
     rng = np.random.default_rng(5)
     ref = [rng.standard_normal((3, 5)), rng.standard_normal(7)]
     noise = [rng.standard_normal(r.shape) * 1e-3 for r in ref]
-    max_abs, rel = errors([r + n for r, n in zip(ref, noise)], ref)
+    max_abs, rel = errors([r + n for r, n in zip(ref, noise, strict=True)], ref)
     flat_ref, flat_noise = np.concatenate([r.ravel() for r in ref]), np.concatenate([n.ravel() for n in noise])
     assert max_abs == pytest.approx(np.abs(flat_noise).max())
     assert rel == pytest.approx(np.linalg.norm(flat_noise) / np.linalg.norm(flat_ref))
@@ -151,15 +151,17 @@ def test_floor_is_measured_in_fp32_train_checks_only() -> None:
     assert all(r.floor == 0.0 for r in fp64)
 
 
-def test_optax_chain_matches_torch_sgd_step_by_step() -> None:
-    """Five steps on random tensors: momentum buffer (first step included) and coupled weight decay agree."""
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_optax_chain_matches_torch_sgd_step_by_step(nesterov: bool) -> None:
+    """Five steps on random tensors: momentum buffer (first step included), Nesterov and coupled weight
+    decay agree."""
     rng = np.random.default_rng(6)
     params = {"w": rng.standard_normal((4, 3)), "b": rng.standard_normal(3)}
     grads = [{k: rng.standard_normal(v.shape) for k, v in params.items()} for _ in range(5)]
     lr, momentum, wd = 0.1, 0.9, 0.01
     tensors = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
-    opt = torch.optim.SGD(tensors.values(), lr=lr, momentum=momentum, weight_decay=wd)
-    tx = optax_sgd(lr, momentum, wd)
+    opt = torch.optim.SGD(tensors.values(), lr=lr, momentum=momentum, weight_decay=wd, nesterov=nesterov)
+    tx = torch_sgd(lr, momentum, wd, nesterov=nesterov)
     with applied(MODES[FP64], CPU):
         p = {k: np.asarray(v) for k, v in params.items()}
         state = tx.init(p)

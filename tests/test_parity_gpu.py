@@ -32,7 +32,9 @@ def test_fused_resnet50_on_gpu(precision: str) -> None:
     results = run_checks("resnet50", GPU, precision, (224, 224), 8, seed=0, fused_bn=True)
     assert [r.check for r in results] == [c for c in CHECKS if c in MODES[precision].tolerances]
     for r in results:
-        assert r.passed, f"fused {r.precision} {r.check}: rel {r.rel:.3e} > {r.tol:.0e}, first diverging {r.first_diverging}"
+        assert r.passed, (
+            f"fused {r.precision} {r.check}: rel {r.rel:.3e} > {r.tol:.0e}, first diverging {r.first_diverging}"
+        )
 
 
 def test_strict_mode_turns_tf32_off_and_restores() -> None:

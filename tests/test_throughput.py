@@ -14,7 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import throughput  # noqa: E402
 
 
-def test_tiny_run_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tiny_run_writes_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     for name in ("XLA_FLAGS", "JAX_PLATFORMS", "XLA_PYTHON_CLIENT_PREALLOCATE"):
         monkeypatch.delenv(name, raising=False)  # the benchmark sets them; restore them afterwards
     threads = torch.get_num_threads()  # --torch-threads changes it for the whole process
@@ -70,7 +72,10 @@ def test_interleaved_repeats_rotate_the_order() -> None:
     from benchmarks.common import Step, time_interleaved
 
     calls: list[str] = []
-    steps = [Step(name, "train", lambda n=name: calls.append(n), lambda: None, steps_per_call=k) for name, k in (("a", 1), ("b", 2), ("c", 1))]
+    steps = [
+        Step(name, "train", lambda n=name: calls.append(n), lambda: None, steps_per_call=k)
+        for name, k in (("a", 1), ("b", 2), ("c", 1))
+    ]
     timings = time_interleaved(steps, [1.0, 2.0, 3.0], calls=2, repeats=3)
     rounds = ["".join(calls[i : i + 6 : 2]) for i in range(0, 18, 6)]
     assert rounds == ["abc", "bca", "cab"]

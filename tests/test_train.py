@@ -21,14 +21,14 @@ from safetensors.torch import load_file
 import parity
 import resnet_flax
 import resnet_torch
-from resnet_flax import data
-from resnet_flax.checkpoint import load_variables
-from resnet_flax.config import TrainConfig
-from resnet_flax.loop import NonFiniteLossError, fit
-from resnet_flax.optim import make_optimizer
 from resnet_flax.fused import FusedResNet
-from resnet_flax.steps import build_model, create_train_state, train_step
-from resnet_flax.runlog import PLOT_FILE, read_metrics
+from resnet_train import data
+from resnet_train.checkpoint import load_variables
+from resnet_train.config import TrainConfig
+from resnet_train.loop import NonFiniteLossError, fit
+from resnet_train.optim import make_optimizer
+from resnet_train.runlog import PLOT_FILE, read_metrics
+from resnet_train.steps import build_model, create_train_state, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 # digits at their native 8x8 keep every run here to seconds; the default run uses 32x32.
@@ -109,7 +109,7 @@ def test_resume_is_bit_exact(straight, tmp_path):
 
 
 def test_bfloat16_step_keeps_float32_params():
-    config = TrainConfig(image_size=8, batch_size=4, dtype="bfloat16", hflip=True, crop_padding=1, warmup_epochs=0)
+    config = TrainConfig(image_size=8, batch_size=4, dtype="bf16", hflip=True, crop_padding=1, warmup_epochs=0)
     state = create_train_state(config, 10, make_optimizer(config, 3), (0.5, 0.4, 0.3), (0.2, 0.3, 0.25))
     rng = np.random.default_rng(11)
     images = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
@@ -117,7 +117,7 @@ def test_bfloat16_step_keeps_float32_params():
     assert bool(metrics["finite"]) and metrics["loss"].dtype == np.float32
     dtypes = {x.dtype for x in jax.tree.leaves(new.variables()) if np.issubdtype(x.dtype, np.floating)}
     assert dtypes == {np.dtype(np.float32)}
-    moved = [not np.array_equal(a, b) for a, b in zip(_leaves(state.params), _leaves(new.params))]
+    moved = [not np.array_equal(a, b) for a, b in zip(_leaves(state.params), _leaves(new.params), strict=True)]
     assert all(moved)
 
 
@@ -142,10 +142,27 @@ def test_nan_loss_skip_mode_counts_and_keeps_checkpoints_finite(tmp_path):
 
 
 def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
-    flags = ["--image-size", "8", "--train-limit", "96", "--batch-size", "16", "--epochs", "200",
-             "--no-progress", "--no-export", "--run-dir", str(tmp_path)]
-    proc = subprocess.Popen([sys.executable, "-m", "resnet_flax.train", *flags], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    flags = [
+        "--image-size",
+        "8",
+        "--train-limit",
+        "96",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "200",
+        "--no-progress",
+        "--no-export",
+        "--run-dir",
+        str(tmp_path),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "resnet_train.main", *flags],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while not (tmp_path / "metrics.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -163,10 +180,10 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
 SHARDED_CHECK = textwrap.dedent(
     """
     import json, jax, numpy as np
-    from resnet_flax import sharding
-    from resnet_flax.config import TrainConfig
-    from resnet_flax.optim import make_optimizer
-    from resnet_flax.steps import create_train_state, train_step
+    from resnet_train import sharding
+    from resnet_train.config import TrainConfig
+    from resnet_train.optim import make_optimizer
+    from resnet_train.steps import create_train_state, train_step
 
     config = TrainConfig(image_size=16, batch_size=8, epochs=2, seed=3, crop_padding=2, hflip=True, lr=0.05)
     rng = np.random.default_rng(7)

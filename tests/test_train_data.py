@@ -8,16 +8,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnet_flax import data
-from resnet_flax.config import TrainConfig, parse_args
+from resnet_train import data
+from resnet_train.config import TrainConfig, parse_args
 
 
 def _write_cifar_batch(path, rng, n):
     """A batch as the official python version stores it: bytes keys, (N, 3072) uint8 rows, label list."""
     images = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
     labels = [int(v) for v in rng.integers(0, 10, n)]
-    batch = {b"batch_label": path.name.encode(), b"labels": labels, b"data": images.reshape(n, -1),
-             b"filenames": [f"{i}.png".encode() for i in range(n)]}
+    batch = {
+        b"batch_label": path.name.encode(),
+        b"labels": labels,
+        b"data": images.reshape(n, -1),
+        b"filenames": [f"{i}.png".encode() for i in range(n)],
+    }
     path.write_bytes(pickle.dumps(batch, protocol=2))
     return images.transpose(0, 2, 3, 1), np.asarray(labels)
 
@@ -114,9 +118,9 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
 
 
 def test_every_config_field_is_a_flag():
-    config = parse_args(["--lr", "0.3", "--no-nesterov", "--optimizer", "adamw", "--hflip", "--dtype", "bfloat16"])
+    config = parse_args(["--lr", "0.3", "--no-nesterov", "--optimizer", "adamw", "--hflip", "--dtype", "bf16"])
     got = (config.lr, config.nesterov, config.optimizer, config.flip, config.dtype)
-    assert got == (0.3, False, "adamw", True, "bfloat16")
+    assert got == (0.3, False, "adamw", True, "bf16")
     assert parse_args([]) == TrainConfig()
     assert not TrainConfig().flip  # digits: a mirrored digit is another glyph
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from resnet_torch.arch import DEPTHS
+from resnet_arch import DEPTHS
 
 from ..checks import run_checks
 from ..precision import CHECKS, DEVICES, MODES, PRECISIONS, applied, jax_device, precisions_for, torch_tf32_summary
@@ -45,13 +45,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="all",
         help="arithmetic; all = fp64, fp32 on cpu and fp32, tf32, bf16 on gpu (default: all)",
     )
-    p.add_argument("--size", nargs=2, type=positive_int, metavar=("H", "W"), default=DEFAULT_SIZE,
-                   help=f"input height and width (default: {DEFAULT_SIZE[0]} {DEFAULT_SIZE[1]})")
+    p.add_argument(
+        "--size",
+        nargs=2,
+        type=positive_int,
+        metavar=("H", "W"),
+        default=DEFAULT_SIZE,
+        help=f"input height and width (default: {DEFAULT_SIZE[0]} {DEFAULT_SIZE[1]})",
+    )
     p.add_argument("--batch", type=positive_int, default=DEFAULT_BATCH, help=f"batch size (default: {DEFAULT_BATCH})")
-    p.add_argument("--checks", type=_check_list, default=CHECKS,
-                   help=f"comma-separated subset of: {', '.join(CHECKS)} (default: all)")
-    p.add_argument("--fused-bn", action="store_true",
-                   help="check resnet_flax.fused.FusedResNet, the fused-BatchNorm model training uses, instead of ResNet")
+    p.add_argument(
+        "--checks",
+        type=_check_list,
+        default=CHECKS,
+        help=f"comma-separated subset of: {', '.join(CHECKS)} (default: all)",
+    )
+    p.add_argument(
+        "--fused-bn",
+        action="store_true",
+        help="check resnet_flax.fused.FusedResNet, the fused-BatchNorm model training uses, instead of ResNet",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default: 0)")
     p.add_argument("--json", metavar="FILE", help="also write every result, the modes and versions as JSON")
     p.set_defaults(run=run)
@@ -100,7 +113,9 @@ def run(args: argparse.Namespace) -> int:
         for precision in precisions:
             run_info: dict[str, Any] = {"arch": arch, "precision": precision, "mode": modes[precision]}
             try:
-                results = run_checks(arch, args.device, precision, size, args.batch, args.seed, args.checks, args.fused_bn)
+                results = run_checks(
+                    arch, args.device, precision, size, args.batch, args.seed, args.checks, args.fused_bn
+                )
             except Exception as e:  # one broken run must not hide the others' figures
                 print(format_error(arch, precision, e), flush=True)
                 run_info["error"] = f"{type(e).__name__}: {e}"

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import jax
 
+from resnet_arch import DTYPES, dtype_name
+
 from ..convert import ConversionError, arch_of, check_flax_variables, flax_to_torch, torch_to_flax
 from ..files import (
     FLAX,
@@ -21,8 +23,6 @@ from ..files import (
     write_checkpoint,
 )
 from ..names import LAYOUTS, SEED
-
-_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("output", type=Path, help="file to write: .safetensors (recommended), .pth/.pt or .msgpack")
     p.add_argument("--to", choices=FRAMEWORKS, help="framework of the output (default: from the file types)")
     p.add_argument("--layout", choices=LAYOUTS, default=SEED, help="torch key names of a PyTorch output")
-    p.add_argument("--dtype", choices=_DTYPES, help="cast floating-point tensors (default: keep each dtype)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="cast floating-point tensors (default: keep each dtype)")
     p.set_defaults(run=run)
 
 
@@ -62,17 +62,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    dtype = dtype_name(args.dtype) if args.dtype else None
     try:
         ckpt = read_checkpoint(args.input)
         target = _target_framework(args, ckpt.framework)
         if ckpt.framework == TORCH:
-            variables = torch_to_flax(ckpt.tensors, dtype=args.dtype)
+            variables = torch_to_flax(ckpt.tensors, dtype=dtype)
         else:
             _, variables = check_flax_variables(ckpt.tensors)
-            if args.dtype and target == FLAX:
-                variables = torch_to_flax(flax_to_torch(variables), dtype=args.dtype)
+            if dtype and target == FLAX:
+                variables = torch_to_flax(flax_to_torch(variables), dtype=dtype)
         if target == TORCH:
-            out = flax_to_torch(variables, layout=args.layout, dtype=args.dtype)
+            out = flax_to_torch(variables, layout=args.layout, dtype=dtype)
             tensors, nbytes = len(out), sum(t.nbytes for t in out.values())
         else:
             out = variables

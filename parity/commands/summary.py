@@ -8,9 +8,9 @@ import torch
 
 import resnet_flax
 import resnet_torch
+from resnet_arch import DEPTHS
 from resnet_flax import show as flax_show
 from resnet_torch import show as torch_show
-from resnet_torch.arch import DEPTHS
 
 from .args import positive_int
 

@@ -7,6 +7,8 @@ from typing import Any
 import jax
 import optax
 
+from parity.optim import torch_sgd
+
 from .config import TrainConfig
 
 
@@ -28,8 +30,4 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientT
     mask = None if config.decay_bn_bias else decay_mask
     if config.optimizer == "adamw":
         return optax.adamw(lr, b1=config.momentum, weight_decay=config.weight_decay, mask=mask)
-    # torch.optim.SGD's weight decay: wd * param is added to the gradient before momentum.
-    return optax.chain(
-        optax.add_decayed_weights(config.weight_decay, mask),
-        optax.sgd(lr, momentum=config.momentum or None, nesterov=config.nesterov),
-    )
+    return torch_sgd(lr, config.momentum, config.weight_decay, nesterov=config.nesterov, decay_mask=mask)

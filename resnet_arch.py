@@ -1,4 +1,8 @@
-"""The architecture table that both frameworks build from: one row per depth."""
+"""The architecture table that both frameworks build from, and the names both sides share.
+
+This module imports no framework: ``resnet_torch`` and ``resnet_flax`` each import it and their
+own framework only.
+"""
 
 from __future__ import annotations
 
@@ -47,3 +51,27 @@ def check_options(block: object, num_block: object, num_classes: object, blocks:
         raise ValueError(f"num_block must be {len(STAGES)} positive ints (blocks per stage), got {num_block!r}")
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+
+
+# The project's one dtype vocabulary: short name -> the dtype's name in numpy, jax and torch alike
+# (``jnp.dtype(name)``, ``getattr(torch, name)``). Every flag and option that takes a dtype uses these.
+DTYPES: dict[str, str] = {
+    "fp16": "float16",
+    "bf16": "bfloat16",
+    "fp32": "float32",
+    "fp64": "float64",
+}
+
+# BatchNorm leaves, torch name -> Flax name. torch's weight/bias are Flax's scale/bias; the running
+# statistics live in Flax's ``batch_stats`` collection. num_batches_tracked is torch's counter,
+# kept on the Flax side too so round trips lose nothing.
+BN_COUNTER = "num_batches_tracked"
+BN_PARAMS: dict[str, str] = {"weight": "scale", "bias": "bias"}
+BN_STATS: dict[str, str] = {"running_mean": "mean", "running_var": "var", BN_COUNTER: BN_COUNTER}
+
+
+def dtype_name(short: str) -> str:
+    """The dtype name of a short name from DTYPES; ValueError naming the choices otherwise."""
+    if short not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {short!r}")
+    return DTYPES[short]

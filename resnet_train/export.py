@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +14,7 @@ import numpy as np
 import torch
 
 import parity
-
-from .augment import normalize
+from resnet_flax.preprocess import normalize
 
 # CPU fp32 eval-logit tolerance (relative, ||a-b||/||b||) from the project's tolerance table.
 EXPORT_RTOL = 1e-5

@@ -6,13 +6,15 @@ import argparse
 import dataclasses
 import json
 import typing
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from resnet_torch.arch import DEPTHS
+from resnet_arch import DEPTHS
 
 DATASETS = ("digits", "cifar10", "imagefolder")
 OPTIMIZERS = ("sgd", "adamw")
-DTYPES = ("float32", "bfloat16")
+# Computation dtypes training offers (names from resnet_arch.DTYPES); parameters stay float32.
+DTYPES = ("fp32", "bf16")
 ON_NONFINITE = ("stop", "skip")
 # Random-crop padding for 32x32-class images, as in the usual CIFAR recipe.
 DEFAULT_CROP_PADDING = 4
@@ -47,8 +49,10 @@ class TrainConfig:
     arch: str = _field("resnet18", "depth: " + ", ".join(DEPTHS))
     small_stem: bool = _field(True, "3x3/1 stem without max-pool, for small images like 32x32")
     zero_init_residual: bool = _field(False, "start each block's last BatchNorm scale at zero")
-    dtype: str = _field("float32", "computation dtype (params stay float32): float32 or bfloat16")
-    fused_bn: bool = _field(True, "train-mode BatchNorm with one-pass statistics and a closed-form backward (same function, faster)")
+    dtype: str = _field("fp32", "computation dtype (params stay float32): fp32 or bf16")
+    fused_bn: bool = _field(
+        True, "train-mode BatchNorm with one-pass statistics and a closed-form backward (same function, faster)"
+    )
     # optimization
     epochs: int = _field(2, "epochs; the learning-rate schedule spans all of them")
     batch_size: int = _field(32, "global batch size, split over every device")
@@ -118,6 +122,16 @@ class TrainConfig:
 RESUMABLE_CHANGES = frozenset({"resume", "stop_after_epoch", "progress", "export", "keep_checkpoints"})
 # Fields added after runs were saved, with the value that reproduces a run whose config.json lacks them.
 LATER_FIELDS = {"fused_bn": False}
+# Values renamed after runs were saved: field -> {old value: new value}.
+RENAMED_VALUES = {"dtype": {"float32": "fp32", "bfloat16": "bf16"}}
+
+
+def saved_config(text: str) -> dict[str, Any]:
+    """A run's config.json as today's field values (later fields filled in, renamed values updated)."""
+    saved = {**LATER_FIELDS, **json.loads(text)}
+    for name, renames in RENAMED_VALUES.items():
+        saved[name] = renames.get(saved.get(name), saved.get(name))
+    return saved
 
 
 def _flag_type(annotation: str) -> Any:

@@ -1,8 +1,6 @@
-"""On-device image work inside the jitted steps: uint8 -> normalised float, random crop, flip."""
+"""On-device augmentation inside the jitted train step: random crop and flip of uint8 NHWC images."""
 
 from __future__ import annotations
-
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -10,19 +8,15 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def normalize(images_nhwc_u8: Array, mean: Sequence[float], std: Sequence[float]) -> Array:
-    """uint8 NHWC -> float32 (x / 255 - mean) / std per channel."""
-    c = images_nhwc_u8.shape[-1]
-    x = images_nhwc_u8.astype(jnp.float32) / 255.0
-    return (x - jnp.asarray(mean, jnp.float32).reshape(1, 1, 1, c)) / jnp.asarray(std, jnp.float32).reshape(1, 1, 1, c)
-
-
 def random_crop(key: Array, images_nhwc: Array, padding: int) -> Array:
     """Zero-pad each side by `padding` and cut a random crop of the original size, per image."""
     n, h, w, c = images_nhwc.shape
     padded = jnp.pad(images_nhwc, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     offsets = jax.random.randint(key, (n, 2), 0, 2 * padding + 1)
-    crop = lambda image, o: jax.lax.dynamic_slice(image, (o[0], o[1], 0), (h, w, c))
+
+    def crop(image: Array, offset: Array) -> Array:
+        return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
+
     return jax.vmap(crop)(padded, offsets)
 
 

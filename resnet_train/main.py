@@ -1,22 +1,15 @@
-"""`resnet-train`: train the Flax ResNet with optax, export it to PyTorch, print a JSON summary.
-
-The pieces are importable: ``create_train_state``, ``train_step`` and ``eval_step`` (pure, jit
-them with your shardings) and ``fit`` (the whole loop) take one ``TrainConfig``.
-"""
+"""`resnet-train`: train the Flax ResNet with optax, export it to PyTorch, print a JSON summary."""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
-from .config import TrainConfig, parse_args
+from .config import parse_args
 from .export import ExportMismatchError
 from .loop import NonFiniteLossError, fit
-from .steps import TrainState, create_train_state, eval_step, train_step
-
-__all__ = ["TrainConfig", "TrainState", "create_train_state", "eval_step", "fit", "main", "train_step"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -24,7 +17,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
     # Our messages at INFO; orbax and absl log every save step at INFO, so other loggers stay at WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
-    logging.getLogger("resnet_flax").setLevel(logging.INFO)
+    logging.getLogger("resnet_train").setLevel(logging.INFO)
     try:
         result = fit(config)
     except (NonFiniteLossError, ExportMismatchError) as e:

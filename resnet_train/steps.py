@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
 
-from . import model as models
-from .augment import augment, normalize
+import resnet_flax
+from resnet_arch import dtype_name
+from resnet_flax.fused import fused
+from resnet_flax.model import init_key
+from resnet_flax.preprocess import normalize
+
+from .augment import augment
 from .config import TrainConfig
-from .fused import fused
 
 Array = jax.Array
 # Keys for the two random streams, folded into the seed so they never overlap.
 INIT_STREAM, AUGMENT_STREAM = 0, 1
-# Init draws ~11M normals once; XLA compiles "rbg" bits about twice as fast as threefry on CPU.
-# Augmentation keeps threefry: its bits do not depend on how the batch is sharded.
-INIT_PRNG = "rbg"
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Augmentation keeps JAX's default PRNG (threefry): its bits do not depend on how the batch is sharded.
 
 
 class TrainState(struct.PyTreeNode):
@@ -40,14 +42,14 @@ class TrainState(struct.PyTreeNode):
         return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-def build_model(config: TrainConfig, num_classes: int, dtype: Any = None, precision: Any = None) -> models.ResNet:
+def build_model(config: TrainConfig, num_classes: int, dtype: Any = None, precision: Any = None) -> resnet_flax.ResNet:
     """The Flax ResNet a config describes, computing in config.dtype unless dtype overrides it."""
-    model = models.build(
+    model = resnet_flax.build(
         config.arch,
         num_classes=num_classes,
         small_stem=config.small_stem,
         zero_init_residual=config.zero_init_residual,
-        dtype=dtype or DTYPES[config.dtype],
+        dtype=dtype or jnp.dtype(dtype_name(config.dtype)),
         param_dtype=jnp.float32,
         precision=precision,
     )
@@ -63,7 +65,7 @@ def create_train_state(
 ) -> TrainState:
     """A fresh state: the model initialised from (seed, INIT_STREAM), float32 params, step 0."""
     model = build_model(config, num_classes)
-    key = jax.random.fold_in(jax.random.key(config.seed, impl=INIT_PRNG), INIT_STREAM)
+    key = jax.random.fold_in(init_key(config.seed), INIT_STREAM)
     probe = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
     variables = jax.jit(lambda k: model.init(k, probe, train=False))(key)
     return TrainState(
@@ -114,7 +116,10 @@ def train_step(
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = _all_finite(loss, grads, batch_stats)
-    keep = lambda new, old: jnp.where(finite, new, old)
+
+    def keep(new: Array, old: Array) -> Array:
+        return jnp.where(finite, new, old)
+
     new_state = state.replace(
         step=state.step + 1,
         params=jax.tree.map(keep, params, state.params),
