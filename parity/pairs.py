@@ -66,7 +66,7 @@ def make_pair(
 ) -> Pair:
     """A randomly initialised resnet_torch model and its resnet_flax copy (call inside ``applied``).
 
-    ``fused_bn`` makes the Flax side a ``resnet_flax.fused.FusedResNet``, the model training uses.
+    ``fused_bn`` makes the Flax side ``resnet_flax.fused.fused(model)``, the model training uses.
     """
     mode = MODES[precision]
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG

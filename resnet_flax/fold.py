@@ -8,31 +8,23 @@ The folded tree keeps the model's paths; each convolution gains a ``bias``, Batc
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from .layers import TORCH_BN_EPS, Conv2d, Dtype, Initializer
-from .model import ResNet, rebuild
+from .layers import BN_BIAS, BN_MEAN, BN_SCALE, BN_VAR, TORCH_BN_EPS, Conv2d, Dtype, Initializer
+from .model import ResNet
 
 Array = jax.Array
 # Folding is done once, on the host, in float64, so the folded weights carry no extra rounding
 # beyond the final cast to the parameter dtype.
 FOLD_DTYPE = np.float64
-
-
-class BiasedConv2d(Conv2d):
-    """Conv2d plus a per-output-channel ``bias``: a convolution with its BatchNorm folded in."""
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        y = super().__call__(x)
-        bias = self.param("bias", nn.initializers.zeros, (self.out_channels,), self.param_dtype)
-        return y + bias.astype(y.dtype).reshape((1,) * (y.ndim - 1) + (self.out_channels,))
+_BN_PARAMS = {BN_SCALE, BN_BIAS}
 
 
 class FoldedBatchNorm(nn.Module):
@@ -53,28 +45,29 @@ class FoldedBatchNorm(nn.Module):
         return x
 
 
-class FoldedResNet(ResNet):
-    """ResNet with BatchNorm folded into the convolutions; build it with ``fold``, apply it with train=False."""
-
-    conv_layer: ClassVar[type[nn.Module]] = BiasedConv2d
-    norm_layer: ClassVar[type[nn.Module]] = FoldedBatchNorm
+# The convolution of a folded ResNet: its BatchNorm's affine map is in the kernel and a bias.
+folded_conv2d = functools.partial(Conv2d, use_bias=True)
 
 
 def _is_batchnorm(node: Any) -> bool:
-    return isinstance(node, Mapping) and set(node) == {"scale", "bias"}
+    return isinstance(node, Mapping) and set(node) == _BN_PARAMS
 
 
 def _is_conv(node: Any) -> bool:
     return isinstance(node, Mapping) and set(node) == {"kernel"} and np.ndim(node["kernel"]) == 4
 
 
-def _fold_pair(conv: Mapping[str, Any], bn: Mapping[str, Any], stats: Mapping[str, Any], eps: float) -> dict[str, Any]:
-    """One convolution and the BatchNorm after it -> a biased convolution with the same eval output."""
-    dtype = jnp.asarray(conv["kernel"]).dtype
-    kernel = np.asarray(conv["kernel"], FOLD_DTYPE)
-    scale, bias = np.asarray(bn["scale"], FOLD_DTYPE), np.asarray(bn["bias"], FOLD_DTYPE)
-    mean, var = np.asarray(stats["mean"], FOLD_DTYPE), np.asarray(stats["var"], FOLD_DTYPE)
-    mul = scale / np.sqrt(var + eps)
+def fold_conv_bn(
+    conv_params: Mapping[str, Any], bn_params: Mapping[str, Any], bn_stats: Mapping[str, Any], epsilon: float
+) -> dict[str, Any]:
+    """One convolution's ``{"kernel"}`` (HWIO) and the eval-mode BatchNorm after it (its ``scale``/``bias``
+    and its statistics' ``mean``/``var``) -> ``{"kernel", "bias"}`` of one biased convolution with the
+    same output, in the kernel's dtype."""
+    dtype = jnp.asarray(conv_params["kernel"]).dtype
+    kernel = np.asarray(conv_params["kernel"], FOLD_DTYPE)
+    scale, bias = np.asarray(bn_params[BN_SCALE], FOLD_DTYPE), np.asarray(bn_params[BN_BIAS], FOLD_DTYPE)
+    mean, var = np.asarray(bn_stats[BN_MEAN], FOLD_DTYPE), np.asarray(bn_stats[BN_VAR], FOLD_DTYPE)
+    mul = scale / np.sqrt(var + epsilon)
     # HWIO kernel: the output channel is the last axis, so mul broadcasts over it.
     return {"kernel": jnp.asarray(kernel * mul, dtype), "bias": jnp.asarray(bias - mean * mul, dtype)}
 
@@ -93,10 +86,10 @@ def _fold_tree(params: Mapping[str, Any], stats: Mapping[str, Any], eps: float, 
             if following is None or not _is_batchnorm(params.get(following)):
                 raise ValueError(f"convolution at {where} has no BatchNorm after it; cannot fold it")
             bn_stats = stats.get(following)
-            if not isinstance(bn_stats, Mapping) or not {"mean", "var"} <= set(bn_stats):
+            if not isinstance(bn_stats, Mapping) or not {BN_MEAN, BN_VAR} <= set(bn_stats):
                 bn_where = f"{path}/{following}" if path else following
-                raise ValueError(f"batch_stats has no mean/var for the BatchNorm at {bn_where}")
-            out[name] = _fold_pair(node, params[following], bn_stats, eps)
+                raise ValueError(f"batch_stats has no {BN_MEAN}/{BN_VAR} for the BatchNorm at {bn_where}")
+            out[name] = fold_conv_bn(node, params[following], bn_stats, eps)
         elif isinstance(node, Mapping) and not set(node) <= {"kernel", "bias"}:
             out[name] = _fold_tree(node, stats.get(name, {}), eps, where)
         else:
@@ -106,16 +99,19 @@ def _fold_tree(params: Mapping[str, Any], stats: Mapping[str, Any], eps: float, 
 
 def fold(
     model: ResNet, variables: Mapping[str, Any], *, epsilon: float = TORCH_BN_EPS
-) -> tuple[FoldedResNet, dict[str, Any]]:
-    """An inference-only FoldedResNet and its ``{'params': ...}`` that give ``model``'s eval logits.
+) -> tuple[ResNet, dict[str, Any]]:
+    """An inference-only ResNet (``model`` with the folded layer kinds) and its ``{'params': ...}``
+    that give ``model``'s eval logits.
 
     ``variables`` are the model's concrete ``{'params', 'batch_stats'}``; parameter dtypes are kept.
     """
-    if not isinstance(model, ResNet) or isinstance(model, FoldedResNet):
-        raise TypeError(f"fold expects a resnet_flax.ResNet (not yet folded), got {type(model).__name__}")
+    if not isinstance(model, ResNet):
+        raise TypeError(f"fold expects a resnet_flax.ResNet, got {type(model).__name__}")
+    if model.norm is FoldedBatchNorm:
+        raise TypeError("fold expects a resnet_flax.ResNet not yet folded, got a folded one")
     if not isinstance(variables, Mapping) or not {"params", "batch_stats"} <= set(variables):
         got = sorted(variables) if isinstance(variables, Mapping) else type(variables).__name__
         raise ValueError(f"fold expects variables with 'params' and 'batch_stats', got {got}")
-    return rebuild(model, FoldedResNet), {
+    return model.clone(conv=folded_conv2d, norm=FoldedBatchNorm), {
         "params": _fold_tree(variables["params"], variables["batch_stats"], epsilon, "")
     }

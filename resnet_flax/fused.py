@@ -5,21 +5,21 @@ JAX's derivative of the two-pass BatchNorm in ``layers.batch_norm_train`` reduce
 activation several times and may keep float32 intermediates for the backward pass. The fused
 version reads its input once for the sum and the sum of squares, keeps only its input (in the
 compute dtype, bf16 under mixed precision), the mean and 1/std, and computes the gradient in
-closed form. ``FusedResNet`` is ``ResNet`` built from it: the same module tree, parameters and
-checkpoints, so a model trains fused and exports, converts and folds as any ResNet.
+closed form. ``fused(model)`` is ``model`` with its BatchNorm layer kind swapped for it: the same
+module tree, parameters and checkpoints, so a model trains fused and exports, converts and folds
+as any ResNet.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
 
 from .layers import BatchNorm2d, batch_norm, per_channel
-from .model import ResNet, rebuild
+from .model import ResNet
 
 Array = jax.Array
 
@@ -88,20 +88,16 @@ def _backward(
 fused_batch_norm_train.defvjp(_forward, _backward)
 
 
-class FusedBatchNorm2d(BatchNorm2d):
-    """BatchNorm2d whose train mode is ``fused_batch_norm_train``; eval mode and variables unchanged."""
-
-    train_norm: ClassVar[Any] = staticmethod(fused_batch_norm_train)
-
-
-class FusedResNet(ResNet):
-    """ResNet built with FusedBatchNorm2d: the same tree and variables, fewer memory passes in training."""
-
-    norm_layer: ClassVar[type[nn.Module]] = FusedBatchNorm2d
+# The BatchNorm layer kind of a fused ResNet: BatchNorm2d whose train mode is fused_batch_norm_train;
+# eval mode and variables unchanged.
+fused_batch_norm2d = functools.partial(BatchNorm2d, train_norm=fused_batch_norm_train)
 
 
-def fused(model: ResNet) -> FusedResNet:
+def fused(model: ResNet) -> ResNet:
     """``model`` (every option kept) with the fused train-mode BatchNorm; its variables apply as they are."""
-    if type(model) not in (ResNet, FusedResNet):
+    if not isinstance(model, ResNet):
         raise TypeError(f"fused expects a resnet_flax.ResNet, got {type(model).__name__}")
-    return rebuild(model, FusedResNet)
+    if model.norm not in (BatchNorm2d, fused_batch_norm2d):
+        kind = getattr(model.norm, "__name__", repr(model.norm))
+        raise TypeError(f"fused expects a resnet_flax.ResNet with BatchNorm2d layers, got one with {kind}")
+    return model.clone(norm=fused_batch_norm2d)

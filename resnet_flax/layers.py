@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from resnet_arch import BN_COUNTER, BN_PARAMS, BN_STATS
+
 Array = jax.Array
 Dtype = Any
 Initializer = Callable[..., Array]
+# Train-mode normalisation: (x, scale, bias, epsilon) -> (output, batch mean, biased batch variance).
+TrainNorm = Callable[[Array, Array, Array, float], tuple[Array, Array, Array]]
 
 # torch.nn.BatchNorm2d's momentum is the weight of the *new* batch; Flax's 0.9 weighs the old value.
 TORCH_BN_MOMENTUM = 0.1
@@ -28,6 +32,9 @@ TORCH_BN_EPS = 1e-5
 MATMUL_1X1_BACKENDS = ("cpu",)
 # Flax has no BatchNorm counter; torch's num_batches_tracked is kept so round trips lose nothing.
 COUNTER_DTYPE = jnp.int32
+# BatchNorm2d's variable names: torch's weight/bias and running_mean/running_var under their Flax names.
+BN_SCALE, BN_BIAS = BN_PARAMS["weight"], BN_PARAMS["bias"]
+BN_MEAN, BN_VAR = BN_STATS["running_mean"], BN_STATS["running_var"]
 
 
 def kaiming_normal_fan_out(key: Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> Array:
@@ -58,8 +65,13 @@ def torch_default_bias_init(fan_in: int) -> Initializer:
     return init
 
 
+def per_channel(v: Array, ndim: int) -> Array:
+    """A per-channel vector shaped to broadcast against channels-last input without rank promotion."""
+    return v.reshape((1,) * (ndim - 1) + (v.shape[-1],))
+
+
 class Conv2d(nn.Module):
-    """torch.nn.Conv2d(bias=False) on NHWC input with an HWIO ``kernel``.
+    """torch.nn.Conv2d on NHWC input with an HWIO ``kernel``, and a ``bias`` only when ``use_bias``.
 
     Padding is symmetric ``((p, p), (p, p))`` as in torch; Flax's 'SAME' pads (0, 1) for stride 2
     on even sizes, which shifts every strided layer by one pixel.
@@ -74,6 +86,8 @@ class Conv2d(nn.Module):
     param_dtype: Dtype = jnp.float32
     precision: Any = None
     kernel_init: Initializer = kaiming_normal_fan_out
+    # The seed's convolutions have none; a convolution with its BatchNorm folded in has one (fold.py).
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -84,21 +98,21 @@ class Conv2d(nn.Module):
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         if k == 1 and self.padding == 0 and jax.default_backend() in MATMUL_1X1_BACKENDS:
             x = x[:, :: self.stride, :: self.stride, :]
-            return jnp.einsum("nhwc,co->nhwo", x, kernel[0, 0], precision=self.precision)
-        p = self.padding
-        return jax.lax.conv_general_dilated(
-            x,
-            kernel,
-            window_strides=(self.stride, self.stride),
-            padding=((p, p), (p, p)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            precision=self.precision,
-        )
-
-
-def per_channel(v: Array, ndim: int) -> Array:
-    """A per-channel vector shaped to broadcast against channels-last input without rank promotion."""
-    return v.reshape((1,) * (ndim - 1) + (v.shape[-1],))
+            y = jnp.einsum("nhwc,co->nhwo", x, kernel[0, 0], precision=self.precision)
+        else:
+            p = self.padding
+            y = jax.lax.conv_general_dilated(
+                x,
+                kernel,
+                window_strides=(self.stride, self.stride),
+                padding=((p, p), (p, p)),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                precision=self.precision,
+            )
+        if not self.use_bias:
+            return y
+        bias = self.param("bias", nn.initializers.zeros, (self.out_channels,), self.param_dtype)
+        return y + per_channel(bias.astype(y.dtype), y.ndim)
 
 
 def batch_norm(x: Array, mean: Array, var: Array, scale: Array, bias: Array, epsilon: float) -> Array:
@@ -135,24 +149,20 @@ class BatchNorm2d(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     scale_init: Initializer = nn.initializers.ones
-
-    # Train-mode normalisation, (x, scale, bias, epsilon) -> (output, batch mean, biased batch
-    # variance); resnet_flax.fused swaps in one with a hand-written backward pass.
-    train_norm: ClassVar[Callable[[Array, Array, Array, float], tuple[Array, Array, Array]]] = staticmethod(
-        batch_norm_train
-    )
+    # Train-mode normalisation; resnet_flax.fused swaps in one with a hand-written backward pass.
+    train_norm: TrainNorm = batch_norm_train
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = self.num_features
         if x.shape[-1] != c:
             raise ValueError(f"BatchNorm2d expected {c} channels (NHWC), got shape {x.shape}")
-        scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        scale = self.param(BN_SCALE, self.scale_init, (c,), self.param_dtype)
+        bias = self.param(BN_BIAS, nn.initializers.zeros, (c,), self.param_dtype)
         stats_dtype = jnp.promote_types(self.param_dtype, jnp.float32)
-        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), stats_dtype)
-        ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), stats_dtype)
-        count = self.variable("batch_stats", "num_batches_tracked", jnp.zeros, (), COUNTER_DTYPE)
+        ra_mean = self.variable("batch_stats", BN_MEAN, jnp.zeros, (c,), stats_dtype)
+        ra_var = self.variable("batch_stats", BN_VAR, jnp.ones, (c,), stats_dtype)
+        count = self.variable("batch_stats", BN_COUNTER, jnp.zeros, (), COUNTER_DTYPE)
 
         compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
         scale, bias = scale.astype(compute_dtype), bias.astype(compute_dtype)

@@ -7,10 +7,9 @@ converter in ``parity`` is a rule over names.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from collections.abc import Sequence
-from typing import Any, ClassVar, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -148,10 +147,10 @@ class ResNet(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Any = None
-
-    # The layers every convolution and BatchNorm is built from (fold.FoldedResNet swaps in its pair).
-    conv_layer: ClassVar[type[nn.Module]] = Conv2d
-    norm_layer: ClassVar[type[nn.Module]] = BatchNorm2d
+    # The layer kinds every convolution and BatchNorm is built from: fused.fused swaps in the fused
+    # train-mode BatchNorm, fold.fold a biased convolution and an identity (same paths either way).
+    conv: Callable[..., nn.Module] = Conv2d
+    norm: Callable[..., nn.Module] = BatchNorm2d
 
     def __post_init__(self) -> None:
         check_options(self.block, self.num_block, self.num_classes, BLOCKS)
@@ -176,8 +175,8 @@ class ResNet(nn.Module):
         check_input(x)
         dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         conv_init = kaiming_normal_fan_out if self.init_weights else torch_default_weight_init
-        conv = functools.partial(self.conv_layer, precision=self.precision, kernel_init=conv_init, **dtypes)
-        norm = functools.partial(self.norm_layer, use_running_average=not train, **dtypes)
+        conv = functools.partial(self.conv, precision=self.precision, kernel_init=conv_init, **dtypes)
+        norm = functools.partial(self.norm, use_running_average=not train, **dtypes)
         last_norm_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
 
         if self.small_stem:
@@ -212,19 +211,6 @@ class ResNet(nn.Module):
             in_features, self.num_classes, precision=self.precision, name=HEAD, **dtypes, **linear_init
         )(x)
         return outputs if return_stages else outputs[HEAD]
-
-
-ResNetT = TypeVar("ResNetT", bound=ResNet)
-
-
-def rebuild(model: ResNet, cls: type[ResNetT]) -> ResNetT:
-    """``model`` with every option kept, as another ResNet class (folded, fused)."""
-    fields = {
-        f.name: getattr(model, f.name)
-        for f in dataclasses.fields(ResNet)
-        if f.init and f.name not in ("parent", "name")
-    }
-    return cls(**fields)
 
 
 def build(arch: str, **kwargs: Any) -> ResNet:

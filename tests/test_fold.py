@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_flax.fold import FoldedResNet, fold
+from resnet_flax.fold import FoldedBatchNorm, fold
 from resnet_flax.model import BLOCKS, ResNet
 
 ODD_SIZE = (33, 47)
@@ -75,7 +75,7 @@ def test_folded_logits_match_fp64(kind: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def folded_case() -> tuple[ResNet, dict[str, Any], FoldedResNet, dict[str, Any], jax.Array]:
+def folded_case() -> tuple[ResNet, dict[str, Any], ResNet, dict[str, Any], jax.Array]:
     """A BottleNeck net with random statistics, and its folded copy."""
     model = _model("bottleneck", jnp.float32)
     x = jax.random.normal(jax.random.key(0), (2, *ODD_SIZE, 3))
@@ -85,7 +85,7 @@ def folded_case() -> tuple[ResNet, dict[str, Any], FoldedResNet, dict[str, Any],
 
 def test_folded_tree_keeps_paths_and_drops_batchnorm(folded_case: Any) -> None:
     model, variables, folded, folded_vars, x = folded_case
-    assert isinstance(folded, FoldedResNet) and set(folded_vars) == {"params"}
+    assert folded.norm is FoldedBatchNorm and set(folded_vars) == {"params"}
     own = jax.eval_shape(folded.init, jax.random.key(0), x)
     assert jax.tree.structure(own) == jax.tree.structure(folded_vars)
     block = folded_vars["params"]["conv2_x"]["0"]

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import parity
 import resnet_flax
 import resnet_torch
-from resnet_flax.fused import FusedResNet
+from resnet_flax.fused import fused_batch_norm2d
 from resnet_train import data
 from resnet_train.checkpoint import load_variables
 from resnet_train.config import TrainConfig
@@ -123,7 +123,7 @@ def test_bfloat16_step_keeps_float32_params():
 
 def test_training_uses_the_fused_batchnorm_unless_asked_not_to():
     """tests/test_fused.py proves the fused model computes the plain one's function and gradient."""
-    assert isinstance(build_model(TrainConfig(), 10), FusedResNet)
+    assert build_model(TrainConfig(), 10).norm is fused_batch_norm2d
     plain = build_model(TrainConfig(fused_bn=False), 10)
     assert type(plain) is resnet_flax.ResNet and plain == resnet_flax.resnet18(num_classes=10, small_stem=True)
 

@@ -63,7 +63,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--fused-bn",
         action="store_true",
-        help="check resnet_flax.fused.FusedResNet, the fused-BatchNorm model training uses, instead of ResNet",
+        help="check fused(ResNet) (resnet_flax.fused), the fused-BatchNorm model training uses, instead of ResNet",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default: 0)")
     p.add_argument("--json", metavar="FILE", help="also write every result, the modes and versions as JSON")
@@ -71,7 +71,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _flax_model(args: argparse.Namespace) -> str:
-    return "FusedResNet (resnet_flax.fused)" if args.fused_bn else "ResNet"
+    return "fused(ResNet) (resnet_flax.fused)" if args.fused_bn else "ResNet"
 
 
 def _payload(args: argparse.Namespace, runs: list[dict[str, Any]], complete: bool, passed: bool) -> dict[str, Any]:
