@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from resnet_arch import HEAD, IN_CHANNELS, STAGES, STEM, STEM_WIDTH, arch_name
+from resnet_arch import BN_COUNTER, BN_PARAMS, BN_STATS, HEAD, IN_CHANNELS, STAGES, STEM, STEM_WIDTH, arch_name
 
 # Per block type, each convolution of residual_function in order: (kernel size, output width as a
 # multiple of the stage width; the last one's factor is the block's expansion). The block's
@@ -18,8 +18,6 @@ BLOCK_CONVS: dict[str, tuple[tuple[int, int], ...]] = {
 }
 _SEQ_SLOTS = 3  # conv, BatchNorm, ReLU
 _STEM_KERNEL = {False: 7, True: 3}  # small_stem -> stem kernel size
-_BN_LEAVES = ("weight", "bias", "running_mean", "running_var")
-_BN_COUNTER = "num_batches_tracked"
 
 _BLOCK_KEY = re.compile(r"^(\w+)\.(\d+)\.residual_function\.(\d+)\.")
 
@@ -50,8 +48,8 @@ class ArchSpec:
 
         def conv_bn(conv: str, bn: str, c_in: int, c_out: int, k: int) -> None:
             shapes[f"{conv}.weight"] = (c_out, c_in, k, k)
-            shapes.update({f"{bn}.{leaf}": (c_out,) for leaf in _BN_LEAVES})
-            shapes[f"{bn}.{_BN_COUNTER}"] = ()
+            # torch registers weight, bias, running_mean, running_var, then the scalar counter.
+            shapes.update({f"{bn}.{leaf}": () if leaf == BN_COUNTER else (c_out,) for leaf in (*BN_PARAMS, *BN_STATS)})
 
         conv_bn(f"{STEM}.0", f"{STEM}.1", IN_CHANNELS, STEM_WIDTH, _STEM_KERNEL[self.small_stem])
         c_in = STEM_WIDTH

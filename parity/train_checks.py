@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import resnet_flax
-from resnet_arch import STAGE_OUTPUTS
+from resnet_arch import BN_STATS, STAGE_OUTPUTS
 
 from .compare import FLOOR_FACTOR, CheckResult, errors, grouped_errors, numpy_of_jax, numpy_of_torch, stage_errors
 from .convert import flax_to_torch
@@ -27,7 +27,6 @@ from .precision import GRADIENTS, RUNNING_STATS, SGD, TRAIN_LOGITS, jax_device
 LEARNING_RATE = 0.05
 MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4
-_BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 # Jitted functions are cached per (hashable) Flax model, so repeated checks of one model compile once.
 JIT_CACHE_SIZE = 16
 
@@ -83,7 +82,7 @@ def _torch_train_step(model: torch.nn.Module, batch: Batch, backward: bool = Tru
 
 def _bn_state(sd: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """The BatchNorm buffers of a state dict, as float64 arrays."""
-    return {k: numpy_of_torch(v) for k, v in sd.items() if k.rsplit(".", 1)[-1] in _BN_STATS}
+    return {k: numpy_of_torch(v) for k, v in sd.items() if k.rsplit(".", 1)[-1] in BN_STATS}
 
 
 def _diagnosis(forward: dict[str, float], by_stage: dict[str, float], tol: float) -> tuple[dict[str, float], str]:
