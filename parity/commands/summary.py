@@ -12,9 +12,9 @@ from resnet_arch import DEPTHS
 from resnet_flax import show as flax_show
 from resnet_torch import show as torch_show
 
+from ..files import FRAMEWORKS, TORCH
 from .args import positive_int
 
-FRAMEWORKS = ("torch", "flax")
 # The seed's three ways: summary() table, model.modules(), model.named_parameters().
 SHOWS = ("table", "modules", "parameters")
 
@@ -28,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "device, Flax under jax.eval_shape.",
     )
     p.add_argument("--arch", choices=tuple(DEPTHS), default="resnet50", help="depth (default: resnet50)")
-    p.add_argument("--framework", choices=FRAMEWORKS, default="torch", help="which side to show (default: torch)")
+    p.add_argument("--framework", choices=FRAMEWORKS, default=TORCH, help="which side to show (default: torch)")
     p.add_argument("--show", choices=SHOWS, default="table", help="what to show (default: table)")
     p.add_argument("--num-classes", type=positive_int, default=10, help="classifier outputs (default: 10, the seed's)")
     p.add_argument("--small-stem", action="store_true", help="3x3/1 stem without max-pool, for 32x32 images")
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     """Print the chosen view of the chosen model; returns 0."""
     options = dict(num_classes=args.num_classes, small_stem=args.small_stem)
     input_hw = tuple(args.input_size)
-    if args.framework == "torch":
+    if args.framework == TORCH:
         print(_torch_view(args.arch, options, args.show, input_hw))
     else:
         print(_flax_view(args.arch, options, args.show, input_hw))
