@@ -1,4 +1,6 @@
-"""Both models against the seed and each other: shapes, counts, keys, init, BatchNorm, bad input, summary."""
+"""Both models against each other and the paper: shapes, counts, init, BatchNorm, bad input, summary.
+
+resnet_torch against the seed tutorial's own keys, init and outputs: tests/test_seed.py."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import seed_reference
 import torch
 
 import resnet_flax
@@ -116,58 +117,6 @@ def test_flax_model_built_from_a_list_is_hashable() -> None:
     # The seed writes ResNet(BottleNeck, [3, 4, 6, 3]); a Flax module must hash to be a static jit argument.
     from_list = resnet_flax.ResNet(resnet_flax.BottleNeck, [3, 4, 6, 3])
     assert from_list == resnet_flax.resnet50() and hash(from_list) == hash(resnet_flax.resnet50())
-
-
-# ---------------------------------------------------------------- the seed's own code
-
-
-def test_state_dict_keys_and_shapes_equal_the_seeds() -> None:
-    with torch.device("meta"):
-        seed = seed_reference.resnet50().state_dict()
-        ours = resnet_torch.resnet50().state_dict()
-    assert list(ours) == list(seed)
-    assert {k: (tuple(v.shape), v.dtype) for k, v in ours.items()} == {
-        k: (tuple(v.shape), v.dtype) for k, v in seed.items()
-    }
-
-
-@pytest.fixture
-def one_torch_thread():
-    """Small forwards on one thread: two OpenMP threads on a busy 2-core machine spin ~10x the CPU time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_seed_checkpoint_loads_strict_and_gives_the_same_logits(tmp_path, one_torch_thread) -> None:
-    shape = (2, 3, 45, 37)  # one input shape throughout: oneDNN builds its kernels once
-    seed = seed_reference.resnet50()
-    with torch.no_grad():
-        seed(torch.randn(shape) * 2 + 0.5)  # a train-mode step moves the running statistics
-    path = tmp_path / "seed_resnet50.pt"
-    torch.save(seed.state_dict(), path)
-
-    ours = resnet_torch.resnet50()
-    result = ours.load_state_dict(torch.load(path, weights_only=True), strict=True)
-    assert not result.missing_keys and not result.unexpected_keys
-
-    x = torch.randn(shape)
-    seed.eval(), ours.eval()
-    with torch.no_grad():
-        ref, out = seed(x), ours(x)
-    assert out.shape == (2, 10)
-    assert rel_err(out, ref) <= 1e-6
-
-    seed.train(), ours.train()
-    with torch.no_grad():
-        ref, out = seed(x), ours(x)
-    assert rel_err(out, ref) <= 1e-6
-    seed_sd, our_sd = seed.state_dict(), ours.state_dict()
-    for key, value in seed_sd.items():
-        if key.endswith(("running_mean", "running_var")):
-            assert rel_err(our_sd[key], value) <= 1e-6, key
-    assert int(our_sd["conv1.1.num_batches_tracked"]) == int(seed_sd["conv1.1.num_batches_tracked"]) == 2
 
 
 # ---------------------------------------------------------------- initialization
