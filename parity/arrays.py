@@ -97,7 +97,7 @@ def permuted_copy(src: torch.Tensor, perm: tuple[int, ...] | None, out: torch.Te
 
     A permutation that sends the first axis last (OIHW -> HWIO, (out, in) -> (in, out)) or the last
     axis first (the inverse) is done as one 2-D transpose plus a copy that moves whole rows, which
-    is 2-3x faster than a general strided copy.
+    is faster than a general strided copy (docs/performance.md).
     """
     n = src.dim()
     if perm is None:
@@ -131,7 +131,7 @@ def one_torch_thread() -> Iterator[None]:
     """Run torch's copies on one thread, restoring the setting after.
 
     Layout copies are memory-bound: a second intra-op thread adds nothing, and on a busy CPU its
-    synchronisation made resnet152's conversion 5x slower (2.2 s against 0.4 s on 2 cores).
+    synchronisation slows the conversion down (docs/performance.md).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

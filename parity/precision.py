@@ -1,7 +1,7 @@
 """Precision modes of a parity run: what each framework computes in, and the tolerances that apply.
 
 Both frameworks are set explicitly for every mode and restored afterwards, so a run always
-says which arithmetic it compared (DESIGN.md, "float32 on Ampere/Hopper GPUs").
+says which arithmetic it compared (docs/design.md, "float32 on Ampere/Hopper GPUs").
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ FP64, FP32, TF32, BF16 = "fp64", "fp32", "tf32", "bf16"
 PRECISIONS = (FP64, FP32, TF32, BF16)
 CPU, GPU = "cpu", "gpu"
 DEVICES = (CPU, GPU)
-# What --precision all means on each device: the columns of DESIGN.md's tolerance table.
+# What --precision all means on each device: the columns of docs/design.md's tolerance table.
 ALL_PRECISIONS = {CPU: (FP64, FP32), GPU: (FP32, TF32, BF16)}
 
 EVAL, TRAIN_LOGITS, RUNNING_STATS, GRADIENTS, SGD = "eval logits", "train logits", "running stats", "gradients", "sgd"
@@ -81,7 +81,7 @@ MODES: dict[str, Mode] = {
         None,
         False,
         _FP32_TOL,
-        # One step: fp32 rounding through train-mode BatchNorm makes longer runs chaotic (DESIGN.md).
+        # One step: fp32 rounding through train-mode BatchNorm makes longer runs chaotic (docs/design.md).
         1,
         "float32, TF32 off on both sides (torch convs and matmuls in IEEE fp32; JAX precision=HIGHEST)",
     ),

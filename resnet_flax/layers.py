@@ -27,7 +27,7 @@ TORCH_BN_MOMENTUM = 0.1
 # torch.nn.BatchNorm2d's default epsilon (Flax's default is the same; named so nobody changes one side).
 TORCH_BN_EPS = 1e-5
 # Backends where a 1x1 convolution runs as a matrix product over channels (same result): XLA's CPU
-# convolutions are several times slower than its dot there. On GPU cuDNN's convolution is the fast
+# convolutions are slower than its dot there (docs/performance.md). On GPU cuDNN's convolution is the fast
 # path, and XLA's Triton GEMM fusion aborts compiling a strided slice that feeds a float32 dot.
 MATMUL_1X1_BACKENDS = ("cpu",)
 # Flax has no BatchNorm counter; torch's num_batches_tracked is kept so round trips lose nothing.

@@ -31,8 +31,8 @@ from .layers import (
 )
 
 Array = jax.Array
-# Initial weights draw millions of normals once: XLA compiles "rbg" bits about twice as fast as
-# threefry on CPU, and initial weights need no more than the right distribution.
+# Initial weights draw millions of normals once: XLA compiles "rbg" bits faster than threefry on
+# CPU (docs/performance.md), and initial weights need no more than the right distribution.
 INIT_PRNG = "rbg"
 
 

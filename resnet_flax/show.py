@@ -1,4 +1,4 @@
-"""A Flax ResNet shown the seed's three ways (section 8): layer table, modules, named parameters.
+"""A Flax ResNet shown the seed tutorial's three ways (docs/design.md): layer table, modules, named parameters.
 
 Nothing is computed: Flax traces the model with ``jax.eval_shape`` for shapes and counts.
 """

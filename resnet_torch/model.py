@@ -4,7 +4,7 @@ State-dict keys are exactly the seed's (``conv1.0.weight``,
 ``conv2_x.0.residual_function.0.weight``, ``conv2_x.0.shortcut.1.running_var``, ``fc.bias``),
 so checkpoints written by the seed's own code load with ``strict=True``. ReLU and the residual
 sum work in place, as torchvision's do (the seed's are out of place), so both run the same
-operations; out of place cost 17% at batch 16 on a 2-core CPU.
+operations at the same speed (docs/performance.md has the cost of out of place).
 """
 
 from __future__ import annotations

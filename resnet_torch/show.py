@@ -1,4 +1,4 @@
-"""A torch ResNet shown the seed's three ways (section 8): layer table, modules, named parameters."""
+"""A torch ResNet shown the seed tutorial's three ways (docs/design.md): layer table, modules, named parameters."""
 
 from __future__ import annotations
 

@@ -81,7 +81,7 @@ elif [ "$MODE" = gpu ]; then
   # then resnet_torch under torch.compile, whose compilation is the slowest part of the run.
   # resnet_flax_plain beside them: what the fused BatchNorm (train) and folding (inference) give.
   # One after another (not --interleave), so a step cut short by its limit keeps every figure it
-  # finished; on a GPU the order effect is small (the eager anchor moved 0.4% between runs).
+  # finished; on a GPU the order effect is small (docs/performance.md, "GPU figures").
   run_step throughput-headline 170 $PY "${TP[@]}" --impl resnet_flax,torchvision+compile,resnet_flax_plain \
     --json "$REPORT_DIR/throughput-headline.json"
   run_step throughput-eager 50 $PY "${TP[@]}" --impl torchvision,resnet_torch \

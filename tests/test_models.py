@@ -128,7 +128,7 @@ def test_flax_model_built_from_a_list_is_hashable() -> None:
 def _flax_params(model: resnet_flax.ResNet) -> dict:
     """Initial params; lazy_init skips the forward pass and one jit compiles every initializer at once.
 
-    An "rbg" key (XLA's RngBitGenerator) compiles in half threefry's time; the initializers draw
+    An "rbg" key (XLA's RngBitGenerator) compiles faster than threefry; the initializers draw
     the same distributions from any key, and those are what the tests check.
     """
     probe = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)

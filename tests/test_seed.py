@@ -156,7 +156,7 @@ def test_initialisation_matches_the_seeds_within_sampling_error() -> None:
 
 @pytest.fixture
 def one_torch_thread() -> Any:
-    """Small forwards on one thread: two OpenMP threads on a busy 2-core machine spin ~10x the CPU time."""
+    """Small forwards on one thread: two OpenMP threads on a busy 2-core machine spin far more CPU time."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -1,4 +1,4 @@
-"""resnet-parity summary: the model shown three ways, as in the seed's section 8."""
+"""resnet-parity summary: the model shown the seed tutorial's three ways (docs/design.md)."""
 
 from __future__ import annotations
 
