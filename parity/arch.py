@@ -122,7 +122,7 @@ def infer_arch(shapes: Mapping[str, Sequence[int]]) -> ArchSpec:
         problems.append("blocks of " + ", ".join(missing_stages))
     elif block is None:
         problems.append(f"a block type with {convs} convolutions (BasicBlock has 2, BottleNeck 3)")
-    if problems:
+    if problems or block is None or fc is None or small_stem is None:  # problems names each of these
         raise ValueError("cannot read a ResNet architecture from these keys: missing " + "; ".join(problems))
     return ArchSpec(
         block=block,

@@ -232,6 +232,7 @@ def torch_to_flax(obj: Any, target: FlaxResNet | None = None, *, dtype: Any = No
         for key in expected:
             t = sd[key].detach().cpu()
             path = _flax_path(key, t.dim())
+            assert path is not None  # every key of the spec's shapes has a leaf rule
             flat[path] = _torch_leaf_to_numpy(_BY_FLAX[(path[0], path[-1], t.dim())], t, cast)
     return traverse_util.unflatten_dict(to_jax(flat))
 

@@ -66,7 +66,7 @@ def file_format(path: str | os.PathLike) -> str:
     return SUFFIXES[suffix]
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> int:
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) -> int:
     """Call ``write`` on a temp file next to ``path``, fsync, rename it into place; returns the size.
 
     If anything fails, the temp file is removed and ``path`` is left as it was.
@@ -86,7 +86,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    return memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data
 
 
 def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:

@@ -12,6 +12,7 @@ import torch
 
 import resnet_flax
 import resnet_torch
+from resnet_arch import BN_STATS
 from resnet_flax.fused import fused
 
 from .compare import CheckResult, errors
@@ -56,9 +57,11 @@ def randomize_batchnorm(model: torch.nn.Module, generator: torch.Generator) -> N
                 c = m.num_features
                 m.weight.copy_(torch.rand(c, generator=generator) + 0.5)
                 m.bias.copy_(torch.randn(c, generator=generator) * 0.1)
-                m.running_mean.copy_(torch.randn(c, generator=generator) * 0.1)
-                m.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
-                m.num_batches_tracked.fill_(int(torch.randint(0, 100, (), generator=generator)))
+                buffers = dict(m.named_buffers())
+                running_mean, running_var, count = (buffers[name] for name in BN_STATS)
+                running_mean.copy_(torch.randn(c, generator=generator) * 0.1)
+                running_var.copy_(torch.rand(c, generator=generator) + 0.5)
+                count.fill_(int(torch.randint(0, 100, (), generator=generator)))
 
 
 def make_pair(

@@ -130,14 +130,17 @@ def precisions_for(device: str, precision: str) -> tuple[str, ...]:
 def _torch_tf32_state() -> tuple[Any, ...]:
     b = torch.backends
     if _NEW_TF32_API:
-        return (b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision)
+        # cudnn.conv and cudnn.rnn live on the class that replaces torch.backends.cudnn at import,
+        # and the module's own annotations, which mypy reads, do not declare them.
+        return (b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision)  # type: ignore[attr-defined]
     return (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32)
 
 
 def _set_torch_tf32_state(state: tuple[Any, ...]) -> None:
     b = torch.backends
     if _NEW_TF32_API:
-        b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision = state
+        # As in _torch_tf32_state: attributes of torch's replacement module class, undeclared for mypy.
+        b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision = state  # type: ignore[attr-defined]
     else:
         b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32 = state
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import resnet_flax
+import resnet_torch
 from resnet_arch import BN_STATS, STAGE_OUTPUTS
 
 from .compare import FLOOR_FACTOR, CheckResult, errors, grouped_errors, numpy_of_jax, numpy_of_torch, stage_errors
@@ -70,7 +71,7 @@ class FlaxTrainStep:
         return grads, batch_stats, stages
 
 
-def _torch_train_step(model: torch.nn.Module, batch: Batch, backward: bool = True) -> dict[str, torch.Tensor]:
+def _torch_train_step(model: resnet_torch.ResNet, batch: Batch, backward: bool = True) -> dict[str, torch.Tensor]:
     """Stage outputs of one train-mode forward; with ``backward``, the loss's gradients left in ``.grad``."""
     model.zero_grad()
     with torch.set_grad_enabled(backward):
@@ -85,6 +86,16 @@ def _bn_state(sd: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: numpy_of_torch(v) for k, v in sd.items() if k.rsplit(".", 1)[-1] in BN_STATS}
 
 
+def _gradients(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """Every parameter's ``.grad`` as a float64 array, by state-dict key."""
+    grads = {}
+    for key, p in model.named_parameters():
+        if p.grad is None:
+            raise RuntimeError(f"{key} has no gradient after the backward pass")
+        grads[key] = numpy_of_torch(p.grad)
+    return grads
+
+
 def _diagnosis(forward: dict[str, float], by_stage: dict[str, float], tol: float) -> tuple[dict[str, float], str]:
     """Forward outputs first (a forward mismatch spoils every gradient); else tensors in backprop order."""
     if any(not e <= tol for e in forward.values()):
@@ -92,7 +103,7 @@ def _diagnosis(forward: dict[str, float], by_stage: dict[str, float], tol: float
     return dict(reversed(list(by_stage.items()))), "tensors by stage, in backpropagation order"
 
 
-def _float64_reference(pair: Pair, batch: Batch, backward: bool) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+def _float64_reference(pair: Pair, batch: Batch, backward: bool) -> tuple[resnet_torch.ResNet, dict[str, torch.Tensor]]:
     """The same train-mode call by torch in float64: the answer float32 rounding is measured against."""
     model = copy.deepcopy(pair.torch_model).to(torch.float64).train()
     stages = _torch_train_step(model, dataclasses.replace(batch, x_torch=batch.x_torch.to(torch.float64)), backward)
@@ -124,11 +135,11 @@ def check_train(pair: Pair, batch: Batch, step: FlaxTrainStep) -> list[CheckResu
         floor = errors(stats[1], [ref64[k] for k in ref])[1]
     results.append(pair_result(pair, RUNNING_STATS, *stats, by_stage, "running statistics by stage", floor))
     if step.with_gradients:
-        ref = {k: numpy_of_torch(p.grad) for k, p in model.named_parameters()}
+        ref = _gradients(model)
         sd = flax_to_torch({"params": grads, "batch_stats": f_stats})
         got = {k: numpy_of_torch(sd[k]) for k in ref}
         if measure_floor:
-            ref64 = {k: numpy_of_torch(p.grad) for k, p in model64.named_parameters()}
+            ref64 = _gradients(model64)
             floor = errors([ref[k] for k in ref], [ref64[k] for k in ref])[1]
         limit = max(pair.mode.tolerances[GRADIENTS], FLOOR_FACTOR * floor)
         stages, basis = _diagnosis(forward, grouped_errors(got, ref, STAGE_OUTPUTS), limit)
@@ -150,7 +161,7 @@ def _jitted_sgd(
     return jax.jit(tx.init), jax.jit(update)
 
 
-def _torch_sgd(model: torch.nn.Module, batches: list[Batch]) -> dict[str, np.ndarray]:
+def _torch_sgd(model: resnet_torch.ResNet, batches: list[Batch]) -> dict[str, np.ndarray]:
     """The state dict (float64 arrays) of a train-mode model after one torch.optim.SGD step per batch."""
     opt = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     for batch in batches:

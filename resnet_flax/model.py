@@ -21,6 +21,7 @@ from .layers import (
     BatchNorm2d,
     Conv2d,
     Dtype,
+    Initializer,
     Linear,
     Sequential,
     kaiming_normal_fan_out,
@@ -179,6 +180,7 @@ class ResNet(nn.Module):
         norm = functools.partial(self.norm, use_running_average=not train, **dtypes)
         last_norm_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
 
+        stem: tuple[Callable[..., Any], ...]
         if self.small_stem:
             stem = (
                 functools.partial(conv, IN_CHANNELS, STEM_WIDTH, 3, 1, 1),
@@ -202,13 +204,20 @@ class ResNet(nn.Module):
 
         x = jnp.mean(x, axis=(1, 2))
         in_features = 512 * self.block.expansion
-        linear_init = (
-            dict(kernel_init=seed_linear_init, bias_init=nn.initializers.zeros)
-            if self.init_weights
-            else dict(kernel_init=torch_default_weight_init, bias_init=torch_default_bias_init(in_features))
-        )
+        kernel_init: Initializer
+        bias_init: Initializer
+        if self.init_weights:
+            kernel_init, bias_init = seed_linear_init, nn.initializers.zeros
+        else:
+            kernel_init, bias_init = torch_default_weight_init, torch_default_bias_init(in_features)
         outputs[HEAD] = Linear(
-            in_features, self.num_classes, precision=self.precision, name=HEAD, **dtypes, **linear_init
+            in_features,
+            self.num_classes,
+            precision=self.precision,
+            kernel_init=kernel_init,
+            bias_init=bias_init,
+            name=HEAD,
+            **dtypes,
         )(x)
         return outputs if return_stages else outputs[HEAD]
 

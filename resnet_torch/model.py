@@ -9,7 +9,7 @@ operations at the same speed (docs/performance.md has the cost of out of place).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -135,7 +135,7 @@ class ResNet(nn.Module):
         if zero_init_residual:
             for m in self.modules():
                 if isinstance(m, (BasicBlock, BottleNeck)):
-                    nn.init.zeros_(m.residual_function[-1].weight)
+                    nn.init.zeros_(cast(nn.BatchNorm2d, m.residual_function[-1]).weight)
 
     def _make_layer(
         self, block: type[BasicBlock] | type[BottleNeck], out_channels: int, num_blocks: int, stride: int

@@ -73,7 +73,7 @@ def _convert(args: argparse.Namespace) -> int:
             if dtype and target == FLAX:
                 variables = torch_to_flax(flax_to_torch(variables), dtype=dtype)
         if target == TORCH:
-            out = flax_to_torch(variables, layout=args.layout, dtype=dtype)
+            out: dict = flax_to_torch(variables, layout=args.layout, dtype=dtype)
             tensors, nbytes = len(out), sum(t.nbytes for t in out.values())
         else:
             out = variables
