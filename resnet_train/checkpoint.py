@@ -1,20 +1,62 @@
-"""Train-state checkpoints through orbax: atomic saves, the latest N and the best one kept."""
+"""Train-state checkpoints through orbax: atomic saves, the latest N and the best one kept, each verifiable.
+
+Each step's orbax metadata records a sha256 of the saved arrays (``custom_metadata``); a restore
+recomputes it, so a flipped bit is refused instead of resuming from different weights.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
+from parity.arrays import torch_views
+from parity.files import CheckpointError, tensors_digest
+
 from .steps import TrainState
+
+log = logging.getLogger(__name__)
 
 # The metric that ranks checkpoints for "best"; higher is better.
 BEST_METRIC = "test_accuracy"
 # TrainState fields that are arrays (the rest are functions and constants rebuilt from the config).
 SAVED_FIELDS = ("step", "params", "batch_stats", "opt_state", "skipped")
+# The key of the arrays' sha256 in each step's orbax custom metadata.
+DIGEST_KEY = "sha256"
+# Where a checkpoint that fails to restore is moved, beside the checkpoints folder (kept, never deleted).
+DAMAGED_SUFFIX = "-damaged"
+
+
+class CheckpointSaveError(OSError):
+    """orbax could not write a checkpoint (a full disk, a read-only folder, ...); the message names the step."""
+
+
+def state_digest(tree: Any) -> str:
+    """sha256 over every array of a train-state tree, named by its path (replicated: one local copy each).
+
+    Names are plain keys and indices joined by '/', so a tree restored without its target (optax
+    states as dicts) names its arrays as the saved one did.
+    """
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    names = [jax.tree_util.keystr(path, simple=True, separator="/") for path, _ in leaves]
+    host = [np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x) for _, x in leaves]
+    return tensors_digest(dict(zip(names, torch_views(host), strict=True)))
+
+
+def _verified(path: Path, tree: Any) -> Any:
+    """tree, once its arrays match the sha256 recorded when the step folder `path` was saved (none: a notice)."""
+    recorded = (ocp.metadata.get_step_metadata(path).custom_metadata or {}).get(DIGEST_KEY)
+    if recorded is None:
+        log.warning("%s: no digest recorded (saved by an older version): it cannot be verified", path)
+    elif state_digest(tree) != recorded:
+        raise CheckpointError(f"{path}: corrupted: the arrays differ from the sha256 recorded at save time")
+    return tree
 
 
 class Checkpoints:
@@ -46,28 +88,75 @@ class Checkpoints:
         step = int(jax.device_get(state.step))
         if step not in self.manager.all_steps():
             tree = {name: getattr(state, name) for name in SAVED_FIELDS}
-            self.manager.save(step, args=ocp.args.StandardSave(tree), metrics=metrics)
+            try:
+                self.manager.save(
+                    step,
+                    args=ocp.args.StandardSave(tree),
+                    metrics=metrics,
+                    custom_metadata={DIGEST_KEY: state_digest(tree)},
+                )
+            except Exception as e:
+                raise CheckpointSaveError(f"{self.path(step)}: cannot save the checkpoint: {e}") from e
         return self.path(step)
 
     def restore(self, like: TrainState, step: int | None = None) -> TrainState:
-        """The saved state at step (default: latest), placed with the shardings of `like`."""
+        """The saved state at step (default: latest), placed with the shardings of `like`, its digest checked."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{self.directory}: no checkpoint to resume from")
         target = {name: getattr(like, name) for name in SAVED_FIELDS}
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         tree = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        return like.replace(**tree)
+        return like.replace(**_verified(self.path(step), tree))
+
+    def restore_latest_good(self, like: TrainState) -> TrainState | None:
+        """The newest checkpoint that restores intact; None when there is no checkpoint at all.
+
+        A newer one that fails while an older one restores is damaged: one warning names it and it
+        is moved to ``<checkpoints>-damaged/`` (kept, and its step can be saved again). When none
+        restores (a damaged disk, or checkpoints of another program version) nothing is moved and
+        CheckpointError gives the newest one's reason.
+        """
+        failed: list[tuple[int, str]] = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state = self.restore(like, step)
+            except Exception as e:  # orbax and tensorstore raise many kinds; the first line says which
+                reason = (str(e).strip() or type(e).__name__).splitlines()[0]
+                log.warning("%s cannot be restored (%s); trying the one before", self.path(step), reason)
+                failed.append((step, reason))
+                continue
+            if failed:
+                self._move_aside([s for s, _ in failed])
+            return state
+        if failed:
+            step, reason = failed[0]
+            raise CheckpointError(f"{self.path(step)}: no checkpoint of this run can be restored; the newest: {reason}")
+        return None
+
+    def _move_aside(self, steps: list[int]) -> None:
+        aside = self.directory.with_name(self.directory.name + DAMAGED_SUFFIX)
+        if jax.process_index() == 0:
+            aside.mkdir(exist_ok=True)
+            for step in steps:
+                target = aside / f"{step}.{time.time_ns()}"
+                self.path(step).rename(target)
+                log.warning("moved the damaged checkpoint of step %d to %s", step, target)
+        self.manager.reload()
 
     def wait(self) -> None:
         """Block until background saves are on disk."""
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise CheckpointSaveError(f"{self.directory}: cannot finish saving a checkpoint: {e}") from e
 
     def close(self) -> None:
         self.manager.close()
 
 
 def load_variables(checkpoint_dir: str | Path) -> dict[str, Any]:
-    """The params and batch_stats of one saved step folder, as plain host arrays (for inspection)."""
-    tree = ocp.StandardCheckpointer().restore(Path(checkpoint_dir).absolute() / "default")
+    """The params and batch_stats of one saved step folder, as plain host arrays (for inspection), verified."""
+    step_dir = Path(checkpoint_dir).absolute()
+    tree = _verified(step_dir, ocp.StandardCheckpointer().restore(step_dir / "default"))
     return {"params": tree["params"], "batch_stats": tree["batch_stats"]}

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import math
+import sys
 import typing
 from collections.abc import Sequence
 from typing import Any
@@ -16,6 +19,8 @@ OPTIMIZERS = ("sgd", "adamw")
 # Computation dtypes training offers (names from resnet_arch.DTYPES); parameters stay float32.
 DTYPES = ("fp32", "bf16")
 ON_NONFINITE = ("stop", "skip")
+# Largest float32: the step computes in float32, where a larger option value would become inf.
+FLOAT32_MAX = 3.4028234663852886e38
 # Random-crop padding for 32x32-class images, as in the usual CIFAR recipe.
 DEFAULT_CROP_PADDING = 4
 # Fields with a fixed set of values (checked in TrainConfig, offered as choices on the command line).
@@ -81,25 +86,7 @@ class TrainConfig:
     process_id: int = _field(-1, "this process's index (-1: detect)")
 
     def __post_init__(self) -> None:
-        problems = []
-        for name, allowed in CHOICES.items():
-            if getattr(self, name) not in allowed:
-                problems.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("epochs", "batch_size", "image_size", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.dataset != "digits" and not self.data_dir:
-            problems.append(f"dataset {self.dataset} needs --data-dir")
-        if not 0.0 < self.test_fraction < 1.0:
-            problems.append(f"test_fraction must be between 0 and 1, got {self.test_fraction}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if not 0.0 <= self.warmup_epochs < self.epochs:
-            problems.append(f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs}")
-        if self.lr <= 0 or self.weight_decay < 0 or (self.crop_padding or 0) < 0 or self.train_limit < 0:
-            problems.append("lr must be > 0; weight_decay, crop_padding and train_limit >= 0")
-        if not 0 <= self.stop_after_epoch <= self.epochs:
-            problems.append(f"stop_after_epoch must be in [0, epochs], got {self.stop_after_epoch}")
+        problems = _type_problems(self) or _range_problems(self)
         if problems:
             raise ValueError("bad training config: " + "; ".join(problems))
 
@@ -118,8 +105,64 @@ class TrainConfig:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
 
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _type_problems(config: TrainConfig) -> list[str]:
+    """Each field of its declared type (bool is no int here, an int is a float); floats finite in float32."""
+    problems = []
+    for name, hint in _field_types().items():
+        value = getattr(config, name)
+        if value is None and type(None) in typing.get_args(hint):  # the optional fields' "not set"
+            continue
+        kinds = tuple(k for k in typing.get_args(hint) or (hint,) if k is not type(None))
+        ok = isinstance(value, (int, float) if float in kinds else kinds) and not (
+            isinstance(value, bool) and bool not in kinds
+        )
+        if not ok:
+            problems.append(f"{name} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+        elif isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+            problems.append(f"{name} must be a finite number (in float32's range), got {value}")
+    return problems
+
+
+def _range_problems(c: TrainConfig) -> list[str]:
+    """Choices, bounds and combinations, once every field has its type."""
+    problems = [
+        f"{name} must be one of {', '.join(allowed)}, got {getattr(c, name)!r}"
+        for name, allowed in CHOICES.items()
+        if getattr(c, name) not in allowed
+    ]
+    bounds = {
+        "epochs": (c.epochs >= 1, ">= 1"),
+        "batch_size": (c.batch_size >= 1, ">= 1"),
+        "image_size": (c.image_size >= 1, ">= 1"),
+        "keep_checkpoints": (c.keep_checkpoints >= 1, ">= 1"),
+        "train_limit": (c.train_limit >= 0, ">= 0"),
+        "crop_padding": ((c.crop_padding or 0) >= 0, ">= 0"),
+        "seed": (c.seed >= 0, ">= 0"),
+        "test_fraction": (0 < c.test_fraction < 1, "between 0 and 1"),
+        "lr": (c.lr > 0, "> 0"),
+        "momentum": (0 <= c.momentum < 1, "in [0, 1)"),
+        "weight_decay": (c.weight_decay >= 0, ">= 0"),
+        "warmup_epochs": (0 <= c.warmup_epochs < c.epochs, "in [0, epochs)"),
+        "label_smoothing": (0 <= c.label_smoothing < 1, "in [0, 1)"),
+        "inject_nan_at_step": (c.inject_nan_at_step >= -1, ">= -1 (-1: never)"),
+        "stop_after_epoch": (0 <= c.stop_after_epoch <= c.epochs, "in [0, epochs]"),
+        "num_processes": (c.num_processes >= 0, ">= 0 (0: detect)"),
+        "process_id": (c.process_id >= -1, ">= -1 (-1: detect)"),
+    }
+    problems += [f"{name} must be {rule}, got {getattr(c, name)}" for name, (ok, rule) in bounds.items() if not ok]
+    if c.dataset != "digits" and not c.data_dir:
+        problems.append(f"dataset {c.dataset} needs --data-dir")
+    return problems
+
+
 # Fields that may change between an interrupted run and its --resume without changing the result.
-RESUMABLE_CHANGES = frozenset({"resume", "stop_after_epoch", "progress", "export", "keep_checkpoints"})
+# run_dir: the same run reached as ./x, x/, an absolute path, or after the folder was moved.
+RESUMABLE_CHANGES = frozenset({"resume", "stop_after_epoch", "progress", "export", "keep_checkpoints", "run_dir"})
 # Fields added after runs were saved, with the value that reproduces a run whose config.json lacks them.
 LATER_FIELDS = {"fused_bn": False}
 # Values renamed after runs were saved: field -> {old value: new value}.
@@ -139,13 +182,29 @@ def _flag_type(annotation: str) -> Any:
     return {"int": int, "float": float, "str": str, "bool": bool}[base]
 
 
+class UsageError(SystemExit):
+    """A bad flag: argparse's usage and message are on stderr; exits with status 2 unless caught."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        """As argparse's own, but the exception keeps the message (for the JSON line of `resnet-train`)."""
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise UsageError(message)
+
+
 def parser() -> argparse.ArgumentParser:
     """An argparse parser with one flag per TrainConfig field (--no-X for booleans)."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="resnet-train",
         description="Train the Flax ResNet with optax, then export it to PyTorch and verify the export.",
     )
-    hints = typing.get_type_hints(TrainConfig)
+    hints = _field_types()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata['help']} (default: {f.default})"
@@ -158,7 +217,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
-    """Command-line flags -> TrainConfig; a bad value exits with argparse's usage message."""
+    """Command-line flags -> TrainConfig; a bad value raises UsageError after argparse's usage message."""
     p = parser()
     args = p.parse_args(argv)
     try:

@@ -45,7 +45,16 @@ class Dataset:
 Split = tuple[np.ndarray, np.ndarray]  # (images NHWC uint8, labels)
 
 
+def _check_splits(name: str, train: Split, test: Split) -> None:
+    """Refuse, before any training, a split with no images (an empty test split divides by zero after an epoch)."""
+    for split, (images, _) in (("training", train), ("test", test)):
+        if len(images) == 0:
+            sizes = f"{len(train[0])} training and {len(test[0])} test images"
+            raise ValueError(f"{name}: the {split} split is empty ({sizes}); add images or change --test-fraction")
+
+
 def _finish(name: str, train: Split, test: Split, num_classes: int) -> Dataset:
+    _check_splits(name, train, test)
     x = train[0].reshape(-1, 3).astype(np.float64) / 255.0
     mean, std = x.mean(0), x.std(0)
     std = np.where(std > 0, std, 1.0)
@@ -106,13 +115,28 @@ class _ArraysOnly(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def _cifar_pixels(data: np.ndarray, path: Path) -> np.ndarray:
+    """The batch's pixels as uint8, refusing values a cast would wrap (above 255, negative, fractional)."""
+    if data.dtype == np.uint8:
+        return data
+    if not np.issubdtype(data.dtype, np.integer):
+        raise ValueError(f"{path}: expected integer pixel values 0..255, got dtype {data.dtype}")
+    if data.min() < 0 or data.max() > 255:
+        raise ValueError(f"{path}: pixel values must be 0..255, found {data.min()}..{data.max()}")
+    return data.astype(np.uint8)
+
+
 def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    expected = f"{', '.join(CIFAR10_TRAIN)} and {CIFAR10_TEST}"
+    if path.is_dir():
+        raise ValueError(f"{path}: a folder; a CIFAR-10 folder holds the batch files {expected}")
     try:
         raw = _ArraysOnly(io.BytesIO(path.read_bytes()), encoding="bytes").load()
     except FileNotFoundError:
-        expected = f"{', '.join(CIFAR10_TRAIN)} and {CIFAR10_TEST}"
         raise FileNotFoundError(f"{path}: missing; a CIFAR-10 folder holds {expected}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+    except EOFError:
+        raise ValueError(f"{path}: empty or truncated; expected a CIFAR-10 python batch") from None
+    except (pickle.UnpicklingError, ValueError, TypeError) as e:
         raise ValueError(f"{path}: not a CIFAR-10 python batch ({e})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a dict with b'data' and b'labels', got {type(raw).__name__}")
@@ -121,11 +145,13 @@ def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3 * side * side or labels is None:
         got = getattr(data, "shape", type(data).__name__)
         raise ValueError(f"{path}: expected b'data' of shape (N, {3 * side * side}) and b'labels', got data {got}")
+    if len(data) == 0:
+        raise ValueError(f"{path}: the batch holds no images")
     labels = np.asarray(labels, np.int64)
     if labels.shape != (len(data),) or labels.min() < 0 or labels.max() > 9:
         raise ValueError(f"{path}: expected {len(data)} labels in 0..9, got shape {labels.shape}")
     # Rows are 1024 red, 1024 green, 1024 blue values (channel-major); the model wants NHWC.
-    images = data.astype(np.uint8).reshape(-1, 3, side, side).transpose(0, 2, 3, 1)
+    images = _cifar_pixels(data, path).reshape(-1, 3, side, side).transpose(0, 2, 3, 1)
     return images, labels
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,10 @@ class ExportMismatchError(RuntimeError):
     """resnet_torch with the exported weights does not reproduce the Flax model."""
 
 
+class ExportCancelled(Exception):
+    """The verification was asked to stop (a stop signal) before it finished."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ExportCheck:
     """How resnet_torch with the exported weights compares with the Flax model on the test set."""
@@ -39,10 +43,15 @@ class ExportCheck:
         return self.rel_err <= EXPORT_RTOL and self.mismatched_predictions == 0
 
 
-def export_torch(variables: dict[str, Any], path: str | Path, metadata: dict[str, Any]) -> Path:
-    """Write the seed-layout state dict as safetensors (atomically, with a checksum); metadata as JSON strings."""
+def export_torch(
+    variables: dict[str, Any], path: str | Path, metadata: dict[str, Any], check: Callable[[Path], None] | None = None
+) -> Path:
+    """Write the seed-layout state dict as safetensors (atomically, with a checksum); metadata as JSON strings.
+
+    ``check`` gets the written file under its temporary name; if it raises, ``path`` is never written.
+    """
     state_dict = parity.flax_to_torch(jax.device_get(variables), layout="seed")
-    parity.write_checkpoint(path, state_dict, "torch", {k: json.dumps(v) for k, v in metadata.items()})
+    parity.write_checkpoint(path, state_dict, "torch", {k: json.dumps(v) for k, v in metadata.items()}, check)
     return Path(path)
 
 
@@ -53,12 +62,18 @@ def verify_export(
     images_nhwc_u8: np.ndarray,
     mean: Sequence[float],
     std: Sequence[float],
+    cancelled: Callable[[], bool] | None = None,
 ) -> ExportCheck:
-    """Run resnet_torch (CPU, fp32) from the file and the Flax model on the same images; compare logits."""
+    """Run resnet_torch (CPU, fp32) from the file and the Flax model on the same images; compare logits.
+
+    ``cancelled`` is asked before each batch; when it says so, ExportCancelled is raised.
+    """
     torch_model = parity.load_checkpoint(path, "torch")
     apply = jax.jit(lambda v, x: flax_model.apply(v, normalize(x, mean, std), train=False))
     flax_logits, torch_logits = [], []
     for start in range(0, len(images_nhwc_u8), VERIFY_BATCH):
+        if cancelled is not None and cancelled():
+            raise ExportCancelled(f"{path}: the export check was interrupted")
         batch = images_nhwc_u8[start : start + VERIFY_BATCH]
         flax_logits.append(np.asarray(apply(variables, jnp.asarray(batch)), np.float64))
         x_nchw = torch.from_numpy(np.array(normalize(jnp.asarray(batch), mean, std))).permute(0, 3, 1, 2)

@@ -6,10 +6,8 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,42 +21,21 @@ from . import runlog, sharding
 from .checkpoint import Checkpoints
 from .config import RESUMABLE_CHANGES, TrainConfig, saved_config
 from .data import Dataset, epoch_permutation, load_dataset, steps_per_epoch
-from .export import EXPORT_RTOL, ExportMismatchError, export_torch, verify_export
+from .export import EXPORT_RTOL, ExportCancelled, ExportCheck, ExportMismatchError, export_torch, verify_export
 from .optim import make_optimizer, schedule
+from .signals import StopRequest, catch_stop_signals
 from .steps import TrainState, build_model, create_train_state, eval_step, train_step
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 EXPORT_FILE = "model.safetensors"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # XLA on CPU cannot reuse donated buffers and warns; elsewhere donation halves the state's memory.
 NO_DONATION_BACKENDS = ("cpu",)
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss (or a gradient) was NaN/inf and the run was told to stop."""
-
-
-class StopRequest:
-    """Set by SIGTERM/SIGINT; the loop saves at the next step boundary and returns."""
-
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-
-    def __call__(self, signum: int, frame: Any) -> None:
-        self.signal_name = signal.Signals(signum).name
-
-
-@contextlib.contextmanager
-def _catch_stop_signals() -> Iterator[StopRequest]:
-    request = StopRequest()
-    previous = {s: signal.signal(s, request) for s in STOP_SIGNALS}
-    try:
-        yield request
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    """The loss, a gradient or the update was NaN/inf and the run was told to stop."""
 
 
 def _check_run_dir(run_dir: Path, config: TrainConfig, checkpoints: Checkpoints) -> None:
@@ -77,8 +54,25 @@ def _check_run_dir(run_dir: Path, config: TrainConfig, checkpoints: Checkpoints)
         if changed:
             diff = ", ".join(f"{k}: {saved.get(k)!r} -> {ours[k]!r}" for k in changed)
             raise ValueError(f"--resume with settings that change the result ({diff}); use the run's own settings")
-    if jax.process_index() == 0:
-        runlog.write_atomic(saved_path, config.to_json().encode())
+
+
+def _prepare_run_dir(run_dir: Path) -> None:
+    """Create the run directory, or say in a sentence why it cannot be one."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(f"--run-dir {run_dir} is a file, not a folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _restore(config: TrainConfig, checkpoints: Checkpoints, state: TrainState) -> TrainState:
+    """With --resume, the newest intact checkpoint's state; without one, the fresh state, saying so."""
+    if not config.resume:
+        return state
+    restored = checkpoints.restore_latest_good(state)
+    if restored is None:
+        log.warning("--resume: no complete checkpoint in %s; starting from step 0", checkpoints.directory)
+        return state
+    log.info("resumed from step %d (%s)", int(restored.step), checkpoints.path(int(restored.step)))
+    return restored
 
 
 def evaluate(
@@ -99,8 +93,11 @@ def evaluate(
     return {"loss": totals["loss"] / totals["count"], "accuracy": totals["correct"] / totals["count"]}
 
 
-def _export(config: TrainConfig, state: TrainState, ds: Dataset, run_dir: Path) -> dict[str, Any]:
-    """Write the PyTorch checkpoint and verify it on the test set against the float32 Flax model."""
+def _export(config: TrainConfig, state: TrainState, ds: Dataset, run_dir: Path, stop: StopRequest) -> dict[str, Any]:
+    """Write the PyTorch checkpoint, verified on the test set against the float32 Flax model before it is in place.
+
+    A file that fails the check, or whose check a stop signal interrupts, never reaches its path.
+    """
     variables = jax.device_get(state.variables())
     meta = {
         "arch": config.arch,
@@ -110,16 +107,29 @@ def _export(config: TrainConfig, state: TrainState, ds: Dataset, run_dir: Path) 
         "std": list(ds.std),
         "input": "NCHW RGB, x / 255 normalised by mean/std",
     }
-    path = export_torch(variables, run_dir / EXPORT_FILE, meta)
+    path = run_dir / EXPORT_FILE
     # Verify the float32 weights at full precision (no TF32 on GPUs), whatever dtype trained them.
     flax_fp32 = build_model(config, ds.num_classes, dtype=jnp.float32, precision=jax.lax.Precision.HIGHEST)
-    check = verify_export(path, flax_fp32, variables, ds.test_images, ds.mean, ds.std)
-    if not check.ok:
-        raise ExportMismatchError(
-            f"export check failed: resnet_torch from {path} differs from the Flax model on the test set "
-            f"(relative logit error {check.rel_err:.2e}, tolerance {EXPORT_RTOL:.0e}; "
-            f"{check.mismatched_predictions} of {check.images} predictions differ)"
+    checks: list[ExportCheck] = []
+
+    def verify(written: Path) -> None:
+        check = verify_export(
+            written, flax_fp32, variables, ds.test_images, ds.mean, ds.std, lambda: stop.signal_name is not None
         )
+        if not check.ok:
+            raise ExportMismatchError(
+                f"export check failed: resnet_torch with the exported weights differs from the Flax model on the test "
+                f"set (relative logit error {check.rel_err:.2e}, tolerance {EXPORT_RTOL:.0e}; "
+                f"{check.mismatched_predictions} of {check.images} predictions differ); {path} was not written"
+            )
+        checks.append(check)
+
+    try:
+        export_torch(variables, path, meta, verify)
+    except ExportCancelled:
+        log.warning("%s: export check interrupted by %s; the file was not written", path, stop.signal_name)
+        return {"export": None}
+    [check] = checks
     return {
         "export": str(path),
         "export_rel_err": check.rel_err,
@@ -151,28 +161,34 @@ class Progress:
     stopped: str | None = None
 
 
-def setup(config: TrainConfig) -> tuple[Run, TrainState]:
-    """Join the job, load the data, check the run directory and build (or restore) the state and steps."""
+def setup(config: TrainConfig, cleanup: contextlib.ExitStack) -> tuple[Run, TrainState]:
+    """Join the job, load the data, lock and check the run directory and build (or restore) the state and steps.
+
+    The run directory stays locked until ``cleanup`` closes (process 0 holds the lock).
+    """
     sharding.initialize(config)
     mesh = sharding.data_mesh()
     sharding.check_batch(config.batch_size, mesh)
+    lead = jax.process_index() == 0
+    run_dir = Path(config.run_dir)
+    _prepare_run_dir(run_dir)
+    if lead:
+        cleanup.enter_context(runlog.locked(run_dir))
     ds = load_dataset(config)
     per_epoch = steps_per_epoch(len(ds.train_labels), config.batch_size)
-    run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = Checkpoints(run_dir / CHECKPOINT_DIR, config.keep_checkpoints)
     _check_run_dir(run_dir, config, checkpoints)
 
     tx = make_optimizer(config, per_epoch)
     state = sharding.replicate(create_train_state(config, ds.num_classes, tx, ds.mean, ds.std), mesh)
-    if config.resume and checkpoints.latest_step() is not None:
-        state = checkpoints.restore(state)
-        log.info("resumed from step %d (%s)", int(state.step), checkpoints.path(int(state.step)))
+    state = _restore(config, checkpoints, state)
+    if lead:  # only now: a failed resume leaves the run's record as it was
+        runlog.keep_metrics_until(run_dir, int(jax.device_get(state.step)))
+        runlog.write_atomic(run_dir / runlog.CONFIG_FILE, config.to_json().encode())
     rep = sharding.replicated(mesh)
     donate = () if jax.default_backend() in NO_DONATION_BACKENDS else (0,)
     train_fn = jax.jit(functools.partial(train_step, config=config), out_shardings=(rep, rep), donate_argnums=donate)
     eval_fn = jax.jit(eval_step, out_shardings=rep)
-    lead = jax.process_index() == 0
     return Run(config, lead, mesh, ds, per_epoch, run_dir, checkpoints, train_fn, eval_fn), state
 
 
@@ -201,10 +217,11 @@ def train_epoch(run: Run, state: TrainState, epoch: int, progress: Progress, sto
         if not m["finite"]:
             if config.on_nonfinite == "stop":
                 raise NonFiniteLossError(
-                    f"non-finite loss ({float(m['loss'])}) at step {progress.step} (epoch {epoch + 1}); the update "
-                    "was not applied and no checkpoint holds it; --on-nonfinite skip skips such updates"
+                    f"non-finite loss, gradient or update (loss {float(m['loss'])}) at step {progress.step} "
+                    f"(epoch {epoch + 1}); the update was not applied; {_saved_so_far(run.checkpoints)}; "
+                    "--on-nonfinite skip skips such updates"
                 )
-            log.warning("non-finite loss at step %d: update skipped", progress.step)
+            log.warning("non-finite loss, gradient or update at step %d: update skipped", progress.step)
         else:
             loss_sum += float(m["loss"]) * batch
             correct += int(m["correct"])
@@ -244,6 +261,14 @@ def train_epoch(run: Run, state: TrainState, epoch: int, progress: Progress, sto
     return state
 
 
+def _saved_so_far(checkpoints: Checkpoints) -> str:
+    """Which checkpoint holds the run so far (every saved state passed the step's finiteness check)."""
+    step = checkpoints.latest_step()
+    if step is None:
+        return "no checkpoint has been saved yet"
+    return f"the latest checkpoint, {checkpoints.path(step)}, holds the finite state of step {step}"
+
+
 def finish(run: Run, state: TrainState, progress: Progress, started: float) -> dict[str, Any]:
     """Export (unless stopped early), plot, and assemble the summary `resnet-train` prints."""
     config, result = run.config, progress.result
@@ -251,7 +276,9 @@ def finish(run: Run, state: TrainState, progress: Progress, started: float) -> d
     if "checkpoint" not in result and checkpoints.latest_step() is not None:
         result["checkpoint"] = str(checkpoints.path(checkpoints.latest_step()))
     if progress.stopped is None and run.lead and config.export:
-        result.update(_export(config, state, run.ds, run.run_dir))
+        with catch_stop_signals() as stop:  # the one fit holds: a signal cancels the export check
+            result.update(_export(config, state, run.ds, run.run_dir, stop))
+        progress.stopped = stop.signal_name
     plot = runlog.plot_curves(run.run_dir) if run.lead else None
     result.update(
         epochs=progress.step // run.per_epoch,
@@ -270,19 +297,24 @@ def finish(run: Run, state: TrainState, progress: Progress, started: float) -> d
 
 
 def fit(config: TrainConfig) -> dict[str, Any]:
-    """Train (or resume) as config says; returns the summary `resnet-train` prints as its last line."""
+    """Train (or resume) as config says; returns the summary `resnet-train` prints as its last line.
+
+    From the first line to the last, SIGTERM/SIGINT stop the run at the next safe point (a signal
+    during setup: before the first step) and the run directory is locked against a second run.
+    """
     started = time.perf_counter()
-    run, state = setup(config)
-    step = int(jax.device_get(state.step))
-    history = runlog.read_metrics(run.run_dir)
-    progress = Progress(step, {"test_accuracy": history[-1]["test_accuracy"] if history else None})
-    try:
-        with _catch_stop_signals() as stop:
+    with catch_stop_signals() as stop, contextlib.ExitStack() as cleanup:
+        run, state = setup(config, cleanup)
+        step = int(jax.device_get(state.step))
+        history = runlog.read_metrics(run.run_dir)
+        progress = Progress(step, {"test_accuracy": history[-1]["test_accuracy"] if history else None})
+        progress.stopped = stop.signal_name
+        try:
             for epoch in range(step // run.per_epoch, config.stop_after_epoch or config.epochs):
-                state = train_epoch(run, state, epoch, progress, stop)
                 if progress.stopped:
                     break
-    finally:
-        run.checkpoints.wait()
-        run.checkpoints.close()
-    return finish(run, state, progress, started)
+                state = train_epoch(run, state, epoch, progress, stop)
+        finally:
+            run.checkpoints.wait()
+            run.checkpoints.close()
+        return finish(run, state, progress, started)

@@ -1,33 +1,72 @@
-"""`resnet-train`: train the Flax ResNet with optax, export it to PyTorch, print a JSON summary."""
+"""`resnet-train`: train the Flax ResNet with optax, export it to PyTorch, print a JSON summary.
+
+Every exit prints that summary as the last line of stdout: after a failure it holds ``error``
+(status 1: the run failed, e.g. a non-finite loss or an export that does not match; status 2:
+bad flags, data or run directory, or a file that cannot be read or written).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
+from typing import Any
 
-from .config import parse_args
-from .export import ExportMismatchError
-from .loop import NonFiniteLossError, fit
+from .config import UsageError, parse_args
+from .signals import catch_stop_signals
+
+EXIT_FAILED = 1  # the run failed: a non-finite loss, an export that does not reproduce the model
+EXIT_BAD_INPUT = 2  # bad flags, data or run directory; a file that cannot be read or written
+
+
+def _print_summary(result: dict[str, Any]) -> None:
+    print(json.dumps(result, sort_keys=True), flush=True)
+
+
+def _failed(started: float, error: str) -> dict[str, Any]:
+    """The summary of a run that ended in an error: the promised keys, empty, and the error."""
+    return {"error": error, "test_accuracy": None, "epochs": None, "seconds": round(time.perf_counter() - started, 2)}
+
+
+def _fail(started: float, code: int, e: BaseException) -> int:
+    """Say what went wrong in one sentence on stderr, print the summary with it; returns the exit code."""
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        error = f"{e.filename}: {e.strerror}"
+    else:
+        error = str(e) or type(e).__name__
+    print(f"resnet-train: error: {error}", file=sys.stderr)
+    _print_summary(_failed(started, error))
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, train, and print the summary as the last line of stdout; returns the exit code."""
-    config = parse_args(argv)
-    # Our messages at INFO; orbax and absl log every save step at INFO, so other loggers stay at WARNING.
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
-    logging.getLogger("resnet_train").setLevel(logging.INFO)
-    try:
-        result = fit(config)
-    except (NonFiniteLossError, ExportMismatchError) as e:
-        print(f"resnet-train: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError) as e:
-        print(f"resnet-train: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, sort_keys=True), flush=True)
-    return 0
+    started = time.perf_counter()
+    with catch_stop_signals():  # before the seconds of importing jax and torch: a signal there stops cleanly
+        try:
+            config = parse_args(argv)
+        except UsageError as e:  # argparse has printed the usage and the message
+            _print_summary(_failed(started, e.message))
+            return EXIT_BAD_INPUT
+        from .export import ExportMismatchError
+        from .loop import NonFiniteLossError, fit
+
+        # Our messages at INFO; orbax and absl log every save step at INFO, so other loggers stay at WARNING.
+        logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
+        logging.getLogger("resnet_train").setLevel(logging.INFO)
+        try:
+            result = fit(config)
+        except (NonFiniteLossError, ExportMismatchError) as e:
+            return _fail(started, EXIT_FAILED, e)
+        except (ValueError, OSError) as e:
+            return _fail(started, EXIT_BAD_INPUT, e)
+        except Exception as e:  # a bug: the summary line still comes, then the traceback
+            _print_summary(_failed(started, f"{type(e).__name__}: {e}"))
+            raise
+        _print_summary(result)
+        return 0
 
 
 if __name__ == "__main__":

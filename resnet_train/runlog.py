@@ -1,8 +1,13 @@
-"""A run directory's record: metrics as JSON lines, the config, and a PNG plot of the curves."""
+"""A run directory's record: metrics as JSON lines, the config, a PNG plot of the curves, and its lock."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +16,35 @@ from parity.files import atomic_write
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 PLOT_FILE = "curves.png"
+LOCK_FILE = "lock"  # flock'ed by the run using the folder; holds its process id
+
+log = logging.getLogger(__name__)
+
+
+class RunDirBusyError(ValueError):
+    """Another process holds the run directory's lock."""
+
+
+@contextlib.contextmanager
+def locked(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive flock on run_dir/lock while inside; the kernel drops it when the process ends, however.
+
+    A second run in the same folder fails at once with RunDirBusyError naming the holder's process id.
+    """
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise RunDirBusyError(
+                f"{run_dir} is in use by another run (process {holder}); wait for it to end or choose another --run-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -24,6 +58,15 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def keep_metrics_until(run_dir: Path, step: int) -> None:
+    """Drop metrics lines of steps after `step` (written before a crash, past the checkpoint resumed from)."""
+    records = read_metrics(run_dir)
+    kept = [r for r in records if r.get("step", 0) <= step]
+    if len(kept) < len(records):
+        log.warning("%s: dropped %d lines past step %d", run_dir / METRICS_FILE, len(records) - len(kept), step)
+        write_atomic(run_dir / METRICS_FILE, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:

@@ -97,8 +97,9 @@ def train_step(
 ) -> tuple[TrainState, dict[str, Array]]:
     """One optimizer step on a uint8 NHWC batch: augment, normalise, forward in train mode, update.
 
-    An update whose loss, gradients or new BatchNorm statistics are not finite is not applied
-    (the step counter still advances and ``skipped`` counts it); ``metrics['finite']`` says which.
+    An update whose loss, gradients, new BatchNorm statistics, new parameters or new optimizer
+    state are not all finite is not applied (the step counter still advances and ``skipped``
+    counts it); ``metrics['finite']`` says which.
     """
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), AUGMENT_STREAM), state.step)
     x = normalize(augment(key, images_u8, config.crop, config.flip), state.mean, state.std)
@@ -115,7 +116,7 @@ def train_step(
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    finite = _all_finite(loss, grads, batch_stats)
+    finite = _all_finite(loss, grads, batch_stats, params, opt_state)
 
     def keep(new: Array, old: Array) -> Array:
         return jnp.where(finite, new, old)

@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import pathlib
 import pickle
+import stat
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 import torchvision
 from flax import traverse_util
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
 
 import parity
 import resnet_torch
 from parity.cli import main
-from parity.files import atomic_write
+from parity.files import DIGEST_ENTRY, atomic_write
 from parity.pairs import randomize_batchnorm
 
 RTOL_FP32 = 1e-5
@@ -215,10 +224,97 @@ def test_bit_flips_give_the_projects_error_or_intact_tensors(small_files, name: 
     except parity.CheckpointError as e:
         assert f"flip_{name}" in str(e)
         return
-    if name.endswith(".safetensors"):  # the recorded sha256 lets no changed tensor through
-        original = parity.read_checkpoint(tmp / name)
-        same = _same_tensors if original.framework == "torch" else _same_tree
-        assert same(ckpt.tensors, original.tensors)
+    # Every format records a sha256, which lets no changed tensor through.
+    original = parity.read_checkpoint(tmp / name)
+    same = _same_tensors if original.framework == "torch" else _same_tree
+    assert same(ckpt.tensors, original.tensors)
+
+
+def _rewritten(name: str, data: bytes, tmp: Path, change: Callable[[Any, dict], None]) -> bytes:
+    """The file after change(its first weight, its metadata holding our digest), re-saved by the format's own tools."""
+    path = tmp / f"src_{name}"
+    path.write_bytes(data)
+    if name.endswith(".pth"):
+        sd = torch.load(path, weights_only=True)
+        change(sd["a.weight"], sd._metadata[DIGEST_ENTRY])
+        torch.save(sd, path)
+    elif name.endswith(".msgpack"):
+        tree = jax.tree.map(np.array, flax.serialization.msgpack_restore(data))  # writable copies
+        change(tree["params"]["a"]["kernel"], tree[DIGEST_ENTRY])
+        path.write_bytes(flax.serialization.msgpack_serialize(tree))
+    else:
+        with safe_open(path, framework="pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        change(tensors["a.weight" if "a.weight" in tensors else "params/a/kernel"], meta)
+        safetensors.torch.save_file(tensors, path, meta)
+    return path.read_bytes()
+
+
+def _add_one(weight: Any, entry: dict) -> None:
+    weight[0, 0] += 1
+
+
+def _drop_digest(weight: Any, entry: dict) -> None:
+    del entry["sha256"]
+
+
+def _garble_digest(weight: Any, entry: dict) -> None:
+    entry["sha256"] = "not a digest"
+
+
+@pytest.mark.parametrize("name", ["t.safetensors", "f.safetensors", "t.pth", "f.msgpack"])
+def test_a_changed_weight_is_refused_in_every_format(small_files, name: str) -> None:
+    tmp, files = small_files
+    path = tmp / f"edit_{name}"
+    path.write_bytes(_rewritten(name, files[name], tmp, _add_one))
+    with pytest.raises(parity.CheckpointError, match=f"edit_{name}: corrupted: the tensors do not match the sha256"):
+        parity.read_checkpoint(path)
+
+
+@pytest.mark.parametrize("damage", [_drop_digest, _garble_digest])
+@pytest.mark.parametrize("name", ["t.safetensors", "f.safetensors", "t.pth", "f.msgpack"])
+def test_our_file_with_a_missing_or_malformed_digest_is_corrupted(small_files, name: str, damage) -> None:
+    tmp, files = small_files
+    path = tmp / f"nodigest_{name}"
+    path.write_bytes(_rewritten(name, files[name], tmp, damage))
+    with pytest.raises(parity.CheckpointError, match=f"nodigest_{name}: corrupted: its sha256 digest is missing or"):
+        parity.read_checkpoint(path)
+
+
+def test_foreign_files_load_with_a_one_line_notice(
+    tmp_path: Path, model: torch.nn.Module, caplog: pytest.LogCaptureFixture
+) -> None:
+    sd = model.state_dict()
+    torch.save(sd, tmp_path / "other.pth")
+    safetensors.torch.save_file(dict(sd), tmp_path / "other.safetensors", {"format": "pt"})
+    (tmp_path / "other.msgpack").write_bytes(flax.serialization.msgpack_serialize(parity.torch_to_flax(model)))
+    for name in ("other.pth", "other.safetensors", "other.msgpack"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="parity.files"):
+            ckpt = parity.read_checkpoint(tmp_path / name)
+        [notice] = caplog.messages
+        assert name in notice and "cannot be verified" in notice and "\n" not in notice
+        assert len(traverse_util.flatten_dict(ckpt.tensors) if ckpt.framework == "flax" else ckpt.tensors) == len(sd)
+    caplog.clear()
+    parity.write_checkpoint(tmp_path / "ours.pth", sd, "torch")
+    parity.read_checkpoint(tmp_path / "ours.pth")
+    assert not caplog.messages
+
+
+def test_our_pth_and_msgpack_load_with_other_tools(tmp_path: Path, model: torch.nn.Module) -> None:
+    """The digest rides in the state dict's _metadata and in one extra msgpack entry: others load them as usual."""
+    parity.write_checkpoint(tmp_path / "w.pth", model.state_dict(), "torch")
+    sd = torch.load(tmp_path / "w.pth", weights_only=True)
+    assert list(sd) == list(model.state_dict())
+    fresh = resnet_torch.resnet18(num_classes=5)
+    fresh.load_state_dict(sd, strict=True)
+    assert _same_tensors(fresh.state_dict(), model.state_dict())
+
+    variables = parity.torch_to_flax(model)
+    parity.write_checkpoint(tmp_path / "v.msgpack", variables, "flax")
+    zeros = jax.tree.map(np.zeros_like, variables)
+    restored = flax.serialization.from_bytes(zeros, (tmp_path / "v.msgpack").read_bytes())
+    assert _same_tree(restored, variables)
 
 
 def test_truncated_real_checkpoint_names_the_file(tmp_path: Path, model: torch.nn.Module) -> None:
@@ -263,6 +359,92 @@ def test_failed_checkpoint_write_keeps_the_old_file(
     with pytest.raises(parity.CheckpointError, match=f"w{suffix}: cannot write"):
         parity.write_checkpoint(path, model.state_dict(), "torch")
     assert os.listdir(tmp_path) == [path.name] and path.read_bytes() == b"previous"
+
+
+@pytest.fixture
+def default_umask():
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def test_new_files_get_the_usual_mode_and_replaced_files_keep_theirs(tmp_path: Path, default_umask) -> None:
+    path = tmp_path / "report.json"
+    atomic_write(path, lambda f: f.write(b"{}"))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    path.chmod(0o600)
+    atomic_write(path, lambda f: f.write(b"[]"))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_bytes() == b"[]"
+
+
+def test_a_symlink_stays_and_its_target_is_replaced_beside_itself(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "w.json"
+    target.write_bytes(b"old")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    atomic_write(link, lambda f: f.write(b"new"))
+    assert link.is_symlink() and target.read_bytes() == b"new"
+    assert sorted(os.listdir(tmp_path)) == ["link.json", "real"] and os.listdir(tmp_path / "real") == ["w.json"]
+
+
+def test_a_fifo_is_written_through_not_replaced(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader.start()
+    assert atomic_write(fifo, lambda f: f.write(b"through")) == 7
+    reader.join(timeout=30)
+    assert received == [b"through"] and stat.S_ISFIFO(fifo.stat().st_mode)
+    assert os.listdir(tmp_path) == ["pipe"]
+
+
+def test_devices_are_written_through_and_a_full_one_says_so(tmp_path: Path) -> None:
+    null, full = tmp_path / "null", tmp_path / "full"
+    null.symlink_to("/dev/null")
+    full.symlink_to("/dev/full")
+    assert atomic_write(null, lambda f: f.write(b"gone")) == 4
+    with pytest.raises(OSError, match="No space left on device") as e:
+        atomic_write(full, lambda f: f.write(b"x"))
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(full)
+    for device in ("/dev/null", "/dev/full"):
+        assert stat.S_ISCHR(os.stat(device).st_mode)
+    with pytest.raises(ValueError, match="not a regular file"):
+        atomic_write(null, lambda f: f.write(b"x"), check=lambda tmp: None)
+
+
+def test_dev_stdout_writes_to_our_stdout(capfd: pytest.CaptureFixture[str]) -> None:
+    """Under pytest, fd 1 is a regular temp file: it must be written through, not replaced by a new file."""
+    print("before", flush=True)
+    atomic_write("/dev/stdout", lambda f: f.write(b"through stdout\n"))
+    print("after", flush=True)
+    assert capfd.readouterr().out == "before\nthrough stdout\nafter\n"
+
+
+def test_a_failed_check_keeps_the_file_from_its_path(tmp_path: Path, model: torch.nn.Module) -> None:
+    path = tmp_path / "w.safetensors"
+    seen = []
+
+    def refuse(written: Path) -> None:
+        seen.append(parity.read_checkpoint(written).framework)
+        raise RuntimeError("does not match")
+
+    with pytest.raises(RuntimeError, match="does not match"):
+        parity.write_checkpoint(path, model.state_dict(), "torch", check=refuse)
+    assert seen == ["torch"] and os.listdir(tmp_path) == []
+
+
+def test_a_full_disk_under_a_pth_output_is_a_sentence(
+    tmp_path: Path, model: torch.nn.Module, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "w.safetensors"
+    parity.write_checkpoint(src, model.state_dict(), "torch")
+    out = tmp_path / "out.pth"
+    out.symlink_to("/dev/full")  # a real ENOSPC from the kernel, no mount needed
+    assert main(["convert", str(src), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "out.pth: cannot write" in err and "No space left on device" in err and "Traceback" not in err
 
 
 # --- the CLI ---------------------------------------------------------------------------------------

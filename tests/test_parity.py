@@ -215,7 +215,18 @@ def test_cli_passes_with_json(tmp_path, capsys) -> None:
     [run] = report["runs"]
     assert run["arch"] == "resnet18" and [r["check"] for r in run["results"]] == [EVAL]
     assert set(report["versions"]) >= {"torch", "jax", "flax", "optax"}
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert not list(tmp_path.glob(".*.tmp*"))
+
+
+@pytest.mark.parametrize("place", ["under_a_file", "full_device"])
+def test_cli_json_into_an_unwritable_place_exits_2_before_any_check(tmp_path, capsys, place) -> None:
+    (tmp_path / "file").write_text("")
+    (tmp_path / "full.json").symlink_to("/dev/full")  # writes fail with ENOSPC
+    out = tmp_path / "file" / "report.json" if place == "under_a_file" else tmp_path / "full.json"
+    code = main(_cli(["--precision", "fp32", "--checks", "eval logits", "--json", str(out)]))
+    printed, err = capsys.readouterr()
+    assert code == 2 and f"cannot write --json {out}" in err and "Traceback" not in err
+    assert "PASS" not in printed and "FAIL" not in printed  # it stopped before running a check
 
 
 def test_cli_fails_and_names_stage(monkeypatch, capsys) -> None:

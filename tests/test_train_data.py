@@ -55,6 +55,43 @@ def test_cifar10_errors_name_the_file(tmp_path):
         data.load_cifar10(tmp_path)
 
 
+def _write_cifar_folder(root, rng):
+    for name in (*data.CIFAR10_TRAIN, data.CIFAR10_TEST):
+        _write_cifar_batch(root / name, rng, 2)
+
+
+def test_cifar10_empty_or_folder_batches_are_sentences(tmp_path):
+    _write_cifar_folder(tmp_path, np.random.default_rng(6))
+    batch = tmp_path / data.CIFAR10_TRAIN[0]
+    batch.write_bytes(b"")
+    with pytest.raises(ValueError, match="data_batch_1: empty or truncated"):
+        data.load_cifar10(tmp_path)
+    batch.unlink()
+    batch.mkdir()
+    with pytest.raises(ValueError, match="data_batch_1: a folder"):
+        data.load_cifar10(tmp_path)
+    batch.rmdir()
+    batch.write_bytes(pickle.dumps({b"data": np.zeros((0, 3072), np.uint8), b"labels": []}))
+    with pytest.raises(ValueError, match="data_batch_1: the batch holds no images"):
+        data.load_cifar10(tmp_path)
+
+
+def test_cifar10_values_above_255_are_refused_not_wrapped(tmp_path):
+    _write_cifar_folder(tmp_path, np.random.default_rng(7))
+    pixels = np.full((2, 3072), 100, np.int64)
+    batch = {b"data": pixels, b"labels": [0, 1]}
+    (tmp_path / data.CIFAR10_TEST).write_bytes(pickle.dumps(batch))
+    assert data.load_cifar10(tmp_path).test_images.max() == 100  # integer pixels within 0..255 are fine
+    pixels[1, 5] = 256  # would wrap to 0 as uint8
+    (tmp_path / data.CIFAR10_TEST).write_bytes(pickle.dumps(batch))
+    with pytest.raises(ValueError, match="test_batch: pixel values must be 0..255, found 100..256"):
+        data.load_cifar10(tmp_path)
+    batch[b"data"] = pixels.astype(np.float32) / 255
+    (tmp_path / data.CIFAR10_TEST).write_bytes(pickle.dumps(batch))
+    with pytest.raises(ValueError, match="expected integer pixel values 0..255, got dtype float32"):
+        data.load_cifar10(tmp_path)
+
+
 def _write_images(folder, rng, n, size, suffix):
     folder.mkdir(parents=True)
     for i in range(n):

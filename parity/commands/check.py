@@ -16,7 +16,7 @@ from .args import positive_int
 DEFAULT_SIZE = (97, 131)  # odd and non-square: 'SAME' and symmetric padding differ at every stride
 DEFAULT_BATCH = 2
 EXIT_FAILED = 1  # some check exceeded its tolerance or raised
-EXIT_BAD_INPUT = 2  # the run could not start (e.g. no GPU), as argparse's own usage errors
+EXIT_BAD_INPUT = 2  # the run could not start (e.g. no GPU) or its --json file cannot be written, as usage errors
 
 
 def _check_list(text: str) -> tuple[str, ...]:
@@ -66,7 +66,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="check fused(ResNet) (resnet_flax.fused), the fused-BatchNorm model training uses, instead of ResNet",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default: 0)")
-    p.add_argument("--json", metavar="FILE", help="also write every result, the modes and versions as JSON")
+    p.add_argument(
+        "--json",
+        metavar="FILE",
+        help="also write every result, the modes and versions as JSON (written first with no results, so an "
+        "unwritable place stops the run at once)",
+    )
     p.set_defaults(run=run)
 
 
@@ -89,6 +94,16 @@ def _payload(args: argparse.Namespace, runs: list[dict[str, Any]], complete: boo
     }
 
 
+def _saved(args: argparse.Namespace, runs: list[dict[str, Any]], complete: bool, passed: bool) -> bool:
+    """Write the --json report; False, with a sentence on stderr, when it cannot be written."""
+    try:
+        write_json(args.json, _payload(args, runs, complete, passed))
+    except OSError as e:
+        print(f"resnet-parity check: error: cannot write --json {args.json}: {e.strerror or e}", file=sys.stderr)
+        return False
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the checks, print the table as results arrive, and return the exit code."""
     archs = tuple(DEPTHS) if args.arch == "all" else (args.arch,)
@@ -102,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
 
     runs: list[dict[str, Any]] = []
     failed = False
+    if args.json and not _saved(args, runs, complete=False, passed=False):
+        return EXIT_BAD_INPUT
     print(f"device {args.device}, input {args.batch}x3x{size[0]}x{size[1]}, seed {args.seed}, flax {_flax_model(args)}")
     modes = {}
     for precision in precisions:
@@ -126,9 +143,9 @@ def run(args: argparse.Namespace) -> int:
                 run_info["results"] = [r.to_json() for r in results]
                 failed |= not all(r.passed for r in results)
             runs.append(run_info)
-            if args.json:
-                # Rewritten after every run, so an interrupted run still leaves the figures it has.
-                complete = len(runs) == len(archs) * len(precisions)
-                write_json(args.json, _payload(args, runs, complete, passed=complete and not failed))
+            # Rewritten after every run, so an interrupted run still leaves the figures it has.
+            complete = len(runs) == len(archs) * len(precisions)
+            if args.json and not _saved(args, runs, complete, passed=complete and not failed):
+                return EXIT_BAD_INPUT
     print("FAILED: some checks exceed their tolerance" if failed else "all checks pass")
     return EXIT_FAILED if failed else 0
