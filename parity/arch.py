@@ -1,4 +1,8 @@
-"""Read the architecture (block type, stage sizes, classes, stem) back from keys and shapes."""
+"""Read the architecture (block type, stage sizes, classes, stem) back from keys and shapes.
+
+Also what the model hubs' configs say about a network: a transformers ``ResNetConfig`` or a timm
+architecture name is checked against what this model can be, and written for a spec.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +13,37 @@ from typing import Any
 
 from resnet_arch import BN_COUNTER, BN_PARAMS, BN_STATS, HEAD, IN_CHANNELS, STAGES, STEM, STEM_WIDTH, arch_name
 
+from .names import SEQ_SLOTS, TIMM, TRANSFORMERS
+
 # Per block type, each convolution of residual_function in order: (kernel size, output width as a
-# multiple of the stage width; the last one's factor is the block's expansion). The block's
-# Sequential puts conv j at index 3*j and its BatchNorm at 3*j + 1 (a ReLU fills the third slot).
+# multiple of the stage width; the last one's factor is the block's expansion). Conv j sits at slot
+# SEQ_SLOTS * j of the block's Sequential, its BatchNorm at the next slot.
 BLOCK_CONVS: dict[str, tuple[tuple[int, int], ...]] = {
     "BasicBlock": ((3, 1), (3, 1)),
     "BottleNeck": ((1, 1), (3, 1), (1, 4)),
 }
-_SEQ_SLOTS = 3  # conv, BatchNorm, ReLU
 _STEM_KERNEL = {False: 7, True: 3}  # small_stem -> stem kernel size
+_BN_LEAVES = (*BN_PARAMS, *BN_STATS)  # in the order torch's BatchNorm2d registers them
 
 _BLOCK_KEY = re.compile(r"^(\w+)\.(\d+)\.residual_function\.(\d+)\.")
+_TRANSFORMERS_LAYER_TYPES = {"BasicBlock": "basic", "BottleNeck": "bottleneck"}
+# What transformers' ResNetConfig builds for a field its config.json leaves out.
+_TRANSFORMERS_DEFAULTS: dict[str, Any] = {
+    "num_channels": 3,
+    "embedding_size": 64,
+    "hidden_sizes": [256, 512, 1024, 2048],
+    "depths": [3, 4, 6, 3],
+    "layer_type": "bottleneck",
+    "hidden_act": "relu",
+    "downsample_in_first_stage": False,
+    "downsample_in_bottleneck": False,
+}
+# timm's plain ResNets are resnet<depth>; any suffix (resnet50d, resnetblur50, resnet50_gn) is a variant.
+_TIMM_PLAIN = re.compile(r"^resnet\d+$")
+
+
+class NotThisArchitecture(ValueError):
+    """A checkpoint of a ResNet variant that this model cannot represent; the message names the feature."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +65,11 @@ class ArchSpec:
         stem = ", small stem" if self.small_stem else ""
         return f"{self.name or 'custom'} ({self.block} {list(self.num_block)}, {self.num_classes} classes{stem})"
 
+    def stage_widths(self) -> list[int]:
+        """Each stage's output width (transformers' hidden_sizes)."""
+        expansion = BLOCK_CONVS[self.block][-1][1]
+        return [width * expansion for _, width, _ in STAGES]
+
     def torch_shapes(self) -> dict[str, tuple[int, ...]]:
         """{seed state-dict key: torch shape}, in the order resnet_torch registers them."""
         convs = BLOCK_CONVS[self.block]
@@ -48,8 +77,7 @@ class ArchSpec:
 
         def conv_bn(conv: str, bn: str, c_in: int, c_out: int, k: int) -> None:
             shapes[f"{conv}.weight"] = (c_out, c_in, k, k)
-            # torch registers weight, bias, running_mean, running_var, then the scalar counter.
-            shapes.update({f"{bn}.{leaf}": () if leaf == BN_COUNTER else (c_out,) for leaf in (*BN_PARAMS, *BN_STATS)})
+            shapes.update({f"{bn}.{leaf}": () if leaf == BN_COUNTER else (c_out,) for leaf in _BN_LEAVES})
 
         conv_bn(f"{STEM}.0", f"{STEM}.1", IN_CHANNELS, STEM_WIDTH, _STEM_KERNEL[self.small_stem])
         c_in = STEM_WIDTH
@@ -57,8 +85,8 @@ class ArchSpec:
             for i in range(blocks):
                 prefix, c = f"{stage}.{i}", c_in
                 for j, (k, factor) in enumerate(convs):
-                    slot = f"{prefix}.residual_function.{_SEQ_SLOTS * j}"
-                    conv_bn(slot, f"{prefix}.residual_function.{_SEQ_SLOTS * j + 1}", c, width * factor, k)
+                    slot = f"{prefix}.residual_function.{SEQ_SLOTS * j}"
+                    conv_bn(slot, f"{prefix}.residual_function.{SEQ_SLOTS * j + 1}", c, width * factor, k)
                     c = width * factor
                 # Projection shortcut exactly when the block changes the shape (resnet_torch's _shortcut).
                 if (stride if i == 0 else 1) != 1 or c_in != c:
@@ -95,11 +123,96 @@ class ArchSpec:
         block = resnet_flax.model.BLOCKS[self.block]
         return resnet_flax.ResNet(block, tuple(self.num_block), **self.model_kwargs(), **kwargs)
 
+    def check_layout(self, layout: str) -> None:
+        """ValueError when the layout's own model cannot be this network."""
+        if layout == TRANSFORMERS and self.small_stem:
+            raise ValueError(
+                "a small stem (3x3/1, no max-pool) has no transformers equivalent: ResNetConfig's stem is "
+                "always a 7x7/2 convolution and a max-pool (train with --no-small-stem for a transformers export)"
+            )
+
+    def hub_config(self, layout: str) -> dict[str, Any] | None:
+        """The config.json a model hub's loader builds this network from, or None where the layout has none.
+
+        transformers: a ``ResNetConfig`` for ``ResNetForImageClassification.from_pretrained``;
+        timm: the architecture name for ``timm.create_model("local-dir:DIR", pretrained=True)``.
+        """
+        self.check_layout(layout)
+        if layout == TRANSFORMERS:
+            labels = {str(i): f"LABEL_{i}" for i in range(self.num_classes)}
+            return {
+                "architectures": ["ResNetForImageClassification"],
+                "model_type": "resnet",
+                **_TRANSFORMERS_DEFAULTS,  # ReLU, the stride on the 3x3, a first stage without stride
+                "num_channels": IN_CHANNELS,
+                "embedding_size": STEM_WIDTH,
+                "hidden_sizes": self.stage_widths(),
+                "depths": list(self.num_block),
+                "layer_type": _TRANSFORMERS_LAYER_TYPES[self.block],
+                "id2label": labels,
+                "label2id": {name: int(i) for i, name in labels.items()},
+            }
+        if layout == TIMM:
+            if self.name is None or self.small_stem:
+                raise ValueError(
+                    f"timm has no architecture for {self.describe()}: a timm directory needs one of its "
+                    "resnet18..152 (7x7 stem)"
+                )
+            return {
+                "architecture": self.name,
+                "num_classes": self.num_classes,
+                "num_features": self.stage_widths()[-1],
+                "pretrained_cfg": {"num_classes": self.num_classes, "first_conv": "conv1", "classifier": "fc"},
+            }
+        return None
+
+
+def _variant_shapes(shapes: Mapping[str, Sequence[int]], block: str) -> list[str]:
+    """Features of a ResNet variant that the convolution shapes show, one phrase each."""
+    features = []
+    stem = shapes.get(f"{STEM}.0.weight")
+    if stem is not None and len(stem) == 4:
+        if stem[1] != IN_CHANNELS:
+            features.append(f"{stem[1]} input channels (this model takes {IN_CHANNELS})")
+        if stem[0] != STEM_WIDTH:
+            features.append(
+                f"a stem {stem[0]} channels wide (transformers embedding_size; this model's is {STEM_WIDTH})"
+            )
+    got, expected, groups = [], [], set()
+    for name, width, _ in STAGES:
+        widths: list[int] = []
+        for j in range(len(BLOCK_CONVS[block])):
+            conv = shapes.get(f"{name}.0.residual_function.{SEQ_SLOTS * j}.weight")
+            if conv is None or len(conv) != 4:
+                return features
+            if widths and conv[1] != widths[-1] and widths[-1] % conv[1] == 0:
+                groups.add(widths[-1] // conv[1])
+            widths.append(conv[0])
+        got.append("-".join(map(str, widths)))
+        expected.append("-".join(str(width * factor) for _, factor in BLOCK_CONVS[block]))
+    if groups:
+        features.append(f"grouped convolutions ({'/'.join(map(str, sorted(groups)))} groups: ResNeXt)")
+    if got != expected:
+        features.append(
+            f"convolution widths {', '.join(got)} in the stages' first blocks where this model has "
+            f"{', '.join(expected)} (wide or ResNeXt blocks, or other transformers hidden_sizes)"
+        )
+    return features
+
+
+def not_this_architecture(features: Sequence[str]) -> NotThisArchitecture:
+    """The error for a checkpoint whose features (phrases) this model does not have."""
+    return NotThisArchitecture(
+        f"{' and '.join(features)}: not this architecture (a plain ResNet: one stem convolution, "
+        "convolution + BatchNorm blocks with the stride on the 3x3 convolution, 1x1 projection shortcuts)"
+    )
+
 
 def infer_arch(shapes: Mapping[str, Sequence[int]]) -> ArchSpec:
     """The architecture of a checkpoint from its seed-layout keys and torch shapes.
 
-    Raises ValueError naming what is missing when the keys do not describe a ResNet.
+    Raises ValueError naming what is missing when the keys do not describe a ResNet, and
+    NotThisArchitecture naming the feature when they describe a ResNet variant this model is not.
     """
     stage_names = [name for name, _, _ in STAGES]
     blocks: dict[str, int] = {}
@@ -108,21 +221,23 @@ def infer_arch(shapes: Mapping[str, Sequence[int]]) -> ArchSpec:
         if (m := _BLOCK_KEY.match(key)) and m[1] in stage_names:
             blocks[m[1]] = max(blocks.get(m[1], 0), int(m[2]) + 1)
             last_slot = max(last_slot, int(m[3]))
-    convs = last_slot // _SEQ_SLOTS + 1
+    convs = last_slot // SEQ_SLOTS + 1
     block = next((name for name, layers in BLOCK_CONVS.items() if len(layers) == convs), None)
+    if block is not None and (features := _variant_shapes(shapes, block)):
+        raise not_this_architecture(features)
     stem, fc = shapes.get(f"{STEM}.0.weight"), shapes.get(f"{HEAD}.weight")
     small_stem = {k: small for small, k in _STEM_KERNEL.items()}.get(int(stem[-1])) if stem and len(stem) == 4 else None
     problems = []
     if small_stem is None:
         problems.append(f"{STEM}.0.weight (the stem convolution, 7x7 or 3x3)")
     if fc is None or len(fc) != 2:
-        problems.append(f"{HEAD}.weight (the classifier)")
+        problems.append(f"{HEAD}.weight (the classifier; a backbone without one does not convert)")
     missing_stages = [name for name in stage_names if name not in blocks]
     if missing_stages:
         problems.append("blocks of " + ", ".join(missing_stages))
     elif block is None:
         problems.append(f"a block type with {convs} convolutions (BasicBlock has 2, BottleNeck 3)")
-    if problems or block is None or fc is None or small_stem is None:  # problems names each of these
+    if problems or block is None or small_stem is None or fc is None:
         raise ValueError("cannot read a ResNet architecture from these keys: missing " + "; ".join(problems))
     return ArchSpec(
         block=block,
@@ -130,3 +245,51 @@ def infer_arch(shapes: Mapping[str, Sequence[int]]) -> ArchSpec:
         num_classes=int(fc[0]),
         small_stem=small_stem,
     )
+
+
+def _transformers_features(config: Mapping[str, Any], spec: ArchSpec) -> list[str]:
+    """What a transformers ResNetConfig asks for that this model (as ``spec``) is not."""
+    cfg = {**_TRANSFORMERS_DEFAULTS, **config}
+    features = []
+    if cfg["hidden_act"] != "relu":
+        features.append(f"activation {cfg['hidden_act']!r} (hidden_act; this model uses ReLU)")
+    if cfg["downsample_in_first_stage"]:
+        features.append("a strided first stage (downsample_in_first_stage=True; this model's keeps the resolution)")
+    if cfg["downsample_in_bottleneck"] and cfg["layer_type"] == "bottleneck":
+        # The stride on the first 1x1 convolution (ResNet v1) drops pixels the 3x3 would have seen:
+        # not the function of the stride on the 3x3 (v1.5), whatever the weights.
+        features.append(
+            "the stride on the first 1x1 convolution of a bottleneck (downsample_in_bottleneck=True, ResNet v1; "
+            "this model strides the 3x3, v1.5)"
+        )
+    weights = {
+        "num_channels": IN_CHANNELS,
+        "embedding_size": STEM_WIDTH,
+        "layer_type": _TRANSFORMERS_LAYER_TYPES[spec.block],
+        "depths": list(spec.num_block),
+        "hidden_sizes": spec.stage_widths(),
+    }
+    features += [
+        f"config.json {k}={cfg[k]!r} where the weights have {want!r}"
+        for k, want in weights.items()
+        if (list(cfg[k]) if isinstance(cfg[k], (list, tuple)) else cfg[k]) != want
+    ]
+    return features
+
+
+def check_hub_config(config: Mapping[str, Any], spec: ArchSpec) -> None:
+    """Raise NotThisArchitecture when a hub config.json describes another network than ``spec``.
+
+    A transformers config (``model_type: resnet``) is checked flag by flag; a timm config's
+    ``architecture`` must be a plain ``resnet<depth>`` (timm's blur-pool and anti-aliased variants
+    have the plain keys, so only the name tells them apart). Other configs say nothing checked here.
+    """
+    if config.get("model_type") == "resnet":
+        features = _transformers_features(config, spec)
+    elif isinstance(arch := config.get("architecture"), str):
+        base = arch.split(".")[0]
+        features = [] if _TIMM_PLAIN.match(base) else [f"timm architecture {base!r}, not a plain resnet<depth>"]
+    else:
+        features = []
+    if features:
+        raise not_this_architecture(features)

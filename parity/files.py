@@ -48,11 +48,11 @@ TORCH = "torch"
 FLAX = "flax"
 FRAMEWORKS = (TORCH, FLAX)
 SAFETENSORS, PICKLE, MSGPACK = "safetensors", "pickle", "msgpack"
-SUFFIXES = {".safetensors": SAFETENSORS, ".pth": PICKLE, ".pt": PICKLE, ".msgpack": MSGPACK}
+SUFFIXES = {".safetensors": SAFETENSORS, ".pth": PICKLE, ".pt": PICKLE, ".bin": PICKLE, ".msgpack": MSGPACK}
 FLAX_COLLECTIONS = ("params", "batch_stats")
 _SEP = "/"  # joins a Flax variable path into one safetensors key
 _HEADER_LEN_BYTES = 8  # safetensors: little-endian u64 header length, then the JSON header
-_STATE_DICT_KEYS = ("state_dict", "model")  # where training scripts commonly nest the weights
+_STATE_DICT_KEYS = ("state_dict", "model", "model_state")  # where training scripts commonly nest the weights
 # Our entry in a .pth state dict's _metadata and at the top of a .msgpack tree: framework and sha256.
 DIGEST_ENTRY = "_resnet_parity"
 _SHA256 = re.compile(r"[0-9a-f]{64}")

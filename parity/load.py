@@ -1,44 +1,60 @@
-"""From a checkpoint file to a working model of either framework, in one call."""
+"""From a checkpoint file or model-hub directory to a working model of either framework, in one call."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from resnet_arch import HEAD
 
-from .convert import ConversionError, check_flax_variables, check_state_dict, flax_to_torch, torch_to_flax
-from .files import FLAX, FRAMEWORKS, TORCH, read_checkpoint
+from .convert import ERROR, ConversionError, FlaxWeights, TorchWeights, check_flax_variables, check_state_dict
+from .files import FRAMEWORKS, TORCH, read_checkpoint
+from .hub import read_hub_dir
 
 
-def load_checkpoint(path: str | os.PathLike, framework: str, **model_kwargs: Any) -> Any:
-    """A checkpoint file (.safetensors, .pth/.pt, .msgpack; either framework's weights) -> a model.
+def read_weights(
+    path: str | os.PathLike, *, bad_values: str = ERROR, stacklevel: int = 1
+) -> TorchWeights | FlaxWeights:
+    """A checkpoint file or hub directory, read and checked once (a directory's config.json included).
+
+    Errors name the file or directory.
+    """
+    path = Path(path)
+    ckpt, config = read_hub_dir(path) if path.is_dir() else (read_checkpoint(path), {})
+    try:
+        if ckpt.framework == TORCH:
+            return check_state_dict(ckpt.tensors, config=config, bad_values=bad_values, stacklevel=stacklevel + 1)
+        return check_flax_variables(ckpt.tensors, bad_values=bad_values, stacklevel=stacklevel + 1)
+    except ConversionError as e:
+        raise ConversionError(f"{path}: {e}") from None
+
+
+def load_checkpoint(path: str | os.PathLike, framework: str, *, bad_values: str = ERROR, **model_kwargs: Any) -> Any:
+    """A checkpoint (.safetensors, .pth/.pt/.bin, .msgpack; or a hub directory) of either framework -> a model.
 
     ``framework="torch"``: a resnet_torch.ResNet in eval mode holding the file's tensors, dtype kept.
     ``framework="flax"``: ``(resnet_flax.ResNet, variables)``, ready for ``model.apply(variables, x_nhwc)``;
-    the model's ``param_dtype`` is the checkpoint's. The architecture is read from the file;
-    ``model_kwargs`` go to the model (e.g. ``dtype``, ``precision`` for Flax). Errors name the file.
+    the model's ``param_dtype`` is the checkpoint's. A directory is what transformers'
+    ``save_pretrained`` or timm's ``save_for_hf`` leaves (``model.safetensors`` or
+    ``pytorch_model.bin``, and ``config.json``). The architecture is read from the weights (and
+    checked against the config); ``model_kwargs`` go to the model (e.g. ``dtype``, ``precision`` for
+    Flax). ``bad_values`` as in ``torch_to_flax``. Errors name the file.
     """
     if framework not in FRAMEWORKS:
         raise ValueError(f"framework must be one of {', '.join(FRAMEWORKS)}, got {framework!r}")
-    ckpt = read_checkpoint(path)
+    weights = read_weights(path, bad_values=bad_values, stacklevel=2)
     try:
         if framework == TORCH:
-            sd = flax_to_torch(ckpt.tensors) if ckpt.framework == FLAX else ckpt.tensors
-            spec, sd = check_state_dict(sd)
             with torch.device("meta"):
-                model = spec.torch_model(**model_kwargs)
+                model = weights.spec.torch_model(**model_kwargs)
             # assign=True adopts the tensors (and their dtype) instead of copying into a fresh init.
-            model.load_state_dict(sd, strict=True, assign=True)
+            model.load_state_dict(weights.to_torch(), strict=True, assign=True)
             return model.eval()
-        if ckpt.framework == TORCH:
-            spec, sd = check_state_dict(ckpt.tensors)
-            variables = torch_to_flax(sd)
-        else:
-            spec, variables = check_flax_variables(ckpt.tensors)
-        param_dtype = variables["params"][HEAD]["kernel"].dtype
-        return spec.flax_model(**{"param_dtype": param_dtype, **model_kwargs}), variables
+        variables = weights.to_flax()
     except ConversionError as e:
         raise ConversionError(f"{path}: {e}") from None
+    param_dtype = variables["params"][HEAD]["kernel"].dtype
+    return weights.spec.flax_model(**{"param_dtype": param_dtype, **model_kwargs}), variables

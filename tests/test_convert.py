@@ -18,7 +18,7 @@ import resnet_torch
 from parity.arch import ArchSpec
 from parity.arrays import numpy_dtype
 from parity.convert import LEAF_RULES, check_flax_variables
-from parity.names import seed_to_torchvision
+from parity.names import from_seed
 from parity.pairs import randomize_batchnorm
 from resnet_arch import DEPTHS
 
@@ -198,14 +198,7 @@ def test_eval_logits_match_after_conversion(name: str, size: tuple[int, int]) ->
     assert _rel(got, expected) < EVAL_RTOL_FP32
 
 
-@pytest.mark.parametrize("name, size", [(n, ODD_SIZE) for n in DEPTHS])
-def test_torchvision_logits_match_after_conversion(name: str, size: tuple[int, int]) -> None:
-    tv = _randomize_bn(getattr(torchvision.models, name)(weights=None))
-    x = torch.randn(2, 3, *size)
-    with torch.no_grad():
-        expected = tv(x).numpy()
-    got = _flax_logits(_spec(name), parity.torch_to_flax(tv), x)
-    assert _rel(got, expected) < EVAL_RTOL_FP32
+# Logits of torchvision's, timm's and transformers' models: tests/test_hub.py.
 
 
 # --- errors that name every key -------------------------------------------------------------------
@@ -265,11 +258,161 @@ def test_not_a_resnet_is_a_conversion_error() -> None:
     with pytest.raises(TypeError, match="resnet_flax.ResNet"):
         parity.torch_to_flax(_random_state_dict(_spec("resnet18")), target=torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="layout"):
-        parity.flax_to_torch({"params": {}}, layout="timm")
+        parity.flax_to_torch({"params": {}}, layout="keras")
 
 
 def test_leaf_rules_are_inverse_pairs() -> None:
     for rule in LEAF_RULES:
         if rule.perm is not None:
             assert tuple(np.asarray(rule.perm)[list(rule.inverse_perm())]) == tuple(range(rule.ndim))
-    assert seed_to_torchvision("conv5_x.2.residual_function.7.running_var") == "layer4.2.bn3.running_var"
+    assert from_seed("conv5_x.2.residual_function.7.running_var", "torchvision") == "layer4.2.bn3.running_var"
+
+
+# --- bad input: mixed layouts, wrappers, dtypes and values -----------------------------------------
+
+
+def test_one_torchvision_key_among_seed_keys_is_refused() -> None:
+    sd = _random_state_dict(_spec("resnet18", num_classes=5))
+    mixed = {**sd, "layer1.0.conv1.weight": torch.randn(64, 64, 3, 3)}  # would overwrite conv2_x.0's first conv
+    with pytest.raises(parity.ConversionError, match=r"mixed layouts.*'layer1.0.conv1.weight', torchvision"):
+        parity.torch_to_flax(mixed)
+    tv = parity.flax_to_torch(parity.torch_to_flax(sd), "torchvision")
+    with pytest.raises(parity.ConversionError, match=r"mixed layouts.*conv2_x.0.residual_function.0.weight"):
+        parity.torch_to_flax({**tv, "conv2_x.0.residual_function.0.weight": torch.randn(64, 64, 3, 3)})
+
+
+def test_wrapper_prefixes_are_stripped_with_a_warning() -> None:
+    model = _randomize_bn(resnet_torch.resnet18(num_classes=5))
+    expected = parity.torch_to_flax(model)
+    compiled = torch.compile(model)  # its state_dict() puts '_orig_mod.' before every key; nothing is compiled
+    wrapped = {f"module.{k}": v for k, v in compiled.state_dict().items()}
+    with pytest.warns(UserWarning) as record:
+        got = parity.torch_to_flax(wrapped)
+    assert [str(w.message) for w in record] == [
+        "stripped 'module.' (DataParallel/DistributedDataParallel) from every key",
+        "stripped '_orig_mod.' (torch.compile) from every key",
+    ]
+    assert record[0].filename == __file__  # the warning points at the caller's line
+    leaves = zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected), strict=True)
+    assert all(np.array_equal(a, b) for a, b in leaves)
+
+
+def test_checkpoint_nested_under_model_state_is_found(tmp_path) -> None:
+    sd = _random_state_dict(_spec("resnet18", num_classes=5))
+    torch.save({"model_state": sd, "epoch": 7, "optimizer": {"lr": torch.tensor(0.1)}}, tmp_path / "ckpt.pth")
+    _, variables = parity.load_checkpoint(tmp_path / "ckpt.pth", "flax")
+    np.testing.assert_array_equal(np.asarray(variables["params"]["fc"]["bias"]), sd["fc.bias"].numpy())
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_weights_are_refused_or_warned(value: float) -> None:
+    sd = _random_state_dict(_spec("resnet18", num_classes=5))
+    sd["conv3_x.1.residual_function.3.weight"][0, 0, 0, 0] = value
+    kind = "1 NaN, 0 inf" if value != value else "0 NaN, 1 inf"
+    with pytest.raises(
+        parity.ConversionError, match=rf"NaN/inf \(1\): conv3_x.1.residual_function.3.weight \({kind}\)"
+    ):
+        parity.torch_to_flax(sd)
+    with pytest.warns(UserWarning, match="converting values no trained network has: NaN/inf"):
+        variables = parity.torch_to_flax(sd, bad_values="warn")
+    kernel = np.asarray(variables["params"]["conv3_x"]["1"]["residual_function"]["3"]["kernel"])
+    np.testing.assert_array_equal(kernel[0, 0, 0, 0], value)
+    with pytest.raises(parity.ConversionError, match=r"params/conv3_x/1/residual_function/3/kernel \("):
+        parity.flax_to_torch(variables)
+    with pytest.raises(ValueError, match="bad_values must be one of error, warn"):
+        parity.torch_to_flax(sd, bad_values="ignore")
+
+
+@pytest.mark.parametrize("counter, kept", [(torch.tensor(2.5), 2), (torch.tensor(-3), -3)])
+def test_fractional_or_negative_counter_is_refused_or_warned(counter: torch.Tensor, kept: int) -> None:
+    sd = _random_state_dict(_spec("resnet18", num_classes=5))
+    sd["conv1.1.num_batches_tracked"] = counter
+    with pytest.raises(parity.ConversionError, match=r"negative or fractional counter \(1\): conv1.1.num_batches"):
+        parity.torch_to_flax(sd)
+    with pytest.warns(UserWarning, match="negative or fractional counter: conv1.1.num_batches_tracked"):
+        variables = parity.torch_to_flax(sd, bad_values="warn")
+    assert int(variables["batch_stats"]["conv1"]["1"]["num_batches_tracked"]) == kept
+
+
+@pytest.mark.parametrize("counter", [torch.tensor(2**40), torch.tensor(-(2**31) - 1), torch.tensor(float("nan"))])
+def test_counter_that_int32_cannot_hold_is_an_error_even_when_warning(counter: torch.Tensor) -> None:
+    sd = _random_state_dict(_spec("resnet18", num_classes=5))
+    sd["conv4_x.0.shortcut.1.num_batches_tracked"] = counter
+    for bad_values in ("error", "warn"):
+        with pytest.raises(
+            parity.ConversionError, match=r"(?s)cannot be stored .*conv4_x.0.shortcut.1.num_batches_tracked"
+        ):
+            parity.torch_to_flax(sd, bad_values=bad_values)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.complex64, torch.float8_e4m3fn, "int8", jnp.int8])
+def test_casts_to_anything_but_a_float_weight_dtype_are_refused(dtype) -> None:
+    sd = _random_state_dict(_spec("resnet18", num_classes=5))
+    with pytest.raises(ValueError, match="dtype casts floating-point weights: one of float16, bfloat16"):
+        parity.torch_to_flax(sd, dtype=dtype)
+    with pytest.raises(ValueError, match="dtype casts floating-point weights"):
+        parity.flax_to_torch(parity.torch_to_flax(sd), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.float8_e4m3fn, torch.int8])
+def test_tensors_of_a_dtype_no_weight_has_are_named(dtype: torch.dtype) -> None:
+    sd = _random_state_dict(_spec("resnet18", num_classes=5))
+    sd["fc.weight"] = sd["fc.weight"].to(dtype)
+    with pytest.raises(parity.ConversionError, match=rf"dtype \(1\): fc.weight: {str(dtype)[6:]}$"):
+        parity.torch_to_flax(sd)
+
+
+def test_meta_tensors_are_named() -> None:
+    with torch.device("meta"):
+        model = resnet_torch.resnet18(num_classes=5)
+    with pytest.raises(parity.ConversionError, match=r"without plain data .*\n  tensor \(\d+\): conv1.0.weight"):
+        parity.torch_to_flax(model)
+
+
+# --- each direction is checked once --------------------------------------------------------------
+
+
+def _count_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record each whole-tree check the converter makes (by the title of what it compares against)."""
+    calls: list[str] = []
+    real = parity.convert._check
+
+    def counted(got, expected, what, *args):
+        calls.append(what)
+        return real(got, expected, what, *args)
+
+    monkeypatch.setattr(parity.convert, "_check", counted)
+    return calls
+
+
+@pytest.mark.parametrize("source", ["torch.safetensors", "flax.msgpack"])
+@pytest.mark.parametrize("framework", ["torch", "flax"])
+def test_loading_checks_the_weights_once(tmp_path, monkeypatch, source: str, framework: str) -> None:
+    sd = _random_state_dict(_spec("resnet18", num_classes=5))
+    kind, suffix = source.split(".")
+    path = tmp_path / f"w.{suffix}"
+    parity.write_checkpoint(path, sd if kind == "torch" else parity.torch_to_flax(sd), kind)
+    calls = _count_checks(monkeypatch)
+    parity.load_checkpoint(path, framework)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    "source, output", [("a.pth", "b.safetensors"), ("a.msgpack", "b.pth"), ("a.msgpack", "b.msgpack")]
+)
+def test_cli_checks_once_and_casts_without_a_round_trip(tmp_path, monkeypatch, source: str, output: str) -> None:
+    from parity.cli import main
+
+    sd = _random_state_dict(_spec("resnet18", num_classes=5))
+    kind = "torch" if source.endswith(".pth") else "flax"
+    parity.write_checkpoint(tmp_path / source, sd if kind == "torch" else parity.torch_to_flax(sd), kind)
+    calls = _count_checks(monkeypatch)
+    assert main(["convert", str(tmp_path / source), str(tmp_path / output), "--dtype", "bf16"]) == 0
+    assert len(calls) == 1
+    out = parity.read_checkpoint(tmp_path / output).tensors
+    fc = (
+        out["fc.weight"].float().numpy()
+        if "fc.weight" in out
+        else np.asarray(out["params"]["fc"]["kernel"], np.float32).T
+    )
+    np.testing.assert_array_equal(fc, sd["fc.weight"].to(torch.bfloat16).float().numpy())

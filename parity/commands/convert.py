@@ -1,4 +1,4 @@
-"""resnet-parity convert IN OUT: checkpoint files between PyTorch and Flax, either direction."""
+"""resnet-parity convert IN OUT: checkpoints between PyTorch and Flax, files or model-hub directories."""
 
 from __future__ import annotations
 
@@ -10,18 +10,10 @@ import jax
 
 from resnet_arch import DTYPES, dtype_name
 
-from ..convert import ConversionError, arch_of, check_flax_variables, flax_to_torch, torch_to_flax
-from ..files import (
-    FLAX,
-    FRAMEWORKS,
-    MSGPACK,
-    PICKLE,
-    TORCH,
-    CheckpointError,
-    file_format,
-    read_checkpoint,
-    write_checkpoint,
-)
+from ..convert import BAD_VALUES, ERROR, ConversionError, TorchWeights
+from ..files import FLAX, FRAMEWORKS, MSGPACK, PICKLE, TORCH, CheckpointError, file_format, write_checkpoint
+from ..hub import WEIGHTS_FILES, write_hub_dir
+from ..load import read_weights
 from ..names import LAYOUTS, SEED
 
 
@@ -29,23 +21,42 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``convert`` and its options."""
     p = sub.add_parser(
         "convert",
-        help="convert a checkpoint between PyTorch and Flax (.safetensors, .pth/.pt, .msgpack)",
-        description="Convert a ResNet checkpoint between PyTorch and Flax. The architecture is read from the "
-        "file; the direction from the file types (.pth/.pt is PyTorch, .msgpack is Flax, a .safetensors "
-        "output takes the other framework than the input) unless --to says.",
+        help="convert a checkpoint between PyTorch and Flax (.safetensors, .pth/.pt/.bin, .msgpack, hub directories)",
+        description="Convert a ResNet checkpoint between PyTorch and Flax. The architecture and the key layout are "
+        "read from the weights; the direction from the file types (.pth/.pt/.bin is PyTorch, .msgpack is Flax, a "
+        ".safetensors output takes the other framework than the input, a directory is PyTorch) unless --to says. "
+        "A directory, as input, is what transformers' save_pretrained or timm's save_for_hf leaves; as output, "
+        "it gets model.safetensors and, for --layout transformers or timm, the config.json their loaders read.",
     )
-    p.add_argument("input", type=Path, help="checkpoint to read")
-    p.add_argument("output", type=Path, help="file to write: .safetensors (recommended), .pth/.pt or .msgpack")
+    p.add_argument("input", type=Path, help="checkpoint file or model directory to read")
+    p.add_argument(
+        "output",
+        type=Path,
+        help="file to write (.safetensors recommended, .pth/.pt/.bin, .msgpack) or directory (no suffix)",
+    )
     p.add_argument("--to", choices=FRAMEWORKS, help="framework of the output (default: from the file types)")
     p.add_argument("--layout", choices=LAYOUTS, default=SEED, help="torch key names of a PyTorch output")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="cast floating-point tensors (default: keep each dtype)")
+    p.add_argument(
+        "--bad-values",
+        choices=BAD_VALUES,
+        default=ERROR,
+        help="NaN/inf weights or a negative/fractional BatchNorm counter: refuse (default) or convert with a warning",
+    )
     p.set_defaults(run=run)
 
 
+def _is_dir(path: Path) -> bool:
+    """A directory output: an existing directory, or a path without a suffix."""
+    return path.is_dir() or not path.suffix
+
+
 def _target_framework(args: argparse.Namespace, source: str) -> str:
-    """--to if given, else what the output suffix holds (a .safetensors output flips the framework)."""
+    """--to if given, else what the output holds (a directory: torch; a .safetensors file flips the framework)."""
     if args.to:
         return args.to
+    if _is_dir(args.output):
+        return TORCH
     fmt = file_format(args.output)
     if fmt == PICKLE:
         return TORCH
@@ -64,27 +75,29 @@ def run(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     dtype = dtype_name(args.dtype) if args.dtype else None
     try:
-        ckpt = read_checkpoint(args.input)
-        target = _target_framework(args, ckpt.framework)
-        if ckpt.framework == TORCH:
-            variables = torch_to_flax(ckpt.tensors, dtype=dtype)
+        weights = read_weights(args.input, bad_values=args.bad_values)
+        source = TORCH if isinstance(weights, TorchWeights) else FLAX
+        target = _target_framework(args, source)
+        meta = {"arch": weights.spec.describe()}
+        if target == TORCH and _is_dir(args.output):
+            state_dict, size = write_hub_dir(args.output, weights, args.layout, dtype)
+            arrays = list(state_dict.values())
+        elif target == TORCH:
+            state_dict = weights.to_torch(args.layout, dtype)
+            size = write_checkpoint(args.output, state_dict, target, meta)
+            arrays = list(state_dict.values())
+        elif _is_dir(args.output):
+            raise CheckpointError(f"{args.output}: a model directory holds PyTorch weights; write Flax to a file")
         else:
-            _, variables = check_flax_variables(ckpt.tensors)
-            if dtype and target == FLAX:
-                variables = torch_to_flax(flax_to_torch(variables), dtype=dtype)
-        if target == TORCH:
-            out: dict = flax_to_torch(variables, layout=args.layout, dtype=dtype)
-            tensors, nbytes = len(out), sum(t.nbytes for t in out.values())
-        else:
-            out = variables
-            leaves = jax.tree_util.tree_leaves(out)
-            tensors, nbytes = len(leaves), sum(leaf.nbytes for leaf in leaves)
-        spec = arch_of(out)
-        size = write_checkpoint(args.output, out, target, {"arch": spec.describe()})
+            variables = weights.to_flax(dtype)
+            size = write_checkpoint(args.output, variables, target, meta)
+            arrays = jax.tree_util.tree_leaves(variables)
     except (CheckpointError, ConversionError) as e:
         print(f"resnet-parity convert: error: {e}", file=sys.stderr)
         return 2
     layout = f", {args.layout} names" if target == TORCH else ""
-    print(f"{args.input} ({ckpt.framework}) -> {args.output} ({target}{layout})")
-    print(f"  {spec.describe()}: {tensors} tensors, {nbytes:,} bytes of weights, file {size:,} bytes")
+    written = f"{args.output}/{WEIGHTS_FILES[0]}" if target == TORCH and _is_dir(args.output) else args.output
+    print(f"{args.input} ({source}) -> {written} ({target}{layout})")
+    nbytes = sum(a.nbytes for a in arrays)
+    print(f"  {weights.spec.describe()}: {len(arrays)} tensors, {nbytes:,} bytes of weights, {size:,} bytes written")
     return 0

@@ -1,0 +1,86 @@
+"""Model-hub directories: the weights file a hub's save function leaves, beside its ``config.json``.
+
+transformers' ``save_pretrained`` and timm's ``save_for_hf`` write ``model.safetensors`` (or
+``pytorch_model.bin``) and a ``config.json`` that says how to build the network. Reading a
+directory gives the weights and that config, which the converter checks against the weights
+(``parity.arch.check_hub_config``). Writing one gives the files the layout's own loader reads:
+``ResNetForImageClassification.from_pretrained(DIR)`` for transformers,
+``timm.create_model("local-dir:DIR", pretrained=True)`` for timm.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from .convert import ConversionError, FlaxWeights, TorchWeights
+from .files import TORCH, Checkpoint, CheckpointError, atomic_write, read_checkpoint, write_checkpoint
+
+# The weights files the hubs write, the one read first first.
+WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
+CONFIG_FILE = "config.json"
+# safetensors header metadata that transformers' loaders look for in a PyTorch weights file.
+_TORCH_FORMAT = {"format": "pt"}
+
+
+def read_hub_dir(path: str | os.PathLike) -> tuple[Checkpoint, dict[str, Any]]:
+    """The weights of a hub directory and its config.json ({} when it has none)."""
+    path = Path(path)
+    weights = next((path / name for name in WEIGHTS_FILES if (path / name).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{path}: a model directory holds {' or '.join(WEIGHTS_FILES)}; found neither")
+    ckpt = read_checkpoint(weights)
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        return ckpt, {}
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{config_path}: not a readable JSON file: {e}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    return ckpt, config
+
+
+def write_hub_dir(
+    path: str | os.PathLike, weights: TorchWeights | FlaxWeights, layout: str, dtype: Any = None
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Write ``model.safetensors`` in ``layout``'s names, and the layout's config.json where it has one.
+
+    Returns the state dict written and the bytes written. A config.json left from other weights is
+    refused rather than left beside them; each file is written to a temp name and renamed.
+    """
+    path = Path(path)
+    try:
+        config = weights.spec.hub_config(layout)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+    state_dict = weights.to_torch(layout, dtype)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path}: exists and is not a directory")
+    if config is None and (path / CONFIG_FILE).exists():
+        raise CheckpointError(
+            f"{path}: holds a {CONFIG_FILE} that would not describe {layout} weights; remove it or write elsewhere"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot create the directory: {e}") from e
+    size = write_checkpoint(
+        path / WEIGHTS_FILES[0], state_dict, TORCH, {**_TORCH_FORMAT, "arch": weights.spec.describe()}
+    )
+    if config is not None:
+        text = json.dumps(config, indent=2).encode()
+
+        def write(f: IO[bytes]) -> None:
+            f.write(text)
+
+        try:
+            size += atomic_write(path / CONFIG_FILE, write)
+        except OSError as e:
+            raise CheckpointError(f"{path / CONFIG_FILE}: cannot write: {e}") from e
+    return state_dict, size
