@@ -284,6 +284,12 @@ def _read_msgpack(path: Path) -> Checkpoint:
     entry = tree.pop(DIGEST_ENTRY, None) if isinstance(tree, dict) else None
     if not (isinstance(tree, Mapping) and "params" in tree and _is_array_tree(tree)):
         raise CheckpointError(f"{path}: expected Flax variables {{'params': ..., 'batch_stats': ...}} of arrays")
+    # Only the collections and our digest entry sit at the top: another name there is a damaged one.
+    others = sorted(set(tree) - set(FLAX_COLLECTIONS))
+    if others:
+        raise CheckpointError(
+            f"{path}: unexpected top-level entries {others}; Flax variables hold only {', '.join(FLAX_COLLECTIONS)}"
+        )
     digest = entry.get("sha256") if isinstance(entry, Mapping) else None
     recorded = digest.tobytes().hex() if isinstance(digest, np.ndarray) and digest.dtype == np.uint8 else None
     _verify(path, recorded, _flat_flax(tree), ours=entry is not None)
