@@ -40,7 +40,7 @@ def _field(default: Any, help: str) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """What `resnet-train` does; the defaults reach >= 97% on digits in under 3 minutes on 2 CPU cores."""
+    """What `resnet-train` does; every field is a flag. The defaults train digits to ~98% test accuracy."""
 
     # data
     dataset: str = _field("digits", "digits (scikit-learn, built in), cifar10 or imagefolder")
