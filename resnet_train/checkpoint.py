@@ -51,8 +51,11 @@ def state_digest(tree: Any) -> str:
 
 
 def _quiet_late_orbax_reads() -> None:
-    """Silence one harmless report, once per process: the reads of a failed orbax restore that were
-    still in flight when it gave up each report "Event loop is closed" (one traceback per array)."""
+    """Silence, for this process, one harmless report of a failed orbax restore.
+
+    Reads still in flight when the restore gave up each report "Event loop is closed" to
+    sys.unraisablehook, one traceback per array; every other report passes through.
+    """
     previous = sys.unraisablehook
     if getattr(previous, "quiet_late_orbax_reads", False):
         return
