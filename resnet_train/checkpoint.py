@@ -7,6 +7,7 @@ recomputes it, so a flipped bit is refused instead of resuming from different we
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,24 @@ def state_digest(tree: Any) -> str:
     names = [jax.tree_util.keystr(path, simple=True, separator="/") for path, _ in leaves]
     host = [np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x) for _, x in leaves]
     return tensors_digest(dict(zip(names, torch_views(host), strict=True)))
+
+
+def _quiet_late_orbax_reads() -> None:
+    """Silence, for this process, one harmless report of a failed orbax restore.
+
+    Reads still in flight when the restore gave up each report "Event loop is closed" to
+    sys.unraisablehook, one traceback per array; every other report passes through.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "quiet_late_orbax_reads", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.quiet_late_orbax_reads = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def _verified(path: Path, tree: Any) -> Any:
@@ -118,6 +137,7 @@ class Checkpoints:
         CheckpointError gives the newest one's reason.
         """
         failed: list[tuple[int, str]] = []
+        _quiet_late_orbax_reads()
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 state = self.restore(like, step)
