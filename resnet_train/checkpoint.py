@@ -66,6 +66,15 @@ def _quiet_late_orbax_reads() -> None:
 
     hook.quiet_late_orbax_reads = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
+    # The same reads can instead end as futures whose error nobody retrieves; asyncio logs each one.
+    logging.getLogger("asyncio").addFilter(_LateReadFilter())
+
+
+class _LateReadFilter(logging.Filter):
+    """Drops asyncio's report of a read future whose error the failed restore no longer retrieves."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Future exception was never retrieved")
 
 
 def _verified(path: Path, tree: Any) -> Any:
