@@ -10,7 +10,7 @@ import torch
 from resnet_arch import HEAD
 
 from .convert import ConversionError, check_flax_variables, check_state_dict, flax_to_torch, torch_to_flax
-from .files import FLAX, FRAMEWORKS, TORCH, read_checkpoint
+from .files import FLAX, FRAMEWORKS, NNX, TORCH, read_checkpoint
 
 
 def load_checkpoint(path: str | os.PathLike, framework: str, **model_kwargs: Any) -> Any:
@@ -18,8 +18,10 @@ def load_checkpoint(path: str | os.PathLike, framework: str, **model_kwargs: Any
 
     ``framework="torch"``: a resnet_torch.ResNet in eval mode holding the file's tensors, dtype kept.
     ``framework="flax"``: ``(resnet_flax.ResNet, variables)``, ready for ``model.apply(variables, x_nhwc)``;
-    the model's ``param_dtype`` is the checkpoint's. The architecture is read from the file;
-    ``model_kwargs`` go to the model (e.g. ``dtype``, ``precision`` for Flax). Errors name the file.
+    the model's ``param_dtype`` is the checkpoint's. ``framework="nnx"``: a resnet_flax.nnx.ResNet in eval
+    mode holding the weights (built abstractly, then filled), ``param_dtype`` the checkpoint's.
+    The architecture is read from the file; ``model_kwargs`` go to the model (e.g. ``dtype``,
+    ``precision`` for Flax). Errors name the file.
     """
     if framework not in FRAMEWORKS:
         raise ValueError(f"framework must be one of {', '.join(FRAMEWORKS)}, got {framework!r}")
@@ -38,6 +40,10 @@ def load_checkpoint(path: str | os.PathLike, framework: str, **model_kwargs: Any
             variables = torch_to_flax(sd)
         else:
             spec, variables = check_flax_variables(ckpt.tensors)
+        if framework == NNX:
+            from .nnx import linen_to_nnx  # flax.nnx only when asked for
+
+            return linen_to_nnx(variables, **model_kwargs)
         param_dtype = variables["params"][HEAD]["kernel"].dtype
         return spec.flax_model(**{"param_dtype": param_dtype, **model_kwargs}), variables
     except ConversionError as e:

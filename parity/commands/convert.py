@@ -15,6 +15,7 @@ from ..files import (
     FLAX,
     FRAMEWORKS,
     MSGPACK,
+    NNX,
     PICKLE,
     TORCH,
     CheckpointError,
@@ -23,13 +24,14 @@ from ..files import (
     write_checkpoint,
 )
 from ..names import LAYOUTS, SEED
+from ..nnx import linen_to_nnx
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``convert`` and its options."""
     p = sub.add_parser(
         "convert",
-        help="convert a checkpoint between PyTorch and Flax (.safetensors, .pth/.pt, .msgpack)",
+        help="convert a checkpoint between PyTorch and Flax, linen or NNX (.safetensors, .pth/.pt, .msgpack)",
         description="Convert a ResNet checkpoint between PyTorch and Flax. The architecture is read from the "
         "file; the direction from the file types (.pth/.pt is PyTorch, .msgpack is Flax, a .safetensors "
         "output takes the other framework than the input) unless --to says.",
@@ -70,7 +72,7 @@ def _convert(args: argparse.Namespace) -> int:
             variables = torch_to_flax(ckpt.tensors, dtype=dtype)
         else:
             _, variables = check_flax_variables(ckpt.tensors)
-            if dtype and target == FLAX:
+            if dtype and target != TORCH:
                 variables = torch_to_flax(flax_to_torch(variables), dtype=dtype)
         if target == TORCH:
             out = flax_to_torch(variables, layout=args.layout, dtype=dtype)
@@ -80,7 +82,11 @@ def _convert(args: argparse.Namespace) -> int:
             leaves = jax.tree_util.tree_leaves(out)
             tensors, nbytes = len(leaves), sum(leaf.nbytes for leaf in leaves)
         spec = arch_of(out)
-        size = write_checkpoint(args.output, out, target, {"arch": spec.describe()})
+        # --to nnx writes through the NNX model (so the output is known to load into it); its state is the
+        # Flax variables tree.
+        size = write_checkpoint(
+            args.output, linen_to_nnx(out) if target == NNX else out, target, {"arch": spec.describe()}
+        )
     except (CheckpointError, ConversionError) as e:
         print(f"resnet-parity convert: error: {e}", file=sys.stderr)
         return 2
