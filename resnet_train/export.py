@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +48,16 @@ def export_torch(variables: dict[str, Any], path: str | Path, metadata: dict[str
 
 def verify_export(
     path: str | Path,
-    flax_model: Any,
+    forward: Callable[[dict[str, Any], jax.Array], jax.Array],
     variables: dict[str, Any],
     images_nhwc_u8: np.ndarray,
     mean: Sequence[float],
     std: Sequence[float],
 ) -> ExportCheck:
-    """Run resnet_torch (CPU, fp32) from the file and the Flax model on the same images; compare logits."""
+    """Run resnet_torch (CPU, fp32) from the file and the Flax model (``forward``: variables and normalised
+    images -> eval logits) on the same images; compare logits."""
     torch_model = parity.load_checkpoint(path, "torch")
-    apply = jax.jit(lambda v, x: flax_model.apply(v, normalize(x, mean, std), train=False))
+    apply = jax.jit(lambda v, x: forward(v, normalize(x, mean, std)))
     flax_logits, torch_logits = [], []
     for start in range(0, len(images_nhwc_u8), VERIFY_BATCH):
         batch = images_nhwc_u8[start : start + VERIFY_BATCH]

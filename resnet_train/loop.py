@@ -19,13 +19,15 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from . import runlog, sharding
+from resnet_arch import NNX
+
+from . import nnx_steps, runlog, sharding, steps
 from .checkpoint import Checkpoints
 from .config import RESUMABLE_CHANGES, TrainConfig, saved_config
 from .data import Dataset, epoch_permutation, load_dataset, steps_per_epoch
 from .export import EXPORT_RTOL, ExportMismatchError, export_torch, verify_export
 from .optim import make_optimizer, schedule
-from .steps import TrainState, build_model, create_train_state, eval_step, train_step
+from .steps import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,11 @@ def _catch_stop_signals() -> Iterator[StopRequest]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _steps(config: TrainConfig) -> Any:
+    """The module of state and step functions for the config's Flax API (the same names in both)."""
+    return nnx_steps if config.api == NNX else steps
 
 
 def _check_run_dir(run_dir: Path, config: TrainConfig, checkpoints: Checkpoints) -> None:
@@ -112,8 +119,8 @@ def _export(config: TrainConfig, state: TrainState, ds: Dataset, run_dir: Path) 
     }
     path = export_torch(variables, run_dir / EXPORT_FILE, meta)
     # Verify the float32 weights at full precision (no TF32 on GPUs), whatever dtype trained them.
-    flax_fp32 = build_model(config, ds.num_classes, dtype=jnp.float32, precision=jax.lax.Precision.HIGHEST)
-    check = verify_export(path, flax_fp32, variables, ds.test_images, ds.mean, ds.std)
+    forward = _steps(config).eval_forward(config, ds.num_classes, jnp.float32, jax.lax.Precision.HIGHEST)
+    check = verify_export(path, forward, variables, ds.test_images, ds.mean, ds.std)
     if not check.ok:
         raise ExportMismatchError(
             f"export check failed: resnet_torch from {path} differs from the Flax model on the test set "
@@ -164,14 +171,17 @@ def setup(config: TrainConfig) -> tuple[Run, TrainState]:
     _check_run_dir(run_dir, config, checkpoints)
 
     tx = make_optimizer(config, per_epoch)
-    state = sharding.replicate(create_train_state(config, ds.num_classes, tx, ds.mean, ds.std), mesh)
+    fns = _steps(config)
+    state = sharding.replicate(fns.create_train_state(config, ds.num_classes, tx, ds.mean, ds.std), mesh)
     if config.resume and checkpoints.latest_step() is not None:
         state = checkpoints.restore(state)
         log.info("resumed from step %d (%s)", int(state.step), checkpoints.path(int(state.step)))
     rep = sharding.replicated(mesh)
     donate = () if jax.default_backend() in NO_DONATION_BACKENDS else (0,)
-    train_fn = jax.jit(functools.partial(train_step, config=config), out_shardings=(rep, rep), donate_argnums=donate)
-    eval_fn = jax.jit(eval_step, out_shardings=rep)
+    train_fn = jax.jit(
+        functools.partial(fns.train_step, config=config), out_shardings=(rep, rep), donate_argnums=donate
+    )
+    eval_fn = jax.jit(fns.eval_step, out_shardings=rep)
     lead = jax.process_index() == 0
     return Run(config, lead, mesh, ds, per_epoch, run_dir, checkpoints, train_fn, eval_fn), state
 
