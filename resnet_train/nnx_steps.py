@@ -1,8 +1,8 @@
 """The train state and step functions for ``--api nnx``: the resnet_flax.nnx model and nnx.Optimizer.
 
 The state holds the model's and the optimizer's state as pytrees and their graph definitions as
-static fields; a step merges them inside the loop's ``jax.jit`` (the split/merge form, which
-costs no Python per call) and splits them again. ``params`` and ``batch_stats`` are the linen
+static fields; a step merges them inside the loop's ``jax.jit`` (the split/merge form: no graph
+traversal in Python per call, unlike ``nnx.jit``) and splits them again. ``params`` and ``batch_stats`` are the linen
 trees (an NNX model's state has the linen paths), so checkpoints, the export and
 ``checkpoint.load_variables`` read the same as for ``--api linen``; the step does what the linen
 step does (same augmentation keys, loss, optax chain and non-finite guard), through NNX.
