@@ -75,3 +75,8 @@ def dtype_name(short: str) -> str:
     if short not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {short!r}")
     return DTYPES[short]
+
+
+# The two Flax APIs the mirror is written in: linen (resnet_flax) and NNX (resnet_flax.nnx), same tree.
+LINEN, NNX = "linen", "nnx"
+APIS = (LINEN, NNX)

@@ -27,6 +27,7 @@ class Settings:
     dtype: str  # "fp32" or "bf16"
     device: str  # "cpu" or "gpu"
     num_classes: int
+    small_stem: bool = False  # the 3x3/1 stem without max-pool, as resnet-train's default model
     seed: int = 0
 
 

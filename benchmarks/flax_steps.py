@@ -45,7 +45,10 @@ def _data(settings: Settings, batch: int) -> tuple[jax.Array, jax.Array]:
 def _model_and_variables(settings: Settings) -> tuple[resnet_flax.ResNet, Any]:
     """The model and its initial variables, made once per run (initialisation compiles too)."""
     model = resnet_flax.build(
-        settings.arch, num_classes=settings.num_classes, dtype=jnp.dtype(dtype_name(settings.dtype))
+        settings.arch,
+        num_classes=settings.num_classes,
+        small_stem=settings.small_stem,
+        dtype=jnp.dtype(dtype_name(settings.dtype)),
     )
     with jax.default_device(_device(settings)):
         images, _ = _data(settings, 1)

@@ -34,6 +34,10 @@ IMPLS: dict[str, dict[str, bool]] = {
     "torchvision": {"train": True, "infer": True},
     "resnet_torch+compile": {"train": True, "infer": True},
     "resnet_torch": {"train": True, "infer": True},
+    # The same model in Flax NNX (fused train step with nnx.Optimizer, folded inference), jitted as
+    # nnx.split/merge around jax.jit, or with nnx.jit.
+    "resnet_flax_nnx": {"train": True, "infer": True},
+    "resnet_flax_nnx+nnx.jit": {"train": True, "infer": True},
 }
 MODES = ("train", "infer")
 # The comparisons the targets are stated in: (numerator, denominator) of images/s.
@@ -45,6 +49,8 @@ RATIOS = (
     ("resnet_flax_plain", "torchvision+compile"),
     ("resnet_torch", "torchvision"),
     ("resnet_torch+compile", "torchvision+compile"),
+    ("resnet_flax_nnx", "resnet_flax"),
+    ("resnet_flax_nnx+nnx.jit", "resnet_flax"),
 )
 CPU_LATENCY_BATCHES = "1,16"
 
@@ -62,6 +68,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--mode", default=",".join(MODES), help="comma-separated subset of: train, infer")
     p.add_argument("--device", choices=("cpu", "gpu"), default="gpu", help="where to run (default gpu)")
     p.add_argument("--num-classes", type=int, default=1000, help="classifier width (default 1000)")
+    p.add_argument(
+        "--small-stem",
+        action="store_true",
+        help="3x3/1 stem without max-pool (resnet-train's default model); Flax and resnet_torch rows only",
+    )
     p.add_argument(
         "--latency-batches",
         default=None,
@@ -102,6 +113,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.impls = _choices(args.impl, IMPLS, "--impl")
     args.modes = _choices(args.mode, MODES, "--mode")
+    if args.small_stem and any(i.startswith("torchvision") for i in args.impls):
+        p.error("--small-stem: torchvision's ResNet has no small stem; choose other --impl rows")
     latency = (
         CPU_LATENCY_BATCHES if args.latency_batches is None and args.device == "cpu" else args.latency_batches or ""
     )
@@ -160,7 +173,7 @@ def configure_environment(args: argparse.Namespace) -> None:
 
 def builders() -> dict[tuple[str, str], Callable[..., Any]]:
     """(implementation, mode) -> a function of (settings, batch, Flax steps per call) that builds its Step."""
-    from benchmarks import flax_steps, torch_steps
+    from benchmarks import flax_steps, nnx_steps, torch_steps
 
     table: dict[tuple[str, str], Callable[..., Any]] = {
         ("resnet_flax", "train"): lambda s, b, k: flax_steps.train(s, fused_bn=True, steps_per_call=k),
@@ -168,6 +181,9 @@ def builders() -> dict[tuple[str, str], Callable[..., Any]]:
         ("resnet_flax_plain", "train"): lambda s, b, k: flax_steps.train(s, fused_bn=False, steps_per_call=k),
         ("resnet_flax_plain", "infer"): lambda s, b, k: flax_steps.infer(s, folded=False, batch=b),
     }
+    for jit, name in nnx_steps.IMPLS.items():
+        table[(name, "train")] = lambda s, b, k, j=jit: nnx_steps.train(s, jit=j)
+        table[(name, "infer")] = lambda s, b, k, j=jit: nnx_steps.infer(s, jit=j, batch=b)
     for family in ("resnet_torch", "torchvision"):
         for compiled in (False, True):
             name = f"{family}+compile" if compiled else family
@@ -295,7 +311,7 @@ def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] = lambd
 
     _check_device(args)
     impls = _available(args.impls, explicit=args.impl != ",".join(IMPLS))
-    settings = Settings(args.arch, args.batch, args.size, args.dtype, args.device, args.num_classes)
+    settings = Settings(args.arch, args.batch, args.size, args.dtype, args.device, args.num_classes, args.small_stem)
     table = builders()
     config = {k: v for k, v in vars(args).items() if k not in ("json", "impl", "mode", "latency_batches")}
     config["xla_flags_added"] = xla_flags(args)

@@ -39,7 +39,7 @@ def _model(family: str, settings: Settings) -> torch.nn.Module:
 
         model = torchvision.models.get_model(settings.arch, num_classes=settings.num_classes)
     else:
-        model = resnet_torch.build(settings.arch, num_classes=settings.num_classes)
+        model = resnet_torch.build(settings.arch, num_classes=settings.num_classes, small_stem=settings.small_stem)
     return model.to(_device(settings), memory_format=torch.channels_last)
 
 

@@ -23,6 +23,9 @@ _BF16 = np.dtype(ml_dtypes.bfloat16)
 _TORCH_TO_NUMPY: dict[torch.dtype, np.dtype] = {
     torch.bool: np.dtype(np.bool_),
     torch.uint8: np.dtype(np.uint8),
+    torch.uint16: np.dtype(np.uint16),  # wider unsigned integers: optimizer step counters (nnx.Optimizer)
+    torch.uint32: np.dtype(np.uint32),
+    torch.uint64: np.dtype(np.uint64),
     torch.int8: np.dtype(np.int8),
     torch.int16: np.dtype(np.int16),
     torch.int32: np.dtype(np.int32),

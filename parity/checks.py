@@ -16,7 +16,9 @@ import jax
 import torch
 
 import resnet_flax
+from resnet_arch import LINEN, NNX
 
+from . import nnx_checks
 from .compare import CheckResult, errors, numpy_of_jax, numpy_of_torch, stage_errors
 from .optim import torch_sgd
 from .pairs import Batch, Pair, autocast, make_batch, make_pair, pair_result
@@ -36,7 +38,10 @@ def check_eval(pair: Pair, batch: Batch) -> CheckResult:
     model = pair.torch_model.eval()
     with torch.no_grad(), autocast(pair):
         t_stages = model.forward_stages(batch.x_torch)
-    f_stages = _jitted_eval(pair.flax_model)(pair.variables, batch.x_jax)
+    if pair.api == NNX:
+        f_stages = nnx_checks.eval_stages(pair.flax_model, batch.x_jax)
+    else:
+        f_stages = _jitted_eval(pair.flax_model)(pair.variables, batch.x_jax)
     stages = stage_errors(t_stages, f_stages)
     logits = ([numpy_of_jax(f_stages["fc"])], [numpy_of_torch(t_stages["fc"])])
     return pair_result(pair, EVAL, *logits, stages, "forward outputs (eval mode)")
@@ -68,9 +73,11 @@ def run_checks(
     seed: int = 0,
     checks: Iterable[str] | None = None,
     fused_bn: bool = False,
+    api: str = LINEN,
 ) -> list[CheckResult]:
     """Build a random model in both frameworks and run the checks of one precision mode
-    (``fused_bn``: the Flax side is the fused-BatchNorm training model, ``resnet_flax.fused``)."""
+    (``fused_bn``: the Flax side has the fused train-mode BatchNorm training uses; ``api``: "linen"
+    checks ``resnet_flax``, "nnx" ``resnet_flax.nnx``)."""
     with applied(MODES[precision], device):
-        pair = make_pair(arch, precision, device, seed, fused_bn=fused_bn)
+        pair = make_pair(arch, precision, device, seed, fused_bn=fused_bn, api=api)
         return check_pair(pair, size, batch_size, seed, checks)

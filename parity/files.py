@@ -46,7 +46,10 @@ from .arrays import torch_to_numpy, torch_views
 
 TORCH = "torch"
 FLAX = "flax"
-FRAMEWORKS = (TORCH, FLAX)
+# An NNX model's state is the Flax variables tree: it is written as a Flax file, which either API reads.
+NNX = "nnx"
+FRAMEWORKS = (TORCH, FLAX, NNX)
+FILE_FRAMEWORKS = (TORCH, FLAX)  # what a file's header records
 SAFETENSORS, PICKLE, MSGPACK = "safetensors", "pickle", "msgpack"
 SUFFIXES = {".safetensors": SAFETENSORS, ".pth": PICKLE, ".pt": PICKLE, ".bin": PICKLE, ".msgpack": MSGPACK}
 FLAX_COLLECTIONS = ("params", "batch_stats")
@@ -259,8 +262,10 @@ def _read_safetensors(path: Path) -> Checkpoint:
     framework = meta.get("framework") or (
         FLAX if tensors and all(k.split(_SEP)[0] in FLAX_COLLECTIONS and _SEP in k for k in tensors) else TORCH
     )
-    if framework not in FRAMEWORKS:
-        raise CheckpointError(f"{path}: metadata framework must be one of {', '.join(FRAMEWORKS)}, got {framework!r}")
+    if framework not in FILE_FRAMEWORKS:
+        raise CheckpointError(
+            f"{path}: metadata framework must be one of {', '.join(FILE_FRAMEWORKS)}, got {framework!r}"
+        )
     if framework == FLAX:
         try:
             tree = traverse_util.unflatten_dict({tuple(k.split(_SEP)): torch_to_numpy(t) for k, t in tensors.items()})
@@ -332,9 +337,10 @@ def write_checkpoint(
     metadata: Mapping[str, str] | None = None,
     check: Callable[[Path], None] | None = None,
 ) -> int:
-    """Write a torch state dict or Flax variables in the format the suffix names; returns the file size.
+    """Write a torch state dict, Flax variables or an NNX model in the format the suffix names; returns the
+    file size.
 
-    safetensors takes either framework; .pth/.pt only a torch state dict; .msgpack only Flax variables.
+    safetensors takes any; .pth/.pt only a torch state dict; .msgpack only Flax variables or an NNX model.
     Every format records a sha256 of the tensors. ``check`` gets the written file under its temporary
     name and may raise to keep it from ever reaching ``path`` (see ``atomic_write``).
     """
@@ -342,6 +348,10 @@ def write_checkpoint(
     fmt = file_format(path)
     if framework not in FRAMEWORKS:
         raise ValueError(f"framework must be one of {', '.join(FRAMEWORKS)}, got {framework!r}")
+    if framework == NNX:
+        from .nnx import nnx_to_linen  # flax.nnx only when asked for
+
+        tensors, framework = nnx_to_linen(tensors), FLAX
     if fmt == PICKLE and framework != TORCH or fmt == MSGPACK and framework != FLAX:
         raise CheckpointError(f"{path}: a {fmt} file holds {TORCH if fmt == PICKLE else FLAX} weights, not {framework}")
     try:

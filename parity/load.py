@@ -11,7 +11,7 @@ import torch
 from resnet_arch import HEAD
 
 from .convert import ERROR, ConversionError, FlaxWeights, TorchWeights, check_flax_variables, check_state_dict
-from .files import FRAMEWORKS, TORCH, read_checkpoint
+from .files import FRAMEWORKS, NNX, TORCH, read_checkpoint
 from .hub import read_hub_dir
 
 
@@ -37,11 +37,12 @@ def load_checkpoint(path: str | os.PathLike, framework: str, *, bad_values: str 
 
     ``framework="torch"``: a resnet_torch.ResNet in eval mode holding the file's tensors, dtype kept.
     ``framework="flax"``: ``(resnet_flax.ResNet, variables)``, ready for ``model.apply(variables, x_nhwc)``;
-    the model's ``param_dtype`` is the checkpoint's. A directory is what transformers'
-    ``save_pretrained`` or timm's ``save_for_hf`` leaves (``model.safetensors`` or
-    ``pytorch_model.bin``, and ``config.json``). The architecture is read from the weights (and
-    checked against the config); ``model_kwargs`` go to the model (e.g. ``dtype``, ``precision`` for
-    Flax). ``bad_values`` as in ``torch_to_flax``. Errors name the file.
+    the model's ``param_dtype`` is the checkpoint's. ``framework="nnx"``: a resnet_flax.nnx.ResNet in eval
+    mode holding the weights (built abstractly, then filled), ``param_dtype`` the checkpoint's. A directory
+    is what transformers' ``save_pretrained`` or timm's ``save_for_hf`` leaves (``model.safetensors`` or
+    ``pytorch_model.bin``, and ``config.json``). The architecture is read from the weights (and checked
+    against the config); ``model_kwargs`` go to the model (e.g. ``dtype``, ``precision`` for Flax).
+    ``bad_values`` as in ``torch_to_flax``. Errors name the file.
     """
     if framework not in FRAMEWORKS:
         raise ValueError(f"framework must be one of {', '.join(FRAMEWORKS)}, got {framework!r}")
@@ -53,6 +54,10 @@ def load_checkpoint(path: str | os.PathLike, framework: str, *, bad_values: str 
             # assign=True adopts the tensors (and their dtype) instead of copying into a fresh init.
             model.load_state_dict(weights.to_torch(), strict=True, assign=True)
             return model.eval()
+        if framework == NNX:
+            from .nnx import weights_to_nnx  # flax.nnx only when asked for
+
+            return weights_to_nnx(weights, **model_kwargs)
         variables = weights.to_flax()
     except ConversionError as e:
         raise ConversionError(f"{path}: {e}") from None

@@ -9,31 +9,43 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from flax import nnx
 
 import resnet_flax
 import resnet_torch
-from resnet_arch import BN_STATS
+from resnet_arch import APIS, BN_STATS, LINEN, NNX
+from resnet_flax import nnx as flax_nnx
 from resnet_flax.fused import fused
 
 from .compare import CheckResult, errors
 from .convert import torch_to_flax
+from .nnx import nnx_to_linen, torch_to_nnx
 from .precision import MODES, Mode, jax_device, torch_device
 
 NUM_CLASSES = 10  # the seed's default classifier width
+# Jitted check functions are cached per (hashable) Flax model or NNX graph definition, so repeated
+# checks of one model compile once.
+JIT_CACHE_SIZE = 16
 # torch NCHW (batch, channels, height, width) -> Flax NHWC.
 TO_NHWC = (0, 2, 3, 1)
 
 
 @dataclasses.dataclass
 class Pair:
-    """The same weights in both frameworks, on one device, in one precision mode."""
+    """The same weights in both frameworks, on one device, in one precision mode.
+
+    ``api`` says which Flax model ``flax_model`` is: a linen ``resnet_flax.ResNet`` (its weights are
+    ``variables``) or a ``resnet_flax.nnx.ResNet`` holding them (``variables`` is then its state as
+    linen variables, the same arrays).
+    """
 
     arch: str
     device: str
     mode: Mode
     torch_model: resnet_torch.ResNet
-    flax_model: resnet_flax.ResNet
+    flax_model: Any
     variables: dict[str, Any]
+    api: str = LINEN
 
 
 @dataclasses.dataclass
@@ -65,18 +77,29 @@ def randomize_batchnorm(model: torch.nn.Module, generator: torch.Generator) -> N
 
 
 def make_pair(
-    arch: str, precision: str, device: str, seed: int = 0, num_classes: int = NUM_CLASSES, fused_bn: bool = False
+    arch: str,
+    precision: str,
+    device: str,
+    seed: int = 0,
+    num_classes: int = NUM_CLASSES,
+    fused_bn: bool = False,
+    api: str = LINEN,
 ) -> Pair:
     """A randomly initialised resnet_torch model and its resnet_flax copy (call inside ``applied``).
 
-    ``fused_bn`` makes the Flax side ``resnet_flax.fused.fused(model)``, the model training uses.
+    ``fused_bn`` gives the Flax side the fused train-mode BatchNorm, as training uses it; ``api="nnx"``
+    makes it a ``resnet_flax.nnx`` model, converted by ``parity.torch_to_nnx``.
     """
+    if api not in APIS:
+        raise ValueError(f"api must be one of {', '.join(APIS)}, got {api!r}")
     mode = MODES[precision]
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(seed)
         model = resnet_torch.build(arch, num_classes=num_classes)
     randomize_batchnorm(model, torch.Generator().manual_seed(seed))
     model = model.to(device=torch_device(device), dtype=mode.torch_dtype)
+    if api == NNX:
+        return _nnx_pair(arch, device, mode, model, num_classes, fused_bn)
     flax_model = resnet_flax.build(
         arch,
         num_classes=num_classes,
@@ -89,6 +112,18 @@ def make_pair(
     # Committed to the run's device once, so every jitted call runs there.
     variables = jax.device_put(torch_to_flax(model.state_dict(), target=flax_model), jax_device(device))
     return Pair(arch, device, mode, model, flax_model, variables)
+
+
+def _nnx_pair(arch: str, device: str, mode: Mode, model: resnet_torch.ResNet, num_classes: int, fused_bn: bool) -> Pair:
+    """The Pair whose Flax side is a resnet_flax.nnx model, built abstractly and filled by the converter."""
+    options = dict(dtype=mode.jax_dtype, param_dtype=mode.jax_param_dtype, precision=mode.jax_precision)
+    target = nnx.eval_shape(lambda: flax_nnx.build(arch, num_classes=num_classes, **options, rngs=nnx.Rngs(0)))
+    flax_model = torch_to_nnx(model.state_dict(), target=target)
+    # Committed to the run's device once, so every jitted call runs there.
+    nnx.update(flax_model, jax.device_put(nnx.state(flax_model), jax_device(device)))
+    if fused_bn:
+        flax_model = flax_nnx.fused(flax_model)
+    return Pair(arch, device, mode, model, flax_model, nnx_to_linen(flax_model), NNX)
 
 
 def make_batch(pair: Pair, size: tuple[int, int], batch: int, seed: int) -> Batch:

@@ -16,20 +16,19 @@ import torch.nn.functional as F
 
 import resnet_flax
 import resnet_torch
-from resnet_arch import BN_STATS, STAGE_OUTPUTS
+from resnet_arch import BN_STATS, NNX, STAGE_OUTPUTS
 
+from . import nnx_checks
 from .compare import FLOOR_FACTOR, CheckResult, errors, grouped_errors, numpy_of_jax, numpy_of_torch, stage_errors
 from .convert import flax_to_torch
 from .optim import torch_sgd
-from .pairs import Batch, Pair, pair_result
+from .pairs import JIT_CACHE_SIZE, Batch, Pair, pair_result
 from .precision import GRADIENTS, RUNNING_STATS, SGD, TRAIN_LOGITS, jax_device
 
 # SGD hyperparameters of the optimizer check; nonzero momentum and weight decay so both are exercised.
 LEARNING_RATE = 0.05
 MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4
-# Jitted functions are cached per (hashable) Flax model, so repeated checks of one model compile once.
-JIT_CACHE_SIZE = 16
 
 
 def _train_forward(model: resnet_flax.ResNet) -> Callable[..., tuple[jax.Array, Any]]:
@@ -66,7 +65,10 @@ class FlaxTrainStep:
     with_gradients: bool = True
 
     def __call__(self, params: Any, batch_stats: Any, batch: Batch) -> tuple[Any, Any, dict[str, jax.Array]]:
-        fn = _jitted_train(self.pair.flax_model, self.with_gradients)
+        if self.pair.api == NNX:
+            fn = nnx_checks.jitted_train(nnx_checks.train_graphdef(self.pair.flax_model), self.with_gradients)
+        else:
+            fn = _jitted_train(self.pair.flax_model, self.with_gradients)
         grads, (batch_stats, stages) = fn(params, batch_stats, batch.x_jax, batch.y_jax)
         return grads, batch_stats, stages
 
@@ -170,25 +172,36 @@ def _torch_sgd(model: resnet_torch.ResNet, batches: list[Batch]) -> dict[str, np
     return {k: numpy_of_torch(v) for k, v in model.state_dict().items()}
 
 
-def check_sgd(pair: Pair, batches: list[Batch], step: FlaxTrainStep, forward: dict[str, float]) -> CheckResult:
-    """Parameters and BatchNorm state after one SGD step per batch, torch.optim.SGD against optax.
-
-    In float32 modes the result carries torch's own error against the same steps in float64 (floor).
-    """
-    ref = _torch_sgd(copy.deepcopy(pair.torch_model).train(), batches)
+def _linen_sgd(pair: Pair, batches: list[Batch], step: FlaxTrainStep) -> dict[str, Any]:
+    """The linen variables after one optax SGD step per batch, gradients from ``step``."""
     init, update = _jitted_sgd(LEARNING_RATE, MOMENTUM, WEIGHT_DECAY)
     params, stats = pair.variables["params"], pair.variables["batch_stats"]
     opt_state = jax.device_put(init(params), jax_device(pair.device))
     for batch in batches:
         grads, stats, _ = step(params, stats, batch)
         params, opt_state = update(grads, opt_state, params)
+    return {"params": params, "batch_stats": stats}
+
+
+def check_sgd(pair: Pair, batches: list[Batch], step: FlaxTrainStep, forward: dict[str, float]) -> CheckResult:
+    """Parameters and BatchNorm state after one SGD step per batch, torch.optim.SGD against optax
+    (an NNX pair: ``nnx.Optimizer`` over the same chain).
+
+    In float32 modes the result carries torch's own error against the same steps in float64 (floor).
+    """
+    ref = _torch_sgd(copy.deepcopy(pair.torch_model).train(), batches)
+    if pair.api == NNX:
+        steps = [(b.x_jax, b.y_jax) for b in batches]
+        variables = nnx_checks.sgd_steps(pair.flax_model, steps, LEARNING_RATE, MOMENTUM, WEIGHT_DECAY)
+    else:
+        variables = _linen_sgd(pair, batches, step)
 
     floor = 0.0
     if pair.mode.torch_dtype == torch.float32:
         model64 = copy.deepcopy(pair.torch_model).to(torch.float64).train()
         ref64 = _torch_sgd(model64, [dataclasses.replace(b, x_torch=b.x_torch.to(torch.float64)) for b in batches])
         floor = errors([ref[k] for k in ref], [ref64[k] for k in ref])[1]
-    sd = flax_to_torch({"params": params, "batch_stats": stats})
+    sd = flax_to_torch(variables)
     got = {k: numpy_of_torch(sd[k]) for k in ref}
     limit = max(pair.mode.tolerances[SGD], FLOOR_FACTOR * floor)
     stages, basis = _diagnosis(forward, grouped_errors(got, ref, STAGE_OUTPUTS), limit)

@@ -25,7 +25,7 @@ DEFAULT_INPUT_HW = (224, 224)
 TABLE_DEPTH = 2
 ROOT_NAME = "(model)"
 # Plain text: no terminal colour codes, wide enough for the shape columns.
-_CONSOLE = {"force_terminal": False, "width": 160}
+CONSOLE = {"force_terminal": False, "width": 160}
 
 
 def _probe(model: nn.Module, input_hw: tuple[int, int]) -> jax.Array:
@@ -39,7 +39,7 @@ def layer_table(model: nn.Module, input_hw: tuple[int, int] = DEFAULT_INPUT_HW, 
     Its own total counts ``batch_stats`` too; the last line gives the ``params`` total, the
     number torchinfo calls "Total params".
     """
-    tabulate = nn.tabulate(model, jax.random.key(0), depth=depth, console_kwargs=_CONSOLE)
+    tabulate = nn.tabulate(model, jax.random.key(0), depth=depth, console_kwargs=CONSOLE)
     table = tabulate(_probe(model, input_hw), train=False).strip()
     return f"{table}\nTotal params: {count_params(model, input_hw):,} (params collection, as torch counts them)"
 
@@ -48,17 +48,27 @@ def module_list(model: nn.Module, input_hw: tuple[int, int] = DEFAULT_INPUT_HW) 
     """Every module the model calls, one line each: path, class and settings."""
     paths = model.module_paths(jax.random.key(0), _probe(model, input_hw), train=False)
     rows = [(path or ROOT_NAME, _describe(m)) for path, m in paths.items()]
-    return _columns(rows)
+    return columns(rows)
 
 
 def parameter_list(model: nn.Module, input_hw: tuple[int, int] = DEFAULT_INPUT_HW) -> str:
     """Every leaf of the ``params`` collection with its shape and dtype, and the total count."""
-    flat = traverse_util.flatten_dict(_variables(model, input_hw)["params"], sep="/")
-    # Module order (conv4_x/2 before conv4_x/10), not the string order of the traced tree.
-    order = sorted(flat, key=lambda path: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", path)])
-    rows = [(path, f"{list(flat[path].shape)} {jnp.dtype(flat[path].dtype).name}") for path in order]
+    return parameter_rows(traverse_util.flatten_dict(_variables(model, input_hw)["params"], sep="/"))
+
+
+def module_order(path: str) -> list[int | str]:
+    """A sort key that puts paths in module order (conv4_x/2 before conv4_x/10), not string order."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", path)]
+
+
+def parameter_rows(flat: dict[str, Any]) -> str:
+    """{path: array or shape-dtype} -> one line per leaf in module order, and the total count."""
+    rows = [
+        (path, f"{list(flat[path].shape)} {jnp.dtype(flat[path].dtype).name}")
+        for path in sorted(flat, key=module_order)
+    ]
     total = sum(leaf.size for leaf in flat.values())
-    return f"{_columns(rows)}\nTotal params: {total:,} in {len(flat)} tensors"
+    return f"{columns(rows)}\nTotal params: {total:,} in {len(flat)} tensors"
 
 
 def count_params(model: nn.Module, input_hw: tuple[int, int] = DEFAULT_INPUT_HW) -> int:
@@ -74,21 +84,21 @@ def _variables(model: nn.Module, input_hw: tuple[int, int]) -> dict[str, Any]:
 def _describe(m: nn.Module) -> str:
     """``Conv2d(in_channels=3, out_channels=64, ...)``: the settings a reader compares with torch."""
     if isinstance(m, Sequential):
-        return f"Sequential({', '.join(_layer_name(layer) for layer in m.layers)})"
+        return f"Sequential({', '.join(layer_name(layer) for layer in m.layers)})"
     settings = [
         f"{f.name}={text}"
         for f in dataclasses.fields(m)
-        if f.name not in ("parent", "name") and (text := _setting(getattr(m, f.name))) is not None
+        if f.name not in ("parent", "name") and (text := setting(getattr(m, f.name))) is not None
     ]
     return f"{type(m).__name__}({', '.join(settings)})"
 
 
-def _layer_name(layer: Any) -> str:
+def layer_name(layer: Any) -> str:
     func = layer.func if isinstance(layer, functools.partial) else layer
     return getattr(func, "__name__", type(func).__name__)
 
 
-def _setting(value: Any) -> str | None:
+def setting(value: Any) -> str | None:
     """A field's value as text, or None for fields that are functions, dtypes or unset."""
     if isinstance(value, (bool, int, float, str)):
         return repr(value)
@@ -99,7 +109,7 @@ def _setting(value: Any) -> str | None:
     return None
 
 
-def _columns(rows: list[tuple[str, str]]) -> str:
+def columns(rows: list[tuple[str, str]]) -> str:
     """Two left-aligned columns."""
     width = max(len(a) for a, _ in rows)
     return "\n".join(f"{a.ljust(width)}  {b}" for a, b in rows)

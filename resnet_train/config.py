@@ -12,7 +12,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from resnet_arch import DEPTHS
+from resnet_arch import APIS, DEPTHS, LINEN
 
 DATASETS = ("digits", "cifar10", "imagefolder")
 OPTIMIZERS = ("sgd", "adamw")
@@ -30,6 +30,7 @@ CHOICES = {
     "dtype": DTYPES,
     "on_nonfinite": ON_NONFINITE,
     "arch": tuple(DEPTHS),
+    "api": APIS,
 }
 
 
@@ -58,6 +59,7 @@ class TrainConfig:
     fused_bn: bool = _field(
         True, "train-mode BatchNorm with one-pass statistics and a closed-form backward (same function, faster)"
     )
+    api: str = _field(LINEN, "Flax API of the model: linen (resnet_flax) or nnx (resnet_flax.nnx, nnx.Optimizer)")
     # optimization
     epochs: int = _field(2, "epochs; the learning-rate schedule spans all of them")
     batch_size: int = _field(32, "global batch size, split over every device")
@@ -164,7 +166,7 @@ def _range_problems(c: TrainConfig) -> list[str]:
 # run_dir: the same run reached as ./x, x/, an absolute path, or after the folder was moved.
 RESUMABLE_CHANGES = frozenset({"resume", "stop_after_epoch", "progress", "export", "keep_checkpoints", "run_dir"})
 # Fields added after runs were saved, with the value that reproduces a run whose config.json lacks them.
-LATER_FIELDS = {"fused_bn": False}
+LATER_FIELDS = {"fused_bn": False, "api": LINEN}
 # Values renamed after runs were saved: field -> {old value: new value}.
 RENAMED_VALUES = {"dtype": {"float32": "fp32", "bfloat16": "bf16"}}
 

@@ -57,19 +57,20 @@ def export_torch(
 
 def verify_export(
     path: str | Path,
-    flax_model: Any,
+    forward: Callable[[dict[str, Any], jax.Array], jax.Array],
     variables: dict[str, Any],
     images_nhwc_u8: np.ndarray,
     mean: Sequence[float],
     std: Sequence[float],
     cancelled: Callable[[], bool] | None = None,
 ) -> ExportCheck:
-    """Run resnet_torch (CPU, fp32) from the file and the Flax model on the same images; compare logits.
+    """Run resnet_torch (CPU, fp32) from the file and the Flax model (``forward``: variables and normalised
+    images -> eval logits) on the same images; compare logits.
 
     ``cancelled`` is asked before each batch; when it says so, ExportCancelled is raised.
     """
     torch_model = parity.load_checkpoint(path, "torch")
-    apply = jax.jit(lambda v, x: flax_model.apply(v, normalize(x, mean, std), train=False))
+    apply = jax.jit(lambda v, x: forward(v, normalize(x, mean, std)))
     flax_logits, torch_logits = [], []
     for start in range(0, len(images_nhwc_u8), VERIFY_BATCH):
         if cancelled is not None and cancelled():

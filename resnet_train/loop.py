@@ -17,14 +17,16 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from . import runlog, sharding
+from resnet_arch import NNX
+
+from . import nnx_steps, runlog, sharding, steps
 from .checkpoint import Checkpoints
 from .config import RESUMABLE_CHANGES, TrainConfig, saved_config
 from .data import Dataset, epoch_permutation, load_dataset, steps_per_epoch
 from .export import EXPORT_RTOL, ExportCancelled, ExportCheck, ExportMismatchError, export_torch, verify_export
 from .optim import make_optimizer, schedule
 from .signals import StopRequest, catch_stop_signals
-from .steps import TrainState, build_model, create_train_state, eval_step, train_step
+from .steps import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,11 @@ NO_DONATION_BACKENDS = ("cpu",)
 
 class NonFiniteLossError(RuntimeError):
     """The loss, a gradient or the update was NaN/inf and the run was told to stop."""
+
+
+def _steps(config: TrainConfig) -> Any:
+    """The module of state and step functions for the config's Flax API (the same names in both)."""
+    return nnx_steps if config.api == NNX else steps
 
 
 def _check_run_dir(run_dir: Path, config: TrainConfig, checkpoints: Checkpoints) -> None:
@@ -109,12 +116,12 @@ def _export(config: TrainConfig, state: TrainState, ds: Dataset, run_dir: Path, 
     }
     path = run_dir / EXPORT_FILE
     # Verify the float32 weights at full precision (no TF32 on GPUs), whatever dtype trained them.
-    flax_fp32 = build_model(config, ds.num_classes, dtype=jnp.float32, precision=jax.lax.Precision.HIGHEST)
+    forward = _steps(config).eval_forward(config, ds.num_classes, jnp.float32, jax.lax.Precision.HIGHEST)
     checks: list[ExportCheck] = []
 
     def verify(written: Path) -> None:
         check = verify_export(
-            written, flax_fp32, variables, ds.test_images, ds.mean, ds.std, lambda: stop.signal_name is not None
+            written, forward, variables, ds.test_images, ds.mean, ds.std, lambda: stop.signal_name is not None
         )
         if not check.ok:
             raise ExportMismatchError(
@@ -180,15 +187,18 @@ def setup(config: TrainConfig, cleanup: contextlib.ExitStack) -> tuple[Run, Trai
     _check_run_dir(run_dir, config, checkpoints)
 
     tx = make_optimizer(config, per_epoch)
-    state = sharding.replicate(create_train_state(config, ds.num_classes, tx, ds.mean, ds.std), mesh)
+    fns = _steps(config)
+    state = sharding.replicate(fns.create_train_state(config, ds.num_classes, tx, ds.mean, ds.std), mesh)
     state = _restore(config, checkpoints, state)
     if lead:  # only now: a failed resume leaves the run's record as it was
         runlog.keep_metrics_until(run_dir, int(jax.device_get(state.step)))
         runlog.write_atomic(run_dir / runlog.CONFIG_FILE, config.to_json().encode())
     rep = sharding.replicated(mesh)
     donate = () if jax.default_backend() in NO_DONATION_BACKENDS else (0,)
-    train_fn = jax.jit(functools.partial(train_step, config=config), out_shardings=(rep, rep), donate_argnums=donate)
-    eval_fn = jax.jit(eval_step, out_shardings=rep)
+    train_fn = jax.jit(
+        functools.partial(fns.train_step, config=config), out_shardings=(rep, rep), donate_argnums=donate
+    )
+    eval_fn = jax.jit(fns.eval_step, out_shardings=rep)
     return Run(config, lead, mesh, ds, per_epoch, run_dir, checkpoints, train_fn, eval_fn), state
 
 

@@ -32,7 +32,7 @@ class TrainState(struct.PyTreeNode):
     params: Any
     batch_stats: Any
     opt_state: Any
-    skipped: Array  # updates left out because the loss or gradients were not finite
+    skipped: Array  # updates left out because the loss, gradients or update were not finite
     apply_fn: Callable[..., Any] = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     mean: tuple[float, ...] = struct.field(pytree_node=False)  # dataset statistics for normalize()
@@ -42,10 +42,9 @@ class TrainState(struct.PyTreeNode):
         return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-def build_model(config: TrainConfig, num_classes: int, dtype: Any = None, precision: Any = None) -> resnet_flax.ResNet:
-    """The Flax ResNet a config describes, computing in config.dtype unless dtype overrides it."""
-    model = resnet_flax.build(
-        config.arch,
+def model_options(config: TrainConfig, num_classes: int, dtype: Any = None, precision: Any = None) -> dict[str, Any]:
+    """The builder options a config fixes (either API): computing in config.dtype unless dtype overrides it."""
+    return dict(
         num_classes=num_classes,
         small_stem=config.small_stem,
         zero_init_residual=config.zero_init_residual,
@@ -53,6 +52,11 @@ def build_model(config: TrainConfig, num_classes: int, dtype: Any = None, precis
         param_dtype=jnp.float32,
         precision=precision,
     )
+
+
+def build_model(config: TrainConfig, num_classes: int, dtype: Any = None, precision: Any = None) -> resnet_flax.ResNet:
+    """The Flax ResNet a config describes, computing in config.dtype unless dtype overrides it."""
+    model = resnet_flax.build(config.arch, **model_options(config, num_classes, dtype, precision))
     return fused(model) if config.fused_bn else model
 
 
@@ -68,6 +72,17 @@ def create_train_state(
     key = jax.random.fold_in(init_key(config.seed), INIT_STREAM)
     probe = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
     variables = jax.jit(lambda k: model.init(k, probe, train=False))(key)
+    return state_of(model, variables, tx, mean, std)
+
+
+def state_of(
+    model: resnet_flax.ResNet,
+    variables: dict[str, Any],
+    tx: optax.GradientTransformation,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> TrainState:
+    """The step-0 state that trains ``model`` from ``variables`` with ``tx``."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=variables["params"],
@@ -81,15 +96,40 @@ def create_train_state(
     )
 
 
-def _all_finite(*trees: Any) -> Array:
+def all_finite(*trees: Any) -> Array:
+    """True when every floating-point leaf of the trees is finite."""
     leaves = [x for t in trees for x in jax.tree.leaves(t) if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def keep_finite(finite: Array, new: Any, old: Any) -> Any:
+    """``new`` where ``finite``, else ``old``, leaf by leaf: a non-finite update is never applied."""
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
 
 def cross_entropy(logits: Array, labels: Array, num_classes: int, label_smoothing: float) -> Array:
     """Per-example softmax cross-entropy against label-smoothed one-hot targets, in float32."""
     targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes, dtype=jnp.float32), label_smoothing)
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def train_inputs(state: Any, images_u8: Array, config: TrainConfig) -> Array:
+    """The step's batch, augmented with keys from (seed, step) (so a resumed run repeats them) and normalised."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), AUGMENT_STREAM), state.step)
+    return normalize(augment(key, images_u8, config.crop, config.flip), state.mean, state.std)
+
+
+def train_loss(logits: Array, labels: Array, step: Array, config: TrainConfig) -> Array:
+    """The mean label-smoothed cross-entropy (NaN at ``config.inject_nan_at_step``, for fault injection)."""
+    loss = cross_entropy(logits, labels, logits.shape[-1], config.label_smoothing).mean()
+    if config.inject_nan_at_step >= 0:
+        loss = jnp.where(step == config.inject_nan_at_step, jnp.nan, loss)
+    return loss
+
+
+def train_metrics(loss: Array, logits: Array, labels: Array, finite: Array) -> dict[str, Array]:
+    """What the loop reads after a step."""
+    return {"loss": loss, "correct": jnp.sum(jnp.argmax(logits, -1) == labels), "finite": finite}
 
 
 def train_step(
@@ -101,41 +141,45 @@ def train_step(
     state are not all finite is not applied (the step counter still advances and ``skipped``
     counts it); ``metrics['finite']`` says which.
     """
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), AUGMENT_STREAM), state.step)
-    x = normalize(augment(key, images_u8, config.crop, config.flip), state.mean, state.std)
+    x = train_inputs(state, images_u8, config)
 
     def loss_fn(params: Any) -> tuple[Array, tuple[Array, Any]]:
         logits, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats}, x, train=True, mutable=["batch_stats"]
         )
-        loss = cross_entropy(logits, labels, logits.shape[-1], config.label_smoothing).mean()
-        if config.inject_nan_at_step >= 0:
-            loss = jnp.where(state.step == config.inject_nan_at_step, jnp.nan, loss)
-        return loss, (logits, updates["batch_stats"])
+        return train_loss(logits, labels, state.step, config), (logits, updates["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    finite = _all_finite(loss, grads, batch_stats, params, opt_state)
-
-    def keep(new: Array, old: Array) -> Array:
-        return jnp.where(finite, new, old)
-
+    finite = all_finite(loss, grads, batch_stats, params, opt_state)
     new_state = state.replace(
         step=state.step + 1,
-        params=jax.tree.map(keep, params, state.params),
-        batch_stats=jax.tree.map(keep, batch_stats, state.batch_stats),
-        opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+        params=keep_finite(finite, params, state.params),
+        batch_stats=keep_finite(finite, batch_stats, state.batch_stats),
+        opt_state=keep_finite(finite, opt_state, state.opt_state),
         skipped=state.skipped + jnp.logical_not(finite).astype(jnp.int32),
     )
-    correct = jnp.sum(jnp.argmax(logits, -1) == labels)
-    return new_state, {"loss": loss, "correct": correct, "finite": finite}
+    return new_state, train_metrics(loss, logits, labels, finite)
+
+
+def eval_metrics(logits: Array, labels: Array, mask: Array) -> dict[str, Array]:
+    """Summed loss (no smoothing), correct count and count over the batch's real (mask=True) images."""
+    loss = cross_entropy(logits, labels, logits.shape[-1], 0.0)
+    weight = mask.astype(jnp.float32)
+    correct = (jnp.argmax(logits, -1) == labels) & mask
+    return {"loss": jnp.sum(loss * weight), "correct": jnp.sum(correct), "count": jnp.sum(mask)}
 
 
 def eval_step(state: TrainState, images_u8: Array, labels: Array, mask: Array) -> dict[str, Array]:
     """Summed loss (no smoothing), correct count and count over the batch's real (mask=True) images."""
     logits = state.apply_fn(state.variables(), normalize(images_u8, state.mean, state.std), train=False)
-    loss = cross_entropy(logits, labels, logits.shape[-1], 0.0)
-    weight = mask.astype(jnp.float32)
-    correct = (jnp.argmax(logits, -1) == labels) & mask
-    return {"loss": jnp.sum(loss * weight), "correct": jnp.sum(correct), "count": jnp.sum(mask)}
+    return eval_metrics(logits, labels, mask)
+
+
+def eval_forward(
+    config: TrainConfig, num_classes: int, dtype: Any = None, precision: Any = None
+) -> Callable[[dict[str, Any], Array], Array]:
+    """(variables, normalised NHWC images) -> eval-mode logits of the model a config trains."""
+    model = build_model(config, num_classes, dtype, precision)
+    return lambda variables, x: model.apply(variables, x, train=False)

@@ -97,3 +97,45 @@ def test_interleaved_run_reports_every_implementation(tmp_path: Path, monkeypatc
         ("resnet_flax_plain", 2, 2),
     ]
     assert [(r["impl"], r["over"]) for r in report["ratios"]] == [("resnet_flax", "resnet_flax_plain")]
+
+
+def test_nnx_rows_time_the_small_stem_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ways of jitting the NNX model run beside the linen model, with ratios to it (inference here; the
+    train rows run in test_nnx_compiles_to_the_linen_program)."""
+    for name in ("XLA_FLAGS", "JAX_PLATFORMS", "XLA_PYTHON_CLIENT_PREALLOCATE"):
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "nnx.json"
+    impls = "resnet_flax,resnet_flax_nnx,resnet_flax_nnx+nnx.jit"
+    argv = ["--arch", "resnet18", "--small-stem", "--batch", "2", "--size", "8", "--num-classes", "10"]
+    argv += ["--steps", "1", "--warmup", "1", "--repeats", "1", "--dtype", "fp32", "--device", "cpu"]
+    argv += ["--impl", impls, "--mode", "infer", "--latency-batches", "", "--interleave", "--json", str(out)]
+    assert throughput.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["errors"] == [] and report["config"]["small_stem"] is True
+    assert [(r["impl"], r["mode"]) for r in report["results"]] == [(i, "infer") for i in impls.split(",")]
+    assert [(r["impl"], r["over"]) for r in report["ratios"]] == [(i, "resnet_flax") for i in impls.split(",")[1:]]
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--small-stem", "--impl", "torchvision,resnet_flax"])
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_nnx_compiles_to_the_linen_program(mode: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The same work (XLA's flop and byte counts); inference the same operations, the train step a few more
+    (nnx.Optimizer counts its steps)."""
+    from benchmarks import nnx_programs
+
+    out = tmp_path / "programs.json"
+    argv = ["--arch", "resnet18", "--small-stem", "--batch", "2", "--size", "8", "--num-classes", "10"]
+    assert nnx_programs.main([*argv, "--mode", mode, "--calls", "2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    linen, nnx = report["programs"]["linen"], report["programs"]["nnx"]
+    for key in ("flops", "bytes_accessed"):
+        assert nnx[key] == pytest.approx(linen[key], rel=1e-6), key
+    assert linen["ops_total"] > 100
+    extra = [in_nnx - in_linen for in_linen, in_nnx in report["differing_ops"].values()]
+    if mode == "infer":
+        assert extra == []
+    else:  # nnx.Optimizer counts its steps: an add, and the parameter that carries the count
+        assert all(n >= 0 for n in extra) and sum(extra) <= 10
+    assert set(report["host_ms_per_call"]) == {"resnet_flax", "resnet_flax_nnx", "resnet_flax_nnx+nnx.jit"}
+    assert "host per call" in capsys.readouterr().out

@@ -141,8 +141,11 @@ def test_nan_loss_skip_mode_counts_and_keeps_checkpoints_finite(tmp_path):
     assert all(np.isfinite(x).all() for x in _leaves(load_variables(result["checkpoint"])))
 
 
-def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_sigterm_saves_a_loadable_checkpoint(tmp_path, api):
     flags = [
+        "--api",
+        api,
         "--image-size",
         "8",
         "--train-limit",
@@ -179,11 +182,13 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
 
 SHARDED_CHECK = textwrap.dedent(
     """
-    import json, jax, numpy as np
+    import importlib, json, sys, jax, numpy as np
     from resnet_train import sharding
     from resnet_train.config import TrainConfig
     from resnet_train.optim import make_optimizer
-    from resnet_train.steps import create_train_state, train_step
+
+    steps = importlib.import_module(sys.argv[1])  # resnet_train.steps (linen) or resnet_train.nnx_steps
+    create_train_state, train_step = steps.create_train_state, steps.train_step
 
     config = TrainConfig(image_size=16, batch_size=8, epochs=2, seed=3, crop_padding=2, hflip=True, lr=0.05)
     rng = np.random.default_rng(7)
@@ -207,10 +212,16 @@ SHARDED_CHECK = textwrap.dedent(
 )
 
 
-def test_sharded_step_equals_single_device_step():
+@pytest.mark.parametrize("steps_module", ["resnet_train.steps", "resnet_train.nnx_steps"])
+def test_sharded_step_equals_single_device_step(steps_module):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     run = subprocess.run(
-        [sys.executable, "-c", SHARDED_CHECK], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", SHARDED_CHECK, steps_module],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout.strip().splitlines()[-1])

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from resnet_arch import DEPTHS
+from resnet_arch import APIS, DEPTHS, LINEN
 
 from ..checks import run_checks
 from ..precision import CHECKS, DEVICES, MODES, PRECISIONS, applied, jax_device, precisions_for, torch_tf32_summary
@@ -65,6 +65,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="check fused(ResNet) (resnet_flax.fused), the fused-BatchNorm model training uses, instead of ResNet",
     )
+    p.add_argument(
+        "--api",
+        choices=APIS,
+        default=LINEN,
+        help="the Flax model checked: linen (resnet_flax) or nnx (resnet_flax.nnx, via parity.torch_to_nnx) "
+        f"(default: {LINEN})",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default: 0)")
     p.add_argument(
         "--json",
@@ -76,7 +83,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _flax_model(args: argparse.Namespace) -> str:
-    return "fused(ResNet) (resnet_flax.fused)" if args.fused_bn else "ResNet"
+    if args.api == LINEN:
+        return "fused(ResNet) (resnet_flax.fused)" if args.fused_bn else "ResNet"
+    return "resnet_flax.nnx.ResNet" + (" with the fused BatchNorm (resnet_flax.nnx.fused)" if args.fused_bn else "")
 
 
 def _payload(args: argparse.Namespace, runs: list[dict[str, Any]], complete: bool, passed: bool) -> dict[str, Any]:
@@ -86,6 +95,7 @@ def _payload(args: argparse.Namespace, runs: list[dict[str, Any]], complete: boo
         "size": list(args.size),
         "batch": args.batch,
         "seed": args.seed,
+        "api": args.api,
         "flax_model": _flax_model(args),
         "complete": complete,
         "passed": passed,
@@ -131,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
             run_info: dict[str, Any] = {"arch": arch, "precision": precision, "mode": modes[precision]}
             try:
                 results = run_checks(
-                    arch, args.device, precision, size, args.batch, args.seed, args.checks, args.fused_bn
+                    arch, args.device, precision, size, args.batch, args.seed, args.checks, args.fused_bn, args.api
                 )
             except Exception as e:  # one broken run must not hide the others' figures
                 print(format_error(arch, precision, e), flush=True)

@@ -11,17 +11,19 @@ import jax
 from resnet_arch import DTYPES, dtype_name
 
 from ..convert import BAD_VALUES, ERROR, ConversionError, TorchWeights
-from ..files import FLAX, FRAMEWORKS, MSGPACK, PICKLE, TORCH, CheckpointError, file_format, write_checkpoint
+from ..files import FLAX, FRAMEWORKS, MSGPACK, NNX, PICKLE, TORCH, CheckpointError, file_format, write_checkpoint
 from ..hub import WEIGHTS_FILES, write_hub_dir
 from ..load import read_weights
 from ..names import LAYOUTS, SEED
+from ..nnx import linen_to_nnx
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``convert`` and its options."""
     p = sub.add_parser(
         "convert",
-        help="convert a checkpoint between PyTorch and Flax (.safetensors, .pth/.pt/.bin, .msgpack, hub directories)",
+        help="convert a checkpoint between PyTorch and Flax linen or NNX (.safetensors, .pth/.pt/.bin, .msgpack, "
+        "hub directories)",
         description="Convert a ResNet checkpoint between PyTorch and Flax. The architecture and the key layout are "
         "read from the weights; the direction from the file types (.pth/.pt/.bin is PyTorch, .msgpack is Flax, a "
         ".safetensors output takes the other framework than the input, a directory is PyTorch) unless --to says. "
@@ -90,7 +92,9 @@ def _convert(args: argparse.Namespace) -> int:
             raise CheckpointError(f"{args.output}: a model directory holds PyTorch weights; write Flax to a file")
         else:
             variables = weights.to_flax(dtype)
-            size = write_checkpoint(args.output, variables, target, meta)
+            # --to nnx writes through the NNX model, so the output is known to load into it; its state is
+            # the Flax variables tree.
+            size = write_checkpoint(args.output, linen_to_nnx(variables) if target == NNX else variables, target, meta)
             arrays = jax.tree_util.tree_leaves(variables)
     except (CheckpointError, ConversionError) as e:
         print(f"resnet-parity convert: error: {e}", file=sys.stderr)

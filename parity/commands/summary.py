@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 
 import torch
+from flax import nnx
 
 import resnet_flax
 import resnet_torch
 from resnet_arch import DEPTHS
+from resnet_flax import nnx as flax_nnx
+from resnet_flax import nnx_show
 from resnet_flax import show as flax_show
 from resnet_torch import show as torch_show
 
-from ..files import FRAMEWORKS, TORCH
+from ..files import FLAX, FRAMEWORKS, NNX, TORCH
 from .args import positive_int
 
 # The seed's three ways: summary() table, model.modules(), model.named_parameters().
@@ -25,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="show a model: layer table, modules or named parameters",
         description="Show a ResNet as the seed does: a layer table with output shapes and parameter "
         "counts, its modules, or its named parameters. Nothing is computed: torch runs on the meta "
-        "device, Flax under jax.eval_shape.",
+        "device, Flax (linen and NNX) under jax.eval_shape.",
     )
     p.add_argument("--arch", choices=tuple(DEPTHS), default="resnet50", help="depth (default: resnet50)")
     p.add_argument("--framework", choices=FRAMEWORKS, default=TORCH, help="which side to show (default: torch)")
@@ -47,10 +50,8 @@ def run(args: argparse.Namespace) -> int:
     """Print the chosen view of the chosen model; returns 0."""
     options = dict(num_classes=args.num_classes, small_stem=args.small_stem)
     input_hw = tuple(args.input_size)
-    if args.framework == TORCH:
-        print(_torch_view(args.arch, options, args.show, input_hw))
-    else:
-        print(_flax_view(args.arch, options, args.show, input_hw))
+    view = {TORCH: _torch_view, FLAX: _flax_view, NNX: _nnx_view}[args.framework]
+    print(view(args.arch, options, args.show, input_hw))
     return 0
 
 
@@ -68,3 +69,11 @@ def _flax_view(arch: str, options: dict, show: str, input_hw: tuple[int, int]) -
     if show == "table":
         return flax_show.layer_table(model, input_hw)
     return flax_show.module_list(model, input_hw) if show == "modules" else flax_show.parameter_list(model, input_hw)
+
+
+def _nnx_view(arch: str, options: dict, show: str, input_hw: tuple[int, int]) -> str:
+    # Built abstractly: the variables are shapes, no weights are drawn.
+    model = nnx.eval_shape(lambda: flax_nnx.build(arch, **options, rngs=nnx.Rngs(0)))
+    if show == "table":
+        return nnx_show.layer_table(model, input_hw)
+    return nnx_show.module_list(model) if show == "modules" else nnx_show.parameter_list(model)

@@ -1,0 +1,297 @@
+"""The seed's ResNet in Flax NNX: same classes, builders and module tree as resnet_torch and the linen mirror.
+
+Input is NHWC (N, H, W, 3). Attributes carry torch's module names (``conv1``, ``conv2_x``,
+``residual_function``, ``shortcut``, ``fc``) and Sequentials name their children "0", "1", ...,
+so ``nnx.state(model)`` has the paths of the linen variables, leaf for leaf:
+``conv2_x/0/residual_function/0/kernel`` (an ``nnx.Param``) and ``conv2_x/0/residual_function/1/mean``
+(an ``nnx.BatchStat``, linen's ``batch_stats`` collection). One converter rule serves both APIs.
+
+A model is built in train mode, as NNX's and torch's modules are: ``model.eval()`` (or
+``nnx.view(model, use_running_average=True)``) switches BatchNorm to its running statistics,
+``model.train()`` back; a train-mode call updates the statistics in place as torch does.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from resnet_arch import DEPTHS, HEAD, IN_CHANNELS, STAGES, STEM, STEM_WIDTH, check_options
+
+from .fold import fold_conv_bn
+from .fused import fused_batch_norm_train
+from .layers import (
+    BN_BIAS,
+    BN_MEAN,
+    BN_SCALE,
+    BN_VAR,
+    Dtype,
+    Initializer,
+    kaiming_normal_fan_out,
+    seed_linear_init,
+    torch_default_bias_init,
+    torch_default_weight_init,
+)
+from .model import check_input
+from .nnx_layers import BatchNorm2d, Conv2d, FoldedBatchNorm, Linear, MaxPool2d, Sequential
+
+Array = jax.Array
+# torch.nn.ReLU; linen's nn.relu is the same function.
+relu = jax.nn.relu
+
+
+def _shortcut(in_channels: int, out_channels: int, stride: int, conv: Any, norm: Any) -> Sequential | None:
+    """Projection (1x1 conv + BN) when the shape changes, else None (the identity)."""
+    if stride != 1 or in_channels != out_channels:
+        return Sequential(conv(in_channels, out_channels, 1, stride), norm(out_channels))
+    return None
+
+
+class _Block(nnx.Module):
+    """What both blocks share: ``residual_function`` (the block's layers), the shortcut and the sum."""
+
+    expansion: ClassVar[int]
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int = 1,
+        *,
+        conv: Callable[..., Conv2d] = Conv2d,
+        norm: Callable[..., BatchNorm2d] = BatchNorm2d,
+        last_norm_scale_init: Initializer = nnx.initializers.ones,
+        rngs: nnx.Rngs,
+    ) -> None:
+        c, n = functools.partial(conv, rngs=rngs), functools.partial(norm, rngs=rngs)
+        layers = self._layers(in_channels, out_channels, stride, c, n, last_norm_scale_init)
+        self.residual_function = Sequential(*layers)
+        self.shortcut = _shortcut(in_channels, out_channels * self.expansion, stride, c, n)
+
+    def _layers(
+        self, in_channels: int, out_channels: int, stride: int, c: Any, n: Any, last_norm_scale_init: Initializer
+    ) -> tuple[Callable[[Array], Array], ...]:
+        raise NotImplementedError
+
+    def __call__(self, x: Array) -> Array:
+        out = self.residual_function(x)
+        return relu(out + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class BasicBlock(_Block):
+    """Two 3x3 convolutions (ResNet-18/34)."""
+
+    expansion: ClassVar[int] = 1
+
+    def _layers(
+        self, in_channels: int, out_channels: int, stride: int, c: Any, n: Any, last_norm_scale_init: Initializer
+    ) -> tuple[Callable[[Array], Array], ...]:
+        return (
+            c(in_channels, out_channels, 3, stride, 1),
+            n(out_channels),
+            relu,
+            c(out_channels, out_channels, 3, 1, 1),
+            n(out_channels, scale_init=last_norm_scale_init),
+        )
+
+
+class BottleNeck(_Block):
+    """1x1 -> 3x3 -> 1x1 convolutions (ResNet-50/101/152), the stride on the 3x3 ("ResNet v1.5")."""
+
+    expansion: ClassVar[int] = 4
+
+    def _layers(
+        self, in_channels: int, out_channels: int, stride: int, c: Any, n: Any, last_norm_scale_init: Initializer
+    ) -> tuple[Callable[[Array], Array], ...]:
+        width, expanded = out_channels, out_channels * self.expansion
+        return (
+            c(in_channels, width, 1),
+            n(width),
+            relu,
+            c(width, width, 3, stride, 1),
+            n(width),
+            relu,
+            c(width, expanded, 1),
+            n(expanded, scale_init=last_norm_scale_init),
+        )
+
+
+BLOCKS: dict[str, type[BasicBlock] | type[BottleNeck]] = {
+    "BasicBlock": BasicBlock,
+    "BottleNeck": BottleNeck,
+}
+
+
+class ResNet(nnx.Module):
+    """The seed's ResNet: stem ``conv1``, stages ``conv2_x``..``conv5_x``, average pool, ``fc``.
+
+    The options are the linen ResNet's (``dtype`` computes, ``param_dtype`` stores, ``precision``
+    goes to every convolution and matrix product), plus ``rngs`` for the initial weights.
+    """
+
+    def __init__(
+        self,
+        block: type[BasicBlock] | type[BottleNeck],
+        num_block: Sequence[int],
+        num_classes: int = 10,
+        init_weights: bool = True,
+        zero_init_residual: bool = False,
+        small_stem: bool = False,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        precision: Any = None,
+        *,
+        rngs: nnx.Rngs,
+    ) -> None:
+        check_options(block, num_block, num_classes, BLOCKS)
+        self.block, self.num_block, self.num_classes = block, tuple(num_block), num_classes
+        self.init_weights, self.zero_init_residual, self.small_stem = init_weights, zero_init_residual, small_stem
+        self.dtype, self.param_dtype, self.precision = dtype, param_dtype, precision
+        dtypes = dict(dtype=dtype, param_dtype=param_dtype)
+        conv_init = kaiming_normal_fan_out if init_weights else torch_default_weight_init
+        conv = functools.partial(Conv2d, precision=precision, kernel_init=conv_init, **dtypes)
+        norm = functools.partial(BatchNorm2d, **dtypes)
+        last_norm_init = nnx.initializers.zeros if zero_init_residual else nnx.initializers.ones
+
+        c, n = functools.partial(conv, rngs=rngs), functools.partial(norm, rngs=rngs)
+        if small_stem:
+            self.conv1 = Sequential(c(IN_CHANNELS, STEM_WIDTH, 3, 1, 1), n(STEM_WIDTH), relu)
+        else:
+            self.conv1 = Sequential(c(IN_CHANNELS, STEM_WIDTH, 7, 2, 3), n(STEM_WIDTH), relu, MaxPool2d(3, 2, 1))
+        in_channels = STEM_WIDTH
+        for (name, width, stride), blocks in zip(STAGES, self.num_block, strict=True):
+            layer, in_channels = self._make_layer(
+                in_channels, width, blocks, stride, conv=conv, norm=norm, last_norm_scale_init=last_norm_init, rngs=rngs
+            )
+            setattr(self, name, layer)
+
+        in_features = 512 * block.expansion
+        linear_init = (
+            dict(kernel_init=seed_linear_init, bias_init=nnx.initializers.zeros)
+            if init_weights
+            else dict(kernel_init=torch_default_weight_init, bias_init=torch_default_bias_init(in_features))
+        )
+        self.fc = Linear(in_features, num_classes, precision=precision, rngs=rngs, **dtypes, **linear_init)
+
+    def _make_layer(
+        self, in_channels: int, out_channels: int, num_blocks: int, stride: int, **block_kwargs: Any
+    ) -> tuple[Sequential, int]:
+        """One stage: the first block takes the stride (and the projection), the rest stride 1."""
+        strides = [stride] + [1] * (num_blocks - 1)
+        layers = []
+        for stride in strides:
+            layers.append(self.block(in_channels, out_channels, stride, **block_kwargs))
+            in_channels = out_channels * self.block.expansion
+        return Sequential(*layers), in_channels
+
+    def __call__(self, x: Array, return_stages: bool = False) -> Array | dict[str, Array]:
+        """NHWC images (N, H, W, 3) -> logits (N, num_classes), or every stage's output by name."""
+        check_input(x)
+        outputs = {STEM: self.conv1(x.astype(self.dtype))}
+        x = outputs[STEM]
+        for name, _, _ in STAGES:
+            x = outputs[name] = getattr(self, name)(x)
+        x = jnp.mean(x, axis=(1, 2))
+        outputs[HEAD] = self.fc(x)
+        return outputs if return_stages else outputs[HEAD]
+
+
+def build(arch: str, **kwargs: Any) -> ResNet:
+    """A ResNet by depth name ("resnet18" .. "resnet152"), with ResNet's keyword options and ``rngs``."""
+    if arch not in DEPTHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(DEPTHS)}")
+    block_name, num_block = DEPTHS[arch]
+    return ResNet(BLOCKS[block_name], num_block, **kwargs)
+
+
+def resnet18(**kwargs: Any) -> ResNet:
+    """ResNet-18: BasicBlock, [2, 2, 2, 2]."""
+    return build("resnet18", **kwargs)
+
+
+def resnet34(**kwargs: Any) -> ResNet:
+    """ResNet-34: BasicBlock, [3, 4, 6, 3]."""
+    return build("resnet34", **kwargs)
+
+
+def resnet50(**kwargs: Any) -> ResNet:
+    """ResNet-50: BottleNeck, [3, 4, 6, 3] (the seed's ``resnet50()``)."""
+    return build("resnet50", **kwargs)
+
+
+def resnet101(**kwargs: Any) -> ResNet:
+    """ResNet-101: BottleNeck, [3, 4, 23, 3]."""
+    return build("resnet101", **kwargs)
+
+
+def resnet152(**kwargs: Any) -> ResNet:
+    """ResNet-152: BottleNeck, [3, 8, 36, 3]."""
+    return build("resnet152", **kwargs)
+
+
+def _check_resnet(model: Any, what: str) -> None:
+    if not isinstance(model, ResNet):
+        raise TypeError(f"{what} expects a resnet_flax.nnx.ResNet, got {type(model).__name__}")
+    if is_folded(model):
+        raise TypeError(f"{what} expects a ResNet whose BatchNorms are not folded")
+
+
+def fused(model: ResNet) -> ResNet:
+    """``model`` with the fused train-mode BatchNorm (``resnet_flax.fused``): a view that shares its
+    variables (``nnx.view``), so training the view trains the model. Eval mode is unchanged."""
+    _check_resnet(model, "fused")
+    return nnx.view(model, train_norm=fused_batch_norm_train)
+
+
+def is_fused(model: ResNet) -> bool:
+    """Whether the model's train-mode BatchNorm is the fused one."""
+    return any(
+        isinstance(m, BatchNorm2d) and m.train_norm is fused_batch_norm_train for _, m in nnx.iter_modules(model)
+    )
+
+
+def is_folded(model: ResNet) -> bool:
+    """Whether ``fold`` made this model (its BatchNorms live in the convolutions)."""
+    return any(isinstance(m, FoldedBatchNorm) for _, m in nnx.iter_modules(model))
+
+
+def fold(model: ResNet) -> ResNet:
+    """An inference-only copy of ``model`` (in eval mode) with every BatchNorm folded into the convolution
+    before it, as ``resnet_flax.fold.fold`` does for linen: each convolution gains a ``bias``, each
+    BatchNorm becomes the identity (``FoldedBatchNorm``), other paths are kept. ``model`` is unchanged.
+    """
+    _check_resnet(model, "fold")
+    folded = nnx.clone(model)
+    for path, seq in list(nnx.iter_modules(folded)):
+        if not isinstance(seq, Sequential):
+            continue
+        where = "/".join(map(str, path))
+        for i in range(len(seq)):
+            layer = seq[i]
+            if isinstance(layer, BatchNorm2d):
+                raise ValueError(f"BatchNorm at {where}/{i} does not follow a convolution; cannot fold it")
+            if isinstance(layer, Conv2d):
+                norm = seq[i + 1] if i + 1 < len(seq) else None
+                if not isinstance(norm, BatchNorm2d):
+                    raise ValueError(f"convolution at {where}/{i} has no BatchNorm after it; cannot fold it")
+                _fold_into(layer, norm)
+                seq[i + 1] = FoldedBatchNorm()
+    folded.eval()
+    return folded
+
+
+def _fold_into(conv: Conv2d, norm: BatchNorm2d) -> None:
+    """Give ``conv`` the kernel and bias of itself followed by ``norm`` in eval mode."""
+    pair = fold_conv_bn(
+        {"kernel": conv.kernel[...]},
+        {BN_SCALE: norm.scale[...], BN_BIAS: norm.bias[...]},
+        {BN_MEAN: norm.mean[...], BN_VAR: norm.var[...]},
+        norm.epsilon,
+    )
+    conv.kernel[...] = pair["kernel"]
+    conv.bias = nnx.Param(pair["bias"])
