@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,9 @@ from .steps import TrainState
 BEST_METRIC = "test_accuracy"
 # TrainState fields that are arrays (the rest are functions and constants rebuilt from the config).
 SAVED_FIELDS = ("step", "params", "batch_stats", "opt_state", "skipped")
+# The train state's folder in a step folder: orbax names a lone item "default"; beside other items
+# (a streamed run's data-iterator state) it is "state". orbax tells the two kinds apart by "default".
+LONE_ITEM, STATE_ITEM = "default", "state"
 
 
 class Checkpoints:
@@ -41,23 +45,36 @@ class Checkpoints:
         """The folder of one saved step."""
         return self.directory / str(step)
 
-    def save(self, state: TrainState, metrics: dict[str, float] | None = None) -> Path:
-        """Save state at its step (once per step) with optional metrics for the best-of ranking."""
+    def save(
+        self, state: TrainState, metrics: dict[str, float] | None = None, items: Mapping[str, Any] | None = None
+    ) -> Path:
+        """Save state at its step (once per step) with optional metrics for the best-of ranking, and
+        other items beside it (name -> orbax save args, e.g. the data iterator's grain.checkpoint.CheckpointSave)."""
         step = int(jax.device_get(state.step))
         if step not in self.manager.all_steps():
-            tree = {name: getattr(state, name) for name in SAVED_FIELDS}
-            self.manager.save(step, args=ocp.args.StandardSave(tree), metrics=metrics)
+            tree = ocp.args.StandardSave({name: getattr(state, name) for name in SAVED_FIELDS})
+            args = ocp.args.Composite(**{STATE_ITEM: tree}, **items) if items else tree
+            self.manager.save(step, args=args, metrics=metrics)
         return self.path(step)
 
-    def restore(self, like: TrainState, step: int | None = None) -> TrainState:
-        """The saved state at step (default: latest), placed with the shardings of `like`."""
+    def restore(self, like: TrainState, step: int | None = None, items: Mapping[str, Any] | None = None) -> TrainState:
+        """The saved state at step (default: latest), placed with the shardings of `like`; the other
+        items are restored through their restore args (name -> e.g. grain.checkpoint.CheckpointRestore)."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{self.directory}: no checkpoint to resume from")
         target = {name: getattr(like, name) for name in SAVED_FIELDS}
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        tree = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        return like.replace(**tree)
+        tree = ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, target))
+        if not items:
+            return like.replace(**self.manager.restore(step, args=tree))
+        missing = [name for name in (STATE_ITEM, *items) if not (self.path(step) / name).is_dir()]
+        if missing:
+            raise ValueError(
+                f"{self.path(step)}: no {', '.join(missing)} saved there; this run's data needs them to resume "
+                "(a run saved by an older version that held its images in memory cannot continue as a stream)"
+            )
+        args = ocp.args.Composite(**{STATE_ITEM: tree}, **items)
+        return like.replace(**self.manager.restore(step, args=args)[STATE_ITEM])
 
     def wait(self) -> None:
         """Block until background saves are on disk."""
@@ -69,5 +86,7 @@ class Checkpoints:
 
 def load_variables(checkpoint_dir: str | Path) -> dict[str, Any]:
     """The params and batch_stats of one saved step folder, as plain host arrays (for inspection)."""
-    tree = ocp.StandardCheckpointer().restore(Path(checkpoint_dir).absolute() / "default")
+    folder = Path(checkpoint_dir).absolute()
+    item = folder / STATE_ITEM if (folder / STATE_ITEM).is_dir() else folder / LONE_ITEM
+    tree = ocp.StandardCheckpointer().restore(item)
     return {"params": tree["params"], "batch_stats": tree["batch_stats"]}

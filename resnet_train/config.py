@@ -11,7 +11,12 @@ from typing import Any
 
 from resnet_arch import DEPTHS
 
-DATASETS = ("digits", "cifar10", "imagefolder")
+from .presets import PRESETS, preset_values
+
+DATASETS = ("digits", "cifar10", "imagefolder", "synthetic")
+# Datasets held in memory as uint8 arrays and augmented on the device; an image folder streams
+# through Grain workers (augmented on the CPU) and synthetic batches are made on the device.
+IN_MEMORY = ("digits", "cifar10")
 OPTIMIZERS = ("sgd", "adamw")
 # Computation dtypes training offers (names from resnet_arch.DTYPES); parameters stay float32.
 DTYPES = ("fp32", "bf16")
@@ -38,13 +43,24 @@ class TrainConfig:
     """What `resnet-train` does; the defaults reach >= 97% on digits in under 3 minutes on 2 CPU cores."""
 
     # data
-    dataset: str = _field("digits", "digits (scikit-learn, built in), cifar10 or imagefolder")
+    dataset: str = _field(
+        "digits",
+        "digits (scikit-learn, built in), cifar10, imagefolder (streamed) or synthetic (random images made on the "
+        "device, to time the step alone)",
+    )
     data_dir: str = _field("", "folder of the cifar10 python batches or of the image folder")
-    image_size: int = _field(32, "square side the images are resized to (cifar10 stays 32)")
+    image_size: int = _field(
+        32,
+        "square side of the training images: digits are resized to it, image folders cropped to it "
+        "(RandomResizedCrop; evaluation resizes to 8/7 of it and cuts the centre), cifar10 stays 32",
+    )
     test_fraction: float = _field(0.2, "held-out share when the data has no test split of its own")
     train_limit: int = _field(0, "use only the first N shuffled training images (0: all)")
-    crop_padding: int | None = _field(None, "random crop: pad by N pixels and crop back (None: 4, 0 for digits)")
+    crop_padding: int | None = _field(
+        None, "random crop on the device: pad by N pixels and crop back (None: 4 for cifar10, 0 for digits)"
+    )
     hflip: bool | None = _field(None, "random horizontal flips (default: on, except for digits)")
+    workers: int = _field(-1, "Grain worker processes decoding an image folder (-1: one per CPU core; 0: none)")
     # model
     arch: str = _field("resnet18", "depth: " + ", ".join(DEPTHS))
     small_stem: bool = _field(True, "3x3/1 stem without max-pool, for small images like 32x32")
@@ -74,22 +90,32 @@ class TrainConfig:
     keep_checkpoints: int = _field(2, "keep this many latest checkpoints, plus the best one")
     export: bool = _field(True, "write model.safetensors for resnet_torch and verify it on the test set")
     progress: bool = _field(True, "a progress bar per epoch on stderr")
+    log_every: int = _field(
+        10, "also record training loss, accuracy, lr and images/s every N steps (0: per epoch only)"
+    )
     # devices
     distributed: bool = _field(False, "call jax.distributed.initialize (multi-host)")
     coordinator_address: str = _field("", "host:port of process 0 (empty: detect from the cluster)")
     num_processes: int = _field(0, "number of processes (0: detect)")
     process_id: int = _field(-1, "this process's index (-1: detect)")
+    heartbeat_timeout: int = _field(
+        100, "seconds a --distributed process may go silent before the others fail, naming the cause"
+    )
 
     def __post_init__(self) -> None:
         problems = []
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 problems.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("epochs", "batch_size", "image_size", "keep_checkpoints"):
+        for name in ("epochs", "batch_size", "image_size", "keep_checkpoints", "heartbeat_timeout"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.dataset != "digits" and not self.data_dir:
+        if self.dataset in ("cifar10", "imagefolder") and not self.data_dir:
             problems.append(f"dataset {self.dataset} needs --data-dir")
+        if self.dataset not in IN_MEMORY and self.crop_padding:
+            problems.append(f"crop_padding applies to {' and '.join(IN_MEMORY)}; {self.dataset} crops on the CPU")
+        if self.workers < -1 or self.log_every < 0:
+            problems.append("workers must be >= -1 and log_every >= 0")
         if not 0.0 < self.test_fraction < 1.0:
             problems.append(f"test_fraction must be between 0 and 1, got {self.test_fraction}")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -105,8 +131,9 @@ class TrainConfig:
 
     @property
     def crop(self) -> int:
-        """Random-crop padding: 4 unless asked otherwise, 0 for digits (two epochs need no regularising)."""
-        default = 0 if self.dataset == "digits" else DEFAULT_CROP_PADDING
+        """Random-crop padding: 4 for cifar10 unless asked otherwise, 0 for digits (two epochs need no
+        regularising) and for the datasets that are not in memory (image folders use RandomResizedCrop)."""
+        default = DEFAULT_CROP_PADDING if self.dataset == "cifar10" else 0
         return default if self.crop_padding is None else self.crop_padding
 
     @property
@@ -114,12 +141,29 @@ class TrainConfig:
         """Horizontal flips: on unless asked otherwise, except for digits (a mirrored 2 is no 2)."""
         return self.dataset != "digits" if self.hflip is None else self.hflip
 
+    @property
+    def device_augmentation(self) -> tuple[int, bool]:
+        """(crop padding, flip) for the jitted step: in-memory datasets only (an image folder's
+        augmentation happens on the CPU, and synthetic images are measured as they are)."""
+        return (self.crop, self.flip) if self.dataset in IN_MEMORY else (0, False)
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
 
 # Fields that may change between an interrupted run and its --resume without changing the result.
-RESUMABLE_CHANGES = frozenset({"resume", "stop_after_epoch", "progress", "export", "keep_checkpoints"})
+RESUMABLE_CHANGES = frozenset(
+    {
+        "resume",
+        "stop_after_epoch",
+        "progress",
+        "export",
+        "keep_checkpoints",
+        "workers",
+        "log_every",
+        "heartbeat_timeout",
+    }
+)
 # Fields added after runs were saved, with the value that reproduces a run whose config.json lacks them.
 LATER_FIELDS = {"fused_bn": False}
 # Values renamed after runs were saved: field -> {old value: new value}.
@@ -158,11 +202,20 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
-    """Command-line flags -> TrainConfig; a bad value exits with argparse's usage message."""
+    """Command-line flags -> TrainConfig; a bad value exits with argparse's usage message.
+
+    --preset NAME sets the defaults of the fields its recipe names (resnet_train.presets); other
+    flags still override them, and --lr, unless given, follows --batch-size.
+    """
     p = parser()
-    args = p.parse_args(argv)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe: defaults for the fields it sets")
+    preset = p.parse_known_args(argv)[0].preset
+    if preset:
+        p.set_defaults(**PRESETS[preset], lr=None)
+    values = vars(p.parse_args(argv))
+    del values["preset"]
     try:
-        return TrainConfig(**vars(args))
+        return TrainConfig(**(preset_values(preset, **values) if preset else values))
     except ValueError as e:
         p.error(str(e))
         raise

@@ -23,6 +23,8 @@ Array = jax.Array
 # Keys for the two random streams, folded into the seed so they never overlap.
 INIT_STREAM, AUGMENT_STREAM = 0, 1
 # Augmentation keeps JAX's default PRNG (threefry): its bits do not depend on how the batch is sharded.
+# The second accuracy evaluation reports: the label among the k highest logits (ImageNet's top-5).
+TOP_K = 5
 
 
 class TrainState(struct.PyTreeNode):
@@ -101,7 +103,7 @@ def train_step(
     (the step counter still advances and ``skipped`` counts it); ``metrics['finite']`` says which.
     """
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), AUGMENT_STREAM), state.step)
-    x = normalize(augment(key, images_u8, config.crop, config.flip), state.mean, state.std)
+    x = normalize(augment(key, images_u8, *config.device_augmentation), state.mean, state.std)
 
     def loss_fn(params: Any) -> tuple[Array, tuple[Array, Any]]:
         logits, updates = state.apply_fn(
@@ -132,9 +134,16 @@ def train_step(
 
 
 def eval_step(state: TrainState, images_u8: Array, labels: Array, mask: Array) -> dict[str, Array]:
-    """Summed loss (no smoothing), correct count and count over the batch's real (mask=True) images."""
+    """Summed loss (no smoothing), top-1 and top-5 correct counts and count over the real (mask=True) images."""
     logits = state.apply_fn(state.variables(), normalize(images_u8, state.mean, state.std), train=False)
     loss = cross_entropy(logits, labels, logits.shape[-1], 0.0)
     weight = mask.astype(jnp.float32)
     correct = (jnp.argmax(logits, -1) == labels) & mask
-    return {"loss": jnp.sum(loss * weight), "correct": jnp.sum(correct), "count": jnp.sum(mask)}
+    _, top5 = jax.lax.top_k(logits, min(TOP_K, logits.shape[-1]))
+    correct5 = jnp.any(top5 == labels[:, None], axis=-1) & mask
+    return {
+        "loss": jnp.sum(loss * weight),
+        "correct": jnp.sum(correct),
+        "correct5": jnp.sum(correct5),
+        "count": jnp.sum(mask),
+    }
