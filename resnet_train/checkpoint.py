@@ -85,8 +85,13 @@ class Checkpoints:
 
 
 def load_variables(checkpoint_dir: str | Path) -> dict[str, Any]:
-    """The params and batch_stats of one saved step folder, as plain host arrays (for inspection)."""
+    """The params and batch_stats of one saved step folder, for inspection: on this process's first device,
+    however many devices and processes saved it."""
     folder = Path(checkpoint_dir).absolute()
     item = folder / STATE_ITEM if (folder / STATE_ITEM).is_dir() else folder / LONE_ITEM
-    tree = ocp.StandardCheckpointer().restore(item)
+    checkpointer = ocp.StandardCheckpointer()
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    saved = checkpointer.metadata(item).item_metadata
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), saved)
+    tree = checkpointer.restore(item, target)
     return {"params": tree["params"], "batch_stats": tree["batch_stats"]}

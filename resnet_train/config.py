@@ -147,22 +147,16 @@ class TrainConfig:
         augmentation happens on the CPU, and synthetic images are measured as they are)."""
         return (self.crop, self.flip) if self.dataset in IN_MEMORY else (0, False)
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+    def to_json(self, **extra: Any) -> str:
+        """Every field as a JSON object, with `extra` keys beside them (config.json adds the class names)."""
+        return json.dumps({**dataclasses.asdict(self), **extra}, sort_keys=True)
 
 
 # Fields that may change between an interrupted run and its --resume without changing the result.
+# (A run may also resume on other machines: the global batch, not the process layout, makes the result.)
 RESUMABLE_CHANGES = frozenset(
-    {
-        "resume",
-        "stop_after_epoch",
-        "progress",
-        "export",
-        "keep_checkpoints",
-        "workers",
-        "log_every",
-        "heartbeat_timeout",
-    }
+    {"resume", "stop_after_epoch", "progress", "export", "keep_checkpoints", "workers", "log_every"}
+    | {"distributed", "coordinator_address", "num_processes", "process_id", "heartbeat_timeout"}
 )
 # Fields added after runs were saved, with the value that reproduces a run whose config.json lacks them.
 LATER_FIELDS = {"fused_bn": False}

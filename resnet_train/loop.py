@@ -97,7 +97,7 @@ def _check_run_dir(run_dir: Path, config: TrainConfig, checkpoints: Checkpoints,
             raise ValueError(f"--resume with settings that change the result ({diff}); use the run's own settings")
         runlog.check_class_names(saved_path, class_names)
     if jax.process_index() == 0:
-        runlog.write_atomic(saved_path, runlog.config_json(config, class_names))
+        runlog.write_atomic(saved_path, config.to_json(class_names=list(class_names)).encode())
 
 
 def evaluate(eval_fn: Any, state: TrainState, batches: Iterable[tuple[jax.Array, ...]]) -> dict[str, float]:

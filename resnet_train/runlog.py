@@ -3,7 +3,6 @@ that name their process."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from collections.abc import Sequence
@@ -11,8 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from parity.files import atomic_write
-
-from .config import TrainConfig
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -45,11 +42,6 @@ def drop_records_after(run_dir: Path, step: int) -> None:
     kept = [r for r in records if r.get("step", 0) <= step]
     if len(kept) < len(records):
         write_atomic(run_dir / METRICS_FILE, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
-
-
-def config_json(config: TrainConfig, class_names: Sequence[str]) -> bytes:
-    """What config.json holds: every TrainConfig field, and the data's class names (label i is class_names[i])."""
-    return json.dumps({**dataclasses.asdict(config), "class_names": list(class_names)}, sort_keys=True).encode()
 
 
 def check_class_names(config_path: Path, class_names: Sequence[str]) -> None:
