@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import platform
 import statistics
 import time
 from collections.abc import Callable
 
-# ImageNet channel statistics: synthetic uint8 images are normalised with them on the device,
-# inside the timed step, as a real input pipeline that ships uint8 would do.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # SGD with momentum and weight decay, the same on both sides (torch.optim.SGD and optax).
 LEARNING_RATE = 0.1
 MOMENTUM = 0.9
@@ -115,3 +112,13 @@ def time_latency(step: Step, warmup: int, calls: int) -> dict[str, float]:
         "min_ms": 1e3 * min(times),
         "cpu_ms": 1e3 * statistics.median(cpu_times),
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = (line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(names, platform.processor())
+    except OSError:
+        return platform.processor()

@@ -14,12 +14,13 @@ import optax
 import resnet_flax
 from parity.optim import torch_sgd
 from resnet_arch import dtype_name
+from resnet_data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from resnet_flax import preprocess
 from resnet_flax.fold import fold
 from resnet_flax.fused import fused
 from resnet_flax.model import init_key
 
-from .common import IMAGENET_MEAN, IMAGENET_STD, LEARNING_RATE, MOMENTUM, WEIGHT_DECAY, Settings, Step
+from .common import LEARNING_RATE, MOMENTUM, WEIGHT_DECAY, Settings, Step
 
 
 def _device(settings: Settings) -> jax.Device:

@@ -199,14 +199,10 @@ def machine(device: str) -> dict[str, Any]:
     import numpy
     import torch
 
+    from benchmarks.common import cpu_model
     from parity.report import versions as library_versions
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_model()
     versions = {**library_versions(), "jaxlib": jaxlib.__version__, "numpy": numpy.__version__}
     from benchmarks.torch_steps import torchvision_available
 

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import resnet_torch
+from resnet_data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-from .common import IMAGENET_MEAN, IMAGENET_STD, LEARNING_RATE, MOMENTUM, WEIGHT_DECAY, Settings, Step
+from .common import LEARNING_RATE, MOMENTUM, WEIGHT_DECAY, Settings, Step
 
 # bf16 runs use autocast (bf16 convolutions and matmuls, float32 weights and BatchNorm), as AMP does.
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,10 @@ SAVED_FIELDS = ("step", "params", "batch_stats", "opt_state", "skipped")
 DIGEST_KEY = "sha256"
 # Where a checkpoint that fails to restore is moved, beside the checkpoints folder (kept, never deleted).
 DAMAGED_SUFFIX = "-damaged"
+
+
+class IncompatibleCheckpointError(ValueError):
+    """A checkpoint this run cannot continue from whole (not damaged: saved without what this run needs)."""
 
 
 class CheckpointSaveError(OSError):
@@ -87,6 +92,11 @@ def _verified(path: Path, tree: Any) -> Any:
     return tree
 
 
+# The train state's folder in a step folder: orbax names a lone item "default"; beside other items
+# (a streamed run's data-iterator state) it is "state". orbax tells the two kinds apart by "default".
+LONE_ITEM, STATE_ITEM = "default", "state"
+
+
 class Checkpoints:
     """A folder of train-state checkpoints, one sub-folder per step, written by orbax atomically."""
 
@@ -111,15 +121,19 @@ class Checkpoints:
         """The folder of one saved step."""
         return self.directory / str(step)
 
-    def save(self, state: TrainState, metrics: dict[str, float] | None = None) -> Path:
-        """Save state at its step (once per step) with optional metrics for the best-of ranking."""
+    def save(
+        self, state: TrainState, metrics: dict[str, float] | None = None, items: Mapping[str, Any] | None = None
+    ) -> Path:
+        """Save state at its step (once per step) with optional metrics for the best-of ranking, and
+        other items beside it (name -> orbax save args, e.g. the data iterator's grain.checkpoint.CheckpointSave)."""
         step = int(jax.device_get(state.step))
         if step not in self.manager.all_steps():
             tree = {name: getattr(state, name) for name in SAVED_FIELDS}
+            saved = ocp.args.StandardSave(tree)
             try:
                 self.manager.save(
                     step,
-                    args=ocp.args.StandardSave(tree),
+                    args=ocp.args.Composite(**{STATE_ITEM: saved}, **items) if items else saved,
                     metrics=metrics,
                     custom_metadata={DIGEST_KEY: state_digest(tree)},
                 )
@@ -127,17 +141,27 @@ class Checkpoints:
                 raise CheckpointSaveError(f"{self.path(step)}: cannot save the checkpoint: {e}") from e
         return self.path(step)
 
-    def restore(self, like: TrainState, step: int | None = None) -> TrainState:
-        """The saved state at step (default: latest), placed with the shardings of `like`, its digest checked."""
+    def restore(self, like: TrainState, step: int | None = None, items: Mapping[str, Any] | None = None) -> TrainState:
+        """The saved state at step (default: latest), placed with the shardings of `like`, its digest checked;
+        the other items are restored through their restore args (name -> e.g. grain.checkpoint.CheckpointRestore)."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{self.directory}: no checkpoint to resume from")
         target = {name: getattr(like, name) for name in SAVED_FIELDS}
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        tree = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        return like.replace(**_verified(self.path(step), tree))
+        tree = ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, target))
+        if items:
+            missing = [name for name in (STATE_ITEM, *items) if not (self.path(step) / name).is_dir()]
+            if missing:
+                raise IncompatibleCheckpointError(
+                    f"{self.path(step)}: no {', '.join(missing)} saved there; this run's data needs them to resume "
+                    "(a run saved by an older version that held its images in memory cannot continue as a stream)"
+                )
+            restored = self.manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: tree}, **items))[STATE_ITEM]
+        else:
+            restored = self.manager.restore(step, args=tree)
+        return like.replace(**_verified(self.path(step), restored))
 
-    def restore_latest_good(self, like: TrainState) -> TrainState | None:
+    def restore_latest_good(self, like: TrainState, items: Mapping[str, Any] | None = None) -> TrainState | None:
         """The newest checkpoint that restores intact; None when there is no checkpoint at all.
 
         A newer one that fails while an older one restores is damaged: one warning names it and it
@@ -149,7 +173,9 @@ class Checkpoints:
         _quiet_late_orbax_reads()
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                state = self.restore(like, step)
+                state = self.restore(like, step, items)
+            except IncompatibleCheckpointError:
+                raise
             except Exception as e:  # orbax and tensorstore raise many kinds; the first line says which
                 reason = (str(e).strip() or type(e).__name__).splitlines()[0]
                 log.warning("%s cannot be restored (%s); trying the one before", self.path(step), reason)
@@ -185,7 +211,13 @@ class Checkpoints:
 
 
 def load_variables(checkpoint_dir: str | Path) -> dict[str, Any]:
-    """The params and batch_stats of one saved step folder, as plain host arrays (for inspection), verified."""
-    step_dir = Path(checkpoint_dir).absolute()
-    tree = _verified(step_dir, ocp.StandardCheckpointer().restore(step_dir / "default"))
+    """The params and batch_stats of one saved step folder, for inspection: verified, on this process's first
+    device, however many devices and processes saved it."""
+    folder = Path(checkpoint_dir).absolute()
+    item = folder / STATE_ITEM if (folder / STATE_ITEM).is_dir() else folder / LONE_ITEM
+    checkpointer = ocp.StandardCheckpointer()
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    saved = checkpointer.metadata(item).item_metadata
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), saved)
+    tree = _verified(folder, checkpointer.restore(item, target))
     return {"params": tree["params"], "batch_stats": tree["batch_stats"]}

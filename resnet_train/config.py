@@ -14,7 +14,12 @@ from typing import Any
 
 from resnet_arch import APIS, DEPTHS, LINEN
 
-DATASETS = ("digits", "cifar10", "imagefolder")
+from .presets import PRESETS, preset_values
+
+DATASETS = ("digits", "cifar10", "imagefolder", "synthetic")
+# Datasets held in memory as uint8 arrays and augmented on the device; an image folder streams
+# through Grain workers (augmented on the CPU) and synthetic batches are made on the device.
+IN_MEMORY = ("digits", "cifar10")
 OPTIMIZERS = ("sgd", "adamw")
 # Computation dtypes training offers (names from resnet_arch.DTYPES); parameters stay float32.
 DTYPES = ("fp32", "bf16")
@@ -44,13 +49,24 @@ class TrainConfig:
     """What `resnet-train` does; every field is a flag. The defaults train digits to ~98% test accuracy."""
 
     # data
-    dataset: str = _field("digits", "digits (scikit-learn, built in), cifar10 or imagefolder")
+    dataset: str = _field(
+        "digits",
+        "digits (scikit-learn, built in), cifar10, imagefolder (streamed) or synthetic (random images made on the "
+        "device, to time the step alone)",
+    )
     data_dir: str = _field("", "folder of the cifar10 python batches or of the image folder")
-    image_size: int = _field(32, "square side the images are resized to (cifar10 stays 32)")
+    image_size: int = _field(
+        32,
+        "square side of the training images: digits are resized to it, image folders cropped to it "
+        "(RandomResizedCrop; evaluation resizes to 8/7 of it and cuts the centre), cifar10 stays 32",
+    )
     test_fraction: float = _field(0.2, "held-out share when the data has no test split of its own")
     train_limit: int = _field(0, "use only the first N shuffled training images (0: all)")
-    crop_padding: int | None = _field(None, "random crop: pad by N pixels and crop back (None: 4, 0 for digits)")
+    crop_padding: int | None = _field(
+        None, "random crop on the device: pad by N pixels and crop back (None: 4 for cifar10, 0 for digits)"
+    )
     hflip: bool | None = _field(None, "random horizontal flips (default: on, except for digits)")
+    workers: int = _field(-1, "Grain worker processes decoding an image folder (-1: one per CPU core; 0: none)")
     # model
     arch: str = _field("resnet18", "depth: " + ", ".join(DEPTHS))
     small_stem: bool = _field(True, "3x3/1 stem without max-pool, for small images like 32x32")
@@ -81,11 +97,17 @@ class TrainConfig:
     keep_checkpoints: int = _field(2, "keep this many latest checkpoints, plus the best one")
     export: bool = _field(True, "write model.safetensors for resnet_torch and verify it on the test set")
     progress: bool = _field(True, "a progress bar per epoch on stderr")
+    log_every: int = _field(
+        10, "also record training loss, accuracy, lr and images/s every N steps (0: per epoch only)"
+    )
     # devices
     distributed: bool = _field(False, "call jax.distributed.initialize (multi-host)")
     coordinator_address: str = _field("", "host:port of process 0 (empty: detect from the cluster)")
     num_processes: int = _field(0, "number of processes (0: detect)")
     process_id: int = _field(-1, "this process's index (-1: detect)")
+    heartbeat_timeout: int = _field(
+        100, "seconds a --distributed process may go silent before the others fail, naming the cause"
+    )
 
     def __post_init__(self) -> None:
         problems = _type_problems(self) or _range_problems(self)
@@ -94,8 +116,9 @@ class TrainConfig:
 
     @property
     def crop(self) -> int:
-        """Random-crop padding: 4 unless asked otherwise, 0 for digits (two epochs need no regularising)."""
-        default = 0 if self.dataset == "digits" else DEFAULT_CROP_PADDING
+        """Random-crop padding: 4 for cifar10 unless asked otherwise, 0 for digits (two epochs need no
+        regularising) and for the datasets that are not in memory (image folders use RandomResizedCrop)."""
+        default = DEFAULT_CROP_PADDING if self.dataset == "cifar10" else 0
         return default if self.crop_padding is None else self.crop_padding
 
     @property
@@ -103,8 +126,15 @@ class TrainConfig:
         """Horizontal flips: on unless asked otherwise, except for digits (a mirrored 2 is no 2)."""
         return self.dataset != "digits" if self.hflip is None else self.hflip
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+    @property
+    def device_augmentation(self) -> tuple[int, bool]:
+        """(crop padding, flip) for the jitted step: in-memory datasets only (an image folder's
+        augmentation happens on the CPU, and synthetic images are measured as they are)."""
+        return (self.crop, self.flip) if self.dataset in IN_MEMORY else (0, False)
+
+    def to_json(self, **extra: Any) -> str:
+        """Every field as a JSON object, with `extra` keys beside them (config.json adds the class names)."""
+        return json.dumps({**dataclasses.asdict(self), **extra}, sort_keys=True)
 
 
 @functools.cache
@@ -142,6 +172,9 @@ def _range_problems(c: TrainConfig) -> list[str]:
         "batch_size": (c.batch_size >= 1, ">= 1"),
         "image_size": (c.image_size >= 1, ">= 1"),
         "keep_checkpoints": (c.keep_checkpoints >= 1, ">= 1"),
+        "heartbeat_timeout": (c.heartbeat_timeout >= 1, ">= 1"),
+        "workers": (c.workers >= -1, ">= -1 (-1: one per CPU core)"),
+        "log_every": (c.log_every >= 0, ">= 0 (0: never)"),
         "train_limit": (c.train_limit >= 0, ">= 0"),
         "crop_padding": ((c.crop_padding or 0) >= 0, ">= 0"),
         "seed": (c.seed >= 0, ">= 0"),
@@ -157,14 +190,20 @@ def _range_problems(c: TrainConfig) -> list[str]:
         "process_id": (c.process_id >= -1, ">= -1 (-1: detect)"),
     }
     problems += [f"{name} must be {rule}, got {getattr(c, name)}" for name, (ok, rule) in bounds.items() if not ok]
-    if c.dataset != "digits" and not c.data_dir:
+    if c.dataset in ("cifar10", "imagefolder") and not c.data_dir:
         problems.append(f"dataset {c.dataset} needs --data-dir")
+    if c.dataset not in IN_MEMORY and c.crop_padding:
+        problems.append(f"crop_padding applies to {' and '.join(IN_MEMORY)}; {c.dataset} crops on the CPU")
     return problems
 
 
 # Fields that may change between an interrupted run and its --resume without changing the result.
-# run_dir: the same run reached as ./x, x/, an absolute path, or after the folder was moved.
-RESUMABLE_CHANGES = frozenset({"resume", "stop_after_epoch", "progress", "export", "keep_checkpoints", "run_dir"})
+# run_dir: the same run reached as ./x, x/, an absolute path, or after the folder was moved. A run may
+# also resume on other machines: the global batch, not the process layout, makes the result.
+RESUMABLE_CHANGES = frozenset(
+    {"resume", "stop_after_epoch", "progress", "export", "keep_checkpoints", "run_dir", "workers", "log_every"}
+    | {"distributed", "coordinator_address", "num_processes", "process_id", "heartbeat_timeout"}
+)
 # Fields added after runs were saved, with the value that reproduces a run whose config.json lacks them.
 LATER_FIELDS = {"fused_bn": False, "api": LINEN}
 # Values renamed after runs were saved: field -> {old value: new value}.
@@ -219,11 +258,20 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
-    """Command-line flags -> TrainConfig; a bad value raises UsageError after argparse's usage message."""
+    """Command-line flags -> TrainConfig; a bad value raises UsageError after argparse's usage message.
+
+    --preset NAME sets the defaults of the fields its recipe names (resnet_train.presets); other
+    flags still override them, and --lr, unless given, follows --batch-size.
+    """
     p = parser()
-    args = p.parse_args(argv)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe: defaults for the fields it sets")
+    preset = p.parse_known_args(argv)[0].preset
+    if preset:
+        p.set_defaults(**PRESETS[preset], lr=None)
+    values = vars(p.parse_args(argv))
+    del values["preset"]
     try:
-        return TrainConfig(**vars(args))
+        return TrainConfig(**(preset_values(preset, **values) if preset else values))
     except ValueError as e:
         p.error(str(e))
         raise

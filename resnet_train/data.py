@@ -1,4 +1,4 @@
-"""Datasets as uint8 NHWC arrays in memory: scikit-learn digits, CIFAR-10 batches, an image folder.
+"""Datasets as uint8 NHWC arrays in memory: scikit-learn digits and CIFAR-10 batches (image folders stream: feeds.py).
 
 Images stay uint8 until they reach the device; normalisation happens inside the jitted step.
 Batch order is a function of (seed, epoch) only, so a resumed run needs nothing but its step.
@@ -14,18 +14,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from resnet_data.folders import SPLIT_SEED, held_out
+
 from .config import TrainConfig
 
 CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST = "test_batch"
 CIFAR10_SIDE = 32
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-# Splits an image folder may already have; without them a seeded held-out split is drawn.
-TRAIN_SPLIT, TEST_SPLITS = "train", ("test", "val")
+# Label i of CIFAR-10 is CIFAR10_CLASSES[i] (the batches.meta file of the official release).
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # digits pixels are 0..16; scaled to the uint8 range every other dataset uses.
 DIGITS_MAX = 16
-# Seed of the held-out split: fixed, so every run of every config tests on the same images.
-SPLIT_SEED = 0
+DIGITS_CLASSES = tuple(str(d) for d in range(10))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +40,7 @@ class Dataset:
     num_classes: int
     mean: tuple[float, float, float]  # of the training images, in 0..1 units
     std: tuple[float, float, float]
+    class_names: tuple[str, ...]  # label i is class_names[i]
 
 
 Split = tuple[np.ndarray, np.ndarray]  # (images NHWC uint8, labels)
@@ -53,7 +54,7 @@ def _check_splits(name: str, train: Split, test: Split) -> None:
             raise ValueError(f"{name}: the {split} split is empty ({sizes}); add images or change --test-fraction")
 
 
-def _finish(name: str, train: Split, test: Split, num_classes: int) -> Dataset:
+def _finish(name: str, train: Split, test: Split, class_names: tuple[str, ...]) -> Dataset:
     _check_splits(name, train, test)
     x = train[0].reshape(-1, 3).astype(np.float64) / 255.0
     mean, std = x.mean(0), x.std(0)
@@ -64,19 +65,16 @@ def _finish(name: str, train: Split, test: Split, num_classes: int) -> Dataset:
         train[1].astype(np.int32),
         np.ascontiguousarray(test[0], np.uint8),
         test[1].astype(np.int32),
-        num_classes,
+        len(class_names),
         tuple(float(v) for v in mean),
         tuple(float(v) for v in std),
+        class_names,
     )
 
 
 def _split(images: np.ndarray, labels: np.ndarray, test_fraction: float) -> tuple[Split, Split]:
     """A fixed, seeded, class-stratified held-out split."""
-    rng = np.random.default_rng(SPLIT_SEED)
-    test = np.zeros(len(labels), bool)
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        test[idx[: int(round(len(idx) * test_fraction))]] = True
+    test = held_out(labels, test_fraction)
     return (images[~test], labels[~test]), (images[test], labels[test])
 
 
@@ -93,7 +91,7 @@ def load_digits(image_size: int, test_fraction: float) -> Dataset:
     d = sk_digits()
     grey = np.round(d.images * (255.0 / DIGITS_MAX)).astype(np.uint8)
     images = _resize(np.repeat(grey[..., None], 3, axis=-1), image_size)
-    return _finish("digits", *_split(images, d.target, test_fraction), num_classes=10)
+    return _finish("digits", *_split(images, d.target, test_fraction), DIGITS_CLASSES)
 
 
 class _ArraysOnly(pickle.Unpickler):
@@ -162,61 +160,26 @@ def load_cifar10(data_dir: str | Path) -> Dataset:
     test = _cifar_batch(root / CIFAR10_TEST)
     images = np.concatenate([b[0] for b in train])
     labels = np.concatenate([b[1] for b in train])
-    return _finish("cifar10", (images, labels), test, num_classes=10)
+    return _finish("cifar10", (images, labels), test, CIFAR10_CLASSES)
 
 
-def _read_classes(root: Path, classes: list[str], side: int) -> Split:
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        folder = root / name
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
-        for path in files:
-            try:
-                with Image.open(path) as im:
-                    images.append(np.asarray(im.convert("RGB").resize((side, side), Image.BILINEAR)))
-            except OSError as e:
-                raise ValueError(f"{path}: cannot read image ({e})") from None
-            labels.append(label)
-    if not images:
-        raise ValueError(f"{root}: no {'/'.join(IMAGE_SUFFIXES)} images in {', '.join(classes)}")
-    return np.stack(images), np.asarray(labels)
-
-
-def _class_folders(root: Path) -> list[str]:
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: not a folder; expected one subfolder of images per class")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if len(classes) < 2:
-        raise ValueError(f"{root}: expected one subfolder per class (at least 2), found {classes}")
-    return classes
-
-
-def load_imagefolder(data_dir: str | Path, image_size: int, test_fraction: float) -> Dataset:
-    """One subfolder per class of JPEG/PNG files, resized with PIL; uses train/ and test/ (or val/) if present."""
-    root = Path(data_dir)
-    test_root = next((root / s for s in TEST_SPLITS if (root / s).is_dir()), None)
-    if (root / TRAIN_SPLIT).is_dir() and test_root is not None:
-        classes = _class_folders(root / TRAIN_SPLIT)
-        train = _read_classes(root / TRAIN_SPLIT, classes, image_size)
-        test = _read_classes(test_root, classes, image_size)
-    else:
-        classes = _class_folders(root)
-        train, test = _split(*_read_classes(root, classes, image_size), test_fraction)
-    return _finish("imagefolder", train, test, num_classes=len(classes))
+def limited(n: int, limit: int) -> np.ndarray:
+    """Indices of the training items --train-limit keeps: a fixed, seeded subset in order (all when 0)."""
+    if not limit or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(SPLIT_SEED).permutation(n)[:limit])
 
 
 def load_dataset(config: TrainConfig) -> Dataset:
-    """The dataset a config names, with --train-limit applied (a seeded subset)."""
+    """The in-memory dataset a config names (digits or cifar10), with --train-limit applied."""
     if config.dataset == "digits":
         ds = load_digits(config.image_size, config.test_fraction)
-    elif config.dataset == "cifar10":
-        ds = load_cifar10(config.data_dir)
     else:
-        ds = load_imagefolder(config.data_dir, config.image_size, config.test_fraction)
-    if config.train_limit and config.train_limit < len(ds.train_labels):
-        keep = np.sort(np.random.default_rng(SPLIT_SEED).permutation(len(ds.train_labels))[: config.train_limit])
-        ds = dataclasses.replace(ds, train_images=ds.train_images[keep], train_labels=ds.train_labels[keep])
-    return ds
+        ds = load_cifar10(config.data_dir)
+    keep = limited(len(ds.train_labels), config.train_limit)
+    if len(keep) == len(ds.train_labels):
+        return ds
+    return dataclasses.replace(ds, train_images=ds.train_images[keep], train_labels=ds.train_labels[keep])
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:

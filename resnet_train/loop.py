@@ -8,12 +8,12 @@ import functools
 import logging
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
@@ -22,8 +22,9 @@ from resnet_arch import NNX
 from . import nnx_steps, runlog, sharding, steps
 from .checkpoint import Checkpoints
 from .config import RESUMABLE_CHANGES, TrainConfig, saved_config
-from .data import Dataset, epoch_permutation, load_dataset, steps_per_epoch
+from .data import steps_per_epoch
 from .export import EXPORT_RTOL, ExportCancelled, ExportCheck, ExportMismatchError, export_torch, verify_export
+from .feeds import Feed, open_feed
 from .optim import make_optimizer, schedule
 from .signals import StopRequest, catch_stop_signals
 from .steps import TrainState
@@ -45,8 +46,8 @@ def _steps(config: TrainConfig) -> Any:
     return nnx_steps if config.api == NNX else steps
 
 
-def _check_run_dir(run_dir: Path, config: TrainConfig, checkpoints: Checkpoints) -> None:
-    """Refuse to mix runs: a new run needs an empty run dir, a resumed one the same settings."""
+def _check_run_dir(run_dir: Path, config: TrainConfig, checkpoints: Checkpoints, class_names: tuple[str, ...]) -> None:
+    """Refuse to mix runs: a new run needs an empty run dir, a resumed one the same settings and classes."""
     saved_path = run_dir / runlog.CONFIG_FILE
     if not config.resume:
         if checkpoints.latest_step() is not None:
@@ -61,6 +62,7 @@ def _check_run_dir(run_dir: Path, config: TrainConfig, checkpoints: Checkpoints)
         if changed:
             diff = ", ".join(f"{k}: {saved.get(k)!r} -> {ours[k]!r}" for k in changed)
             raise ValueError(f"--resume with settings that change the result ({diff}); use the run's own settings")
+        runlog.check_class_names(saved_path, class_names)
 
 
 def _prepare_run_dir(run_dir: Path) -> None:
@@ -70,11 +72,12 @@ def _prepare_run_dir(run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _restore(config: TrainConfig, checkpoints: Checkpoints, state: TrainState) -> TrainState:
-    """With --resume, the newest intact checkpoint's state; without one, the fresh state, saying so."""
+def _restore(config: TrainConfig, checkpoints: Checkpoints, state: TrainState, ds: Feed) -> TrainState:
+    """With --resume, the newest intact checkpoint's state (and the data's position); without one, the fresh
+    state, saying so."""
     if not config.resume:
         return state
-    restored = checkpoints.restore_latest_good(state)
+    restored = checkpoints.restore_latest_good(state, ds.restore_items())
     if restored is None:
         log.warning("--resume: no complete checkpoint in %s; starting from step 0", checkpoints.directory)
         return state
@@ -82,25 +85,18 @@ def _restore(config: TrainConfig, checkpoints: Checkpoints, state: TrainState) -
     return restored
 
 
-def evaluate(
-    eval_fn: Any, state: TrainState, images: np.ndarray, labels: np.ndarray, batch: int, mesh: Mesh
-) -> dict[str, float]:
-    """Mean loss and accuracy over a whole split; the last batch is padded and masked out."""
-    n = len(labels)
-    pad = (-n) % batch
-    images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-    labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
-    mask = np.arange(n + pad) < n
-    totals = {"loss": 0.0, "correct": 0, "count": 0}
-    for start in range(0, n + pad, batch):
-        part = slice(start, start + batch)
-        out = jax.device_get(eval_fn(state, *sharding.put_batch(mesh, images[part], labels[part], mask[part])))
+def evaluate(eval_fn: Any, state: TrainState, batches: Iterable[tuple[jax.Array, ...]]) -> dict[str, float]:
+    """Mean loss, top-1 and top-5 accuracy over (images, labels, mask) batches of a whole split."""
+    totals = {"loss": 0.0, "correct": 0, "correct5": 0, "count": 0}
+    for batch in batches:
+        out = jax.device_get(eval_fn(state, *batch))
         for k in totals:
             totals[k] += out[k].item()
-    return {"loss": totals["loss"] / totals["count"], "accuracy": totals["correct"] / totals["count"]}
+    n = totals["count"]
+    return {"loss": totals["loss"] / n, "accuracy": totals["correct"] / n, "top5": totals["correct5"] / n, "images": n}
 
 
-def _export(config: TrainConfig, state: TrainState, ds: Dataset, run_dir: Path, stop: StopRequest) -> dict[str, Any]:
+def _export(config: TrainConfig, state: TrainState, ds: Feed, run_dir: Path, stop: StopRequest) -> dict[str, Any]:
     """Write the PyTorch checkpoint, verified on the test set against the float32 Flax model before it is in place.
 
     A file that fails the check, or whose check a stop signal interrupts, never reaches its path.
@@ -113,6 +109,7 @@ def _export(config: TrainConfig, state: TrainState, ds: Dataset, run_dir: Path, 
         "mean": list(ds.mean),
         "std": list(ds.std),
         "input": "NCHW RGB, x / 255 normalised by mean/std",
+        "class_names": list(ds.class_names),
     }
     path = run_dir / EXPORT_FILE
     # Verify the float32 weights at full precision (no TF32 on GPUs), whatever dtype trained them.
@@ -151,7 +148,7 @@ class Run:
     config: TrainConfig
     lead: bool  # process 0: writes metrics, the plot and the export
     mesh: Mesh
-    ds: Dataset
+    ds: Feed
     per_epoch: int
     run_dir: Path
     checkpoints: Checkpoints
@@ -169,11 +166,12 @@ class Progress:
 
 
 def setup(config: TrainConfig, cleanup: contextlib.ExitStack) -> tuple[Run, TrainState]:
-    """Join the job, load the data, lock and check the run directory and build (or restore) the state and steps.
+    """Join the job, open the data, lock and check the run directory and build (or restore) the state and steps.
 
     The run directory stays locked until ``cleanup`` closes (process 0 holds the lock).
     """
     sharding.initialize(config)
+    runlog.name_process(jax.process_index(), jax.process_count())
     mesh = sharding.data_mesh()
     sharding.check_batch(config.batch_size, mesh)
     lead = jax.process_index() == 0
@@ -181,18 +179,18 @@ def setup(config: TrainConfig, cleanup: contextlib.ExitStack) -> tuple[Run, Trai
     _prepare_run_dir(run_dir)
     if lead:
         cleanup.enter_context(runlog.locked(run_dir))
-    ds = load_dataset(config)
-    per_epoch = steps_per_epoch(len(ds.train_labels), config.batch_size)
+    ds = cleanup.enter_context(contextlib.closing(open_feed(config, mesh)))
+    per_epoch = steps_per_epoch(ds.train_size, config.batch_size)
     checkpoints = Checkpoints(run_dir / CHECKPOINT_DIR, config.keep_checkpoints)
-    _check_run_dir(run_dir, config, checkpoints)
+    _check_run_dir(run_dir, config, checkpoints, ds.class_names)
 
     tx = make_optimizer(config, per_epoch)
     fns = _steps(config)
     state = sharding.replicate(fns.create_train_state(config, ds.num_classes, tx, ds.mean, ds.std), mesh)
-    state = _restore(config, checkpoints, state)
+    state = _restore(config, checkpoints, state, ds)
     if lead:  # only now: a failed resume leaves the run's record as it was
         runlog.keep_metrics_until(run_dir, int(jax.device_get(state.step)))
-        runlog.write_atomic(run_dir / runlog.CONFIG_FILE, config.to_json().encode())
+        runlog.write_atomic(run_dir / runlog.CONFIG_FILE, config.to_json(class_names=list(ds.class_names)).encode())
     rep = sharding.replicated(mesh)
     donate = () if jax.default_backend() in NO_DONATION_BACKENDS else (0,)
     train_fn = jax.jit(
@@ -208,9 +206,8 @@ def train_epoch(run: Run, state: TrainState, epoch: int, progress: Progress, sto
     A stop signal ends the epoch at the next step boundary with a checkpoint (``progress.stopped``).
     """
     config, batch, per_epoch = run.config, run.config.batch_size, run.per_epoch
-    perm = epoch_permutation(config.seed, epoch, len(run.ds.train_labels))
     first = progress.step - epoch * per_epoch
-    loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
+    epoch_tally = window = Tally(time.perf_counter())
     bar = tqdm(
         total=per_epoch,
         initial=first,
@@ -219,9 +216,7 @@ def train_epoch(run: Run, state: TrainState, epoch: int, progress: Progress, sto
         disable=not (config.progress and run.lead),
         leave=True,
     )
-    for i in range(first, per_epoch):
-        idx = perm[i * batch : (i + 1) * batch]
-        x, y = sharding.put_batch(run.mesh, run.ds.train_images[idx], run.ds.train_labels[idx])
+    for x, y in run.ds.train_batches(epoch, range(first, per_epoch), batch):
         state, metrics = run.train_fn(state, x, y)
         m = jax.device_get(metrics)
         if not m["finite"]:
@@ -232,42 +227,52 @@ def train_epoch(run: Run, state: TrainState, epoch: int, progress: Progress, sto
                     "--on-nonfinite skip skips such updates"
                 )
             log.warning("non-finite loss, gradient or update at step %d: update skipped", progress.step)
-        else:
-            loss_sum += float(m["loss"]) * batch
-            correct += int(m["correct"])
-            seen += batch
+        for tally in {id(t): t for t in (epoch_tally, window)}.values():
+            tally.add(m, batch)
         progress.step += 1
-        rate = (i + 1 - first) * batch / (time.perf_counter() - t0)
-        seen_ = max(seen, 1)
-        bar.set_postfix(loss=f"{loss_sum / seen_:.4f}", acc=f"{correct / seen_:.4f}", img_s=f"{rate:.1f}")
+        loss, accuracy = epoch_tally.means()
+        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{accuracy:.4f}", img_s=f"{epoch_tally.rate(batch):.1f}")
         bar.update(1)
-        if stop.signal_name:
+        if config.log_every and progress.step % config.log_every == 0:
+            _record_steps(run, window, progress.step)
+            window = Tally(time.perf_counter())
+        if stop.should_stop(progress.step):
             break
     bar.close()
     if stop.signal_name:
         progress.stopped = stop.signal_name
-        path = run.checkpoints.save(state)
+        path = run.checkpoints.save(state, items=run.ds.checkpoint_items())
         log.warning("%s: saved step %d to %s", progress.stopped, progress.step, path)
         progress.result["checkpoint"] = str(path)
         return state
-    seconds = time.perf_counter() - t0
-    test = evaluate(run.eval_fn, state, run.ds.test_images, run.ds.test_labels, batch, run.mesh)
+    seconds = time.perf_counter() - epoch_tally.start
+    test = evaluate(run.eval_fn, state, run.ds.test_batches(batch))
+    loss, accuracy = epoch_tally.means()
     record = {
         "epoch": epoch + 1,
         "step": progress.step,
         "lr": float(schedule(config, per_epoch)(progress.step - 1)),
-        "train_loss": loss_sum / max(seen, 1),
-        "train_accuracy": correct / max(seen, 1),
+        "train_loss": loss,
+        "train_accuracy": accuracy,
         "test_loss": test["loss"],
         "test_accuracy": test["accuracy"],
-        "images_per_s": (per_epoch - first) * batch / seconds,
+        "test_top5_accuracy": test["top5"],
+        "test_images": test["images"],
+        "images_per_s": epoch_tally.rate(batch),
         "epoch_seconds": seconds,
         "skipped_updates": int(jax.device_get(state.skipped)),
+        "skipped_images": run.ds.skipped,
     }
     if run.lead:
         runlog.append_metrics(run.run_dir, record)
-    progress.result["checkpoint"] = str(run.checkpoints.save(state, {"test_accuracy": test["accuracy"]}))
-    progress.result.update(test_accuracy=test["accuracy"], test_loss=test["loss"], images_per_s=record["images_per_s"])
+    saved = run.checkpoints.save(state, {"test_accuracy": test["accuracy"]}, items=run.ds.checkpoint_items())
+    progress.result["checkpoint"] = str(saved)
+    progress.result.update(
+        test_accuracy=test["accuracy"],
+        test_top5_accuracy=test["top5"],
+        test_loss=test["loss"],
+        images_per_s=record["images_per_s"],
+    )
     return state
 
 
@@ -277,6 +282,59 @@ def _saved_so_far(checkpoints: Checkpoints) -> str:
     if step is None:
         return "no checkpoint has been saved yet"
     return f"the latest checkpoint, {checkpoints.path(step)}, holds the finite state of step {step}"
+
+
+@dataclasses.dataclass
+class Tally:
+    """Training loss and accuracy summed over the steps since `start` (finite ones only), and the rate."""
+
+    start: float
+    steps: int = 0
+    loss: float = 0.0
+    correct: int = 0
+    seen: int = 0
+
+    def add(self, metrics: dict[str, Any], batch: int) -> None:
+        self.steps += 1
+        if metrics["finite"]:
+            self.loss += float(metrics["loss"]) * batch
+            self.correct += int(metrics["correct"])
+            self.seen += batch
+
+    def means(self) -> tuple[float, float]:
+        """Mean training loss and accuracy (0, 0 before any finite step)."""
+        n = max(self.seen, 1)
+        return self.loss / n, self.correct / n
+
+    def rate(self, batch: int) -> float:
+        """Training images per second since start."""
+        return self.steps * batch / (time.perf_counter() - self.start)
+
+
+def _record_steps(run: Run, window: Tally, step: int) -> None:
+    """Log and (process 0) record the training metrics of the last --log-every steps."""
+    loss, accuracy = window.means()
+    lr = float(schedule(run.config, run.per_epoch)(step - 1))
+    rate = window.rate(run.config.batch_size)
+    record = {
+        "step": step,
+        "epoch_progress": step / run.per_epoch,
+        "loss": loss,
+        "accuracy": accuracy,
+        "lr": lr,
+        "images_per_s": rate,
+    }
+    if run.lead:
+        log.info(
+            "step %d (epoch %.2f): loss %.4f, accuracy %.4f, lr %.4g, %.1f images/s",
+            step,
+            step / run.per_epoch,
+            loss,
+            accuracy,
+            lr,
+            rate,
+        )
+        runlog.append_metrics(run.run_dir, record)
 
 
 def finish(run: Run, state: TrainState, progress: Progress, started: float) -> dict[str, Any]:
@@ -295,6 +353,7 @@ def finish(run: Run, state: TrainState, progress: Progress, started: float) -> d
         steps=progress.step,
         seconds=round(time.perf_counter() - started, 2),
         skipped_updates=int(jax.device_get(state.skipped)),
+        skipped_images=run.ds.skipped,
         stopped=progress.stopped,
         devices=run.mesh.devices.size,
         dataset=run.ds.name,
@@ -316,8 +375,10 @@ def fit(config: TrainConfig) -> dict[str, Any]:
     with catch_stop_signals() as stop, contextlib.ExitStack() as cleanup:
         run, state = setup(config, cleanup)
         step = int(jax.device_get(state.step))
-        history = runlog.read_metrics(run.run_dir)
-        progress = Progress(step, {"test_accuracy": history[-1]["test_accuracy"] if history else None})
+        if jax.process_count() > 1:
+            stop.agree(sharding.preempted)
+        tested = [r for r in runlog.read_metrics(run.run_dir) if "test_accuracy" in r]
+        progress = Progress(step, {"test_accuracy": tested[-1]["test_accuracy"] if tested else None})
         progress.stopped = stop.signal_name
         try:
             for epoch in range(step // run.per_epoch, config.stop_after_epoch or config.epochs):

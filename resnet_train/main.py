@@ -7,12 +7,14 @@ bad flags, data or run directory, or a file that cannot be read or written).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, TextIO
 
 from .config import UsageError, parse_args
 from .signals import catch_stop_signals
@@ -21,8 +23,8 @@ EXIT_FAILED = 1  # the run failed: a non-finite loss, an export that does not re
 EXIT_BAD_INPUT = 2  # bad flags, data or run directory; a file that cannot be read or written
 
 
-def _print_summary(result: dict[str, Any]) -> None:
-    print(json.dumps(result, sort_keys=True), flush=True)
+def _print_summary(result: dict[str, Any], out: TextIO) -> None:
+    print(json.dumps(result, sort_keys=True), file=out, flush=True)
 
 
 def _failed(started: float, error: str) -> dict[str, Any]:
@@ -30,15 +32,31 @@ def _failed(started: float, error: str) -> dict[str, Any]:
     return {"error": error, "test_accuracy": None, "epochs": None, "seconds": round(time.perf_counter() - started, 2)}
 
 
-def _fail(started: float, code: int, e: BaseException) -> int:
+def _fail(started: float, code: int, e: BaseException, out: TextIO) -> int:
     """Say what went wrong in one sentence on stderr, print the summary with it; returns the exit code."""
     if isinstance(e, OSError) and e.filename and e.strerror:
         error = f"{e.filename}: {e.strerror}"
     else:
         error = str(e) or type(e).__name__
     print(f"resnet-train: error: {error}", file=sys.stderr)
-    _print_summary(_failed(started, error))
+    _print_summary(_failed(started, error), out)
     return code
+
+
+@contextlib.contextmanager
+def stdout_for_json_only() -> Iterator[TextIO]:
+    """While inside, file descriptor 1 points at stderr, so whatever libraries print there (gloo's
+    connection lines come from C++) lands on stderr; yields the real stdout for the JSON line."""
+    sys.stdout.flush()
+    real = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with os.fdopen(os.dup(real), "w") as out:
+            yield out
+    finally:
+        sys.stdout.flush()
+        os.dup2(real, 1)
+        os.close(real)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             config = parse_args(argv)
         except UsageError as e:  # argparse has printed the usage and the message
-            _print_summary(_failed(started, e.message))
+            _print_summary(_failed(started, e.message), sys.stdout)
             return EXIT_BAD_INPUT
         from .export import ExportMismatchError
         from .loop import NonFiniteLossError, fit
@@ -56,16 +74,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Our messages at INFO; orbax and absl log every save step at INFO, so other loggers stay at WARNING.
         logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
         logging.getLogger("resnet_train").setLevel(logging.INFO)
-        try:
-            result = fit(config)
-        except (NonFiniteLossError, ExportMismatchError) as e:
-            return _fail(started, EXIT_FAILED, e)
-        except (ValueError, OSError) as e:
-            return _fail(started, EXIT_BAD_INPUT, e)
-        except Exception as e:  # a bug: the summary line still comes, then the traceback
-            _print_summary(_failed(started, f"{type(e).__name__}: {e}"))
-            raise
-        _print_summary(result)
+        with stdout_for_json_only() as stdout:
+            try:
+                result = fit(config)
+            except (NonFiniteLossError, ExportMismatchError) as e:
+                return _fail(started, EXIT_FAILED, e, stdout)
+            except (ValueError, OSError) as e:
+                return _fail(started, EXIT_BAD_INPUT, e, stdout)
+            except Exception as e:  # a bug: the summary line still comes, then the traceback
+                _print_summary(_failed(started, f"{type(e).__name__}: {e}"), stdout)
+                raise
+            _print_summary(result, stdout)
         return 0
 
 

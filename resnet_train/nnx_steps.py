@@ -131,7 +131,7 @@ def train_step(
 
 
 def eval_step(state: NnxTrainState, images_u8: Array, labels: Array, mask: Array) -> dict[str, Array]:
-    """Summed loss (no smoothing), correct count and count over the batch's real (mask=True) images."""
+    """Summed loss (no smoothing), top-1 and top-5 correct counts and count over the real (mask=True) images."""
     model = state.model()
     model.eval()
     return eval_metrics(model(normalize(images_u8, state.mean, state.std)), labels, mask)

@@ -1,4 +1,5 @@
-"""A run directory's record: metrics as JSON lines, the config, a PNG plot of the curves, and its lock."""
+"""A run directory's record: metrics as JSON lines, the config, a PNG plot of the curves, and its lock;
+log lines that name their process."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import fcntl
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,21 +77,49 @@ def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
     write_atomic(path, old + (json.dumps(record, sort_keys=True) + "\n").encode())
 
 
+def check_class_names(config_path: Path, class_names: Sequence[str]) -> None:
+    """Refuse to resume a run whose data now has other classes (its labels would mean other things)."""
+    saved = json.loads(config_path.read_text()).get("class_names")
+    if saved is not None and saved != list(class_names):
+        changed = ", ".join(sorted(set(saved) ^ set(class_names))[:5]) or "the same names, in another order"
+        raise ValueError(
+            f"--resume: the data's classes are not the run's ({len(saved)} then, {len(class_names)} now; "
+            f"added or removed: {changed}), so its labels would mean other things"
+        )
+
+
+def name_process(index: int, count: int) -> None:
+    """In a multi-process run, start every log line with the process that wrote it."""
+    if count > 1:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(logging.Formatter(f"[process {index}/{count}] %(message)s"))
+
+
 def plot_curves(run_dir: Path) -> Path | None:
-    """loss and accuracy per epoch (train and test) as a PNG; None when there is nothing to plot."""
-    records = [r for r in read_metrics(run_dir) if "epoch" in r]
-    if not records:
+    """Loss and accuracy against epochs as a PNG: training every --log-every steps (per epoch when
+    there are no step records), the test split per epoch; None when there is nothing to plot."""
+    records = read_metrics(run_dir)
+    epochs = [r for r in records if "epoch" in r]
+    steps = [r for r in records if "epoch_progress" in r]
+    if not epochs and not steps:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [r["epoch"] for r in records]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for split in ("train", "test"):
-        ax_loss.plot(epochs, [r[f"{split}_loss"] for r in records], marker="o", label=split)
-        ax_acc.plot(epochs, [r[f"{split}_accuracy"] for r in records], marker="o", label=split)
+    if steps:
+        x = [r["epoch_progress"] for r in steps]
+        ax_loss.plot(x, [r["loss"] for r in steps], label="train")
+        ax_acc.plot(x, [r["accuracy"] for r in steps], label="train")
+    else:
+        x = [r["epoch"] for r in epochs]
+        ax_loss.plot(x, [r["train_loss"] for r in epochs], marker="o", label="train")
+        ax_acc.plot(x, [r["train_accuracy"] for r in epochs], marker="o", label="train")
+    x = [r["epoch"] for r in epochs]
+    ax_loss.plot(x, [r["test_loss"] for r in epochs], marker="o", label="test")
+    ax_acc.plot(x, [r["test_accuracy"] for r in epochs], marker="o", label="test")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     for ax in (ax_loss, ax_acc):

@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .config import TrainConfig
@@ -18,14 +19,32 @@ DATA_AXIS = "data"
 
 
 def initialize(config: TrainConfig) -> None:
-    """Join the multi-host job when config.distributed asks (jax.distributed.initialize)."""
+    """Join the multi-host job when config.distributed asks (jax.distributed.initialize).
+
+    A process that stops sending heartbeats for config.heartbeat_timeout seconds (it died, or its
+    host did) makes the coordination service end every other process with a message saying so,
+    instead of leaving them waiting in a collective. The service also carries SIGTERM as a
+    preemption notice to all processes (see preempted()).
+    """
     if not config.distributed:
         return
+    # Collectives between processes on CPUs go through gloo (TCP); GPUs use NCCL whatever this says.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=config.coordinator_address or None,
         num_processes=config.num_processes or None,
         process_id=None if config.process_id < 0 else config.process_id,
+        heartbeat_timeout_seconds=config.heartbeat_timeout,
     )
+
+
+def preempted(step: int) -> bool:
+    """In a multi-process run, whether every process has reached the step at which to save and stop
+    because one of them got SIGTERM (JAX's preemption sync point: all processes agree on the step).
+
+    Every process must call this at every step, from the same first step on.
+    """
+    return jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step)
 
 
 def data_mesh(devices: list[Any] | None = None) -> Mesh:
@@ -60,11 +79,16 @@ def local_slice(global_batch: int) -> slice:
 
 def put_batch(mesh: Mesh, *arrays_global: np.ndarray) -> tuple[jax.Array, ...]:
     """Global host batches -> global jax arrays sharded over 'data' (each process sends its rows)."""
+    return put_local(mesh, *(a[local_slice(len(a))] for a in arrays_global))
+
+
+def put_local(mesh: Mesh, *arrays_local: np.ndarray) -> tuple[jax.Array, ...]:
+    """This process's rows of global batches (every process holds as many) -> global jax arrays over 'data'."""
     sharding = batch_sharding(mesh)
     out = []
-    for a in arrays_global:
-        local = a[local_slice(len(a))]
-        out.append(jax.make_array_from_process_local_data(sharding, local, a.shape))
+    for a in arrays_local:
+        shape = (len(a) * jax.process_count(), *a.shape[1:])
+        out.append(jax.make_array_from_process_local_data(sharding, a, shape))
     return tuple(out)
 
 

@@ -3,21 +3,41 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopRequest:
-    """Set by SIGTERM/SIGINT; the loop saves at the next step boundary and returns."""
+    """Set by SIGTERM/SIGINT; the loop saves at the next step boundary and returns.
+
+    In a multi-process run (after ``agree``) SIGTERM belongs to JAX's preemption notifier, which
+    tells every process; SIGINT is passed on to it as SIGTERM, and every process stops at the step
+    they agree on.
+    """
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self.agreed: Callable[[int], bool] | None = None
 
     def __call__(self, signum: int, frame: Any) -> None:
-        self.signal_name = signal.Signals(signum).name
+        if self.agreed is not None and signum == signal.SIGINT:
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            self.signal_name = signal.Signals(signum).name
+
+    def agree(self, agreed: Callable[[int], bool]) -> None:
+        """From now on stop when ``agreed(step)`` says all processes have reached the step to stop at."""
+        self.agreed = agreed
+
+    def should_stop(self, step: int) -> bool:
+        """Whether to save and stop after ``step`` steps (call once per step, on every process)."""
+        if self.agreed is not None and self.agreed(step):
+            self.signal_name = signal.SIGTERM.name
+        return self.signal_name is not None
 
 
 @contextlib.contextmanager

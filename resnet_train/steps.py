@@ -23,6 +23,8 @@ Array = jax.Array
 # Keys for the two random streams, folded into the seed so they never overlap.
 INIT_STREAM, AUGMENT_STREAM = 0, 1
 # Augmentation keeps JAX's default PRNG (threefry): its bits do not depend on how the batch is sharded.
+# The second accuracy evaluation reports: the label among the k highest logits (ImageNet's top-5).
+TOP_K = 5
 
 
 class TrainState(struct.PyTreeNode):
@@ -116,7 +118,7 @@ def cross_entropy(logits: Array, labels: Array, num_classes: int, label_smoothin
 def train_inputs(state: Any, images_u8: Array, config: TrainConfig) -> Array:
     """The step's batch, augmented with keys from (seed, step) (so a resumed run repeats them) and normalised."""
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), AUGMENT_STREAM), state.step)
-    return normalize(augment(key, images_u8, config.crop, config.flip), state.mean, state.std)
+    return normalize(augment(key, images_u8, *config.device_augmentation), state.mean, state.std)
 
 
 def train_loss(logits: Array, labels: Array, step: Array, config: TrainConfig) -> Array:
@@ -164,15 +166,22 @@ def train_step(
 
 
 def eval_metrics(logits: Array, labels: Array, mask: Array) -> dict[str, Array]:
-    """Summed loss (no smoothing), correct count and count over the batch's real (mask=True) images."""
+    """Summed loss (no smoothing), top-1 and top-5 correct counts and count over the real (mask=True) images."""
     loss = cross_entropy(logits, labels, logits.shape[-1], 0.0)
     weight = mask.astype(jnp.float32)
     correct = (jnp.argmax(logits, -1) == labels) & mask
-    return {"loss": jnp.sum(loss * weight), "correct": jnp.sum(correct), "count": jnp.sum(mask)}
+    _, top5 = jax.lax.top_k(logits, min(TOP_K, logits.shape[-1]))
+    correct5 = jnp.any(top5 == labels[:, None], axis=-1) & mask
+    return {
+        "loss": jnp.sum(loss * weight),
+        "correct": jnp.sum(correct),
+        "correct5": jnp.sum(correct5),
+        "count": jnp.sum(mask),
+    }
 
 
 def eval_step(state: TrainState, images_u8: Array, labels: Array, mask: Array) -> dict[str, Array]:
-    """Summed loss (no smoothing), correct count and count over the batch's real (mask=True) images."""
+    """Summed loss (no smoothing), top-1 and top-5 correct counts and count over the real (mask=True) images."""
     logits = state.apply_fn(state.variables(), normalize(images_u8, state.mean, state.std), train=False)
     return eval_metrics(logits, labels, mask)
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU check in one call: the gpu-marked tests, `resnet-parity check` at every depth in every
-# GPU precision, and the throughput benchmarks (conversion speed is a CPU figure, measured by
-# benchmarks/convert_speed.py). Each step has its own time limit and a failed step never stops the
-# next, so one bug does not lose the other figures; the limits add up to 500 s on a GPU. The full
+# GPU precision, the throughput benchmarks (conversion speed is a CPU figure, measured by
+# benchmarks/convert_speed.py) and short ResNet-50 training runs of resnet-train (synthetic batches,
+# then the Grain pipeline on a generated JPEG folder). Each step has its own time limit and a failed
+# step never stops the next, so one bug does not lose the other figures; the limits add up to 600 s
+# on a GPU. The full
 # report goes to $OUT/parity-gpu.md (gpu-levers.md with --levers; ./gpu-report/ when OUT is unset),
 # the JSON figures and a gpu-logs.tar.gz of every log beside it; a short table is printed last.
 # Nothing is installed and no GPU setting is changed.
@@ -88,6 +90,8 @@ elif [ "$MODE" = gpu ]; then
     --json "$REPORT_DIR/throughput-eager.json"
   run_step throughput-compile 80 $PY "${TP[@]}" --impl resnet_torch+compile \
     --json "$REPORT_DIR/throughput-compile.json"
+  # resnet-train itself, ResNet-50 bf16 at 224, batch 256: images/s and whether the loss falls.
+  run_step train-resnet50 100 $PY scripts/gpu_train.py --out "$REPORT_DIR" --limit 90
 else
   run_step environment 120 $PY scripts/gpu_env.py
   run_step gpu-tests 200 $PY -m pytest -m gpu -q -p no:cacheprovider
@@ -96,6 +100,7 @@ else
   run_step throughput-headline 300 $PY "${TINY[@]}" --impl resnet_flax,resnet_torch,resnet_flax_plain --interleave \
     --json "$REPORT_DIR/throughput-headline.json"
   run_step convert-speed 90 $PY benchmarks/convert_speed.py resnet18 --repeat 1
+  run_step train-resnet50 300 $PY scripts/gpu_train.py --out "$REPORT_DIR" --dry-run --limit 280
 fi
 
 REPORT=parity-gpu.md

@@ -39,12 +39,16 @@ def test_dry_run_writes_the_report(tmp_path: Path) -> None:
     run = _dry_run(tmp_path)
     assert run.returncode == 0, run.stderr
     steps = _summary_rows(run.stdout)
-    assert steps == {
-        s: "ok" for s in ("environment", "gpu-tests", "parity-check", "throughput-headline", "convert-speed")
-    }
+    names = ("environment", "gpu-tests", "parity-check", "throughput-headline", "convert-speed", "train-resnet50")
+    assert steps == {s: "ok" for s in names}
     report = (tmp_path / "parity-gpu.md").read_text()
     assert report.startswith("# GPU check: DRY RUN") and "| parity-check | ok |" in report
     assert json.loads((tmp_path / "parity-gpu.json").read_text())["passed"] is True
+    runs = json.loads((tmp_path / "train-gpu.json").read_text())["runs"]
+    assert [(r["dataset"], r["exit_code"], r["loss_falls"]) for r in runs] == [
+        ("synthetic", 0, True),
+        ("imagefolder", 0, True),
+    ]
     with tarfile.open(tmp_path / "gpu-logs.tar.gz") as logs:
         assert "gpu-logs/steps.tsv" in logs.getnames()
     assert not (tmp_path / "gpu-logs").exists()

@@ -2,8 +2,9 @@
 
 Layers, each importing only what is below it: ``resnet_arch`` (no framework) -> ``resnet_torch``
 (torch) and ``resnet_flax`` (jax/flax), side by side -> ``parity`` (both models) ->
-``resnet_train`` (models and parity). Benchmarks and scripts sit beside the trainer and may not
-import it either.
+``resnet_train`` (models and parity). ``resnet_data``, the image input pipeline (numpy, PIL and
+Grain; neither framework), sits beside the models, under the trainer. Benchmarks and scripts sit
+beside the trainer and may not import it either.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-FIRST_PARTY = ("resnet_arch", "resnet_torch", "resnet_flax", "parity", "resnet_train", "benchmarks")
+FIRST_PARTY = ("resnet_arch", "resnet_torch", "resnet_flax", "resnet_data", "parity", "resnet_train", "benchmarks")
 TORCH_SIDE = ("torch", "torchvision", "torchinfo")
 JAX_SIDE = ("jax", "jaxlib", "flax", "optax", "orbax")
 
@@ -27,9 +28,10 @@ ALLOWED: dict[str, tuple[set[str], tuple[str, ...]]] = {
     "resnet_arch": (set(), TORCH_SIDE + JAX_SIDE),
     "resnet_torch": ({"resnet_arch"}, JAX_SIDE),
     "resnet_flax": ({"resnet_arch"}, TORCH_SIDE),
+    "resnet_data": (set(), TORCH_SIDE + JAX_SIDE),
     "parity": ({"resnet_arch", "resnet_torch", "resnet_flax"}, ()),
-    "resnet_train": ({"resnet_arch", "resnet_torch", "resnet_flax", "parity"}, ()),
-    "benchmarks": ({"resnet_arch", "resnet_torch", "resnet_flax", "parity"}, ()),
+    "resnet_train": ({"resnet_arch", "resnet_torch", "resnet_flax", "resnet_data", "parity"}, ()),
+    "benchmarks": ({"resnet_arch", "resnet_torch", "resnet_flax", "resnet_data", "parity"}, ()),
 }
 
 

@@ -55,10 +55,15 @@ def test_short_run_learns_and_records(straight):
     # 10 classes: chance is 0.1; 48 steps on 192 images reach far more on the 359 held-out digits.
     assert result["test_accuracy"] > 0.3
     assert (result["epochs"], result["steps"], result["stopped"], result["skipped_updates"]) == (4, 48, None, 0)
-    records = read_metrics(Path(config.run_dir))
+    records = [r for r in read_metrics(Path(config.run_dir)) if "epoch" in r]
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
     assert records[-1]["test_accuracy"] == result["test_accuracy"]
+    assert records[-1]["test_top5_accuracy"] == result["test_top5_accuracy"] >= result["test_accuracy"]
     assert records[-1]["train_loss"] < records[0]["train_loss"]
+    # Every --log-every (default 10) steps too, so the plot shows progress within an epoch.
+    steps = [r for r in read_metrics(Path(config.run_dir)) if "epoch_progress" in r]
+    assert [r["step"] for r in steps] == [10, 20, 30, 40]
+    assert all(r.keys() >= {"loss", "accuracy", "lr", "images_per_s"} for r in steps)
     assert (Path(config.run_dir) / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert Path(result["checkpoint"]).name == "48"
 

@@ -1,4 +1,6 @@
-"""Dataset loaders on tiny generated data in each real format, and the training config's flags."""
+"""In-memory dataset loaders on tiny generated data in each real format, and the training config's flags.
+
+Image folders stream through resnet_data (tests/test_data_pipeline.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,6 @@ import pickle
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from resnet_train import data
 from resnet_train.config import TrainConfig, parse_args
@@ -92,50 +93,6 @@ def test_cifar10_values_above_255_are_refused_not_wrapped(tmp_path):
         data.load_cifar10(tmp_path)
 
 
-def _write_images(folder, rng, n, size, suffix):
-    folder.mkdir(parents=True)
-    for i in range(n):
-        pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"{i}{suffix}")
-
-
-def test_imagefolder_resizes_and_splits(tmp_path):
-    rng = np.random.default_rng(3)
-    _write_images(tmp_path / "cat", rng, 10, (23, 17), ".png")
-    _write_images(tmp_path / "dog", rng, 5, (40, 31), ".JPG")
-    (tmp_path / "dog" / "notes.txt").write_text("not an image")
-    ds = data.load_imagefolder(tmp_path, image_size=12, test_fraction=0.2)
-    assert ds.num_classes == 2
-    assert ds.train_images.shape[1:] == (12, 12, 3) and ds.train_images.dtype == np.uint8
-    assert len(ds.train_labels) + len(ds.test_labels) == 15
-    # Stratified: 2 of 10 cats and 1 of 5 dogs are held out, the same ones every time.
-    assert np.bincount(ds.test_labels).tolist() == [2, 1]
-    again = data.load_imagefolder(tmp_path, image_size=12, test_fraction=0.2)
-    np.testing.assert_array_equal(ds.test_images, again.test_images)
-
-
-def test_imagefolder_uses_its_own_train_test_split(tmp_path):
-    rng = np.random.default_rng(4)
-    for split, n in (("train", 4), ("val", 2)):
-        for name in ("a", "b", "c"):
-            _write_images(tmp_path / split / name, rng, n, (9, 13), ".jpeg")
-    ds = data.load_imagefolder(tmp_path, image_size=8, test_fraction=0.5)
-    assert (len(ds.train_labels), len(ds.test_labels), ds.num_classes) == (12, 6, 3)
-    assert sorted(set(ds.test_labels.tolist())) == [0, 1, 2]
-
-
-def test_imagefolder_bad_input(tmp_path):
-    with pytest.raises(FileNotFoundError, match="one subfolder of images per class"):
-        data.load_imagefolder(tmp_path / "nowhere", 8, 0.2)
-    _write_images(tmp_path / "only", np.random.default_rng(5), 2, (8, 8), ".png")
-    with pytest.raises(ValueError, match="at least 2"):
-        data.load_imagefolder(tmp_path, 8, 0.2)
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "broken.png").write_bytes(b"\x89PNG not really")
-    with pytest.raises(ValueError, match="broken.png"):
-        data.load_imagefolder(tmp_path, 8, 0.2)
-
-
 def test_digits_split_is_fixed_and_upscaled():
     ds = data.load_digits(image_size=32, test_fraction=0.2)
     assert ds.train_images.shape[1:] == ds.test_images.shape[1:] == (32, 32, 3)
@@ -144,6 +101,7 @@ def test_digits_split_is_fixed_and_upscaled():
     np.testing.assert_array_equal(ds.train_images[..., 0], ds.train_images[..., 2])
     again = data.load_digits(image_size=32, test_fraction=0.2)
     np.testing.assert_array_equal(ds.test_labels, again.test_labels)
+    assert ds.class_names == tuple("0123456789")
 
 
 def test_epoch_order_depends_only_on_seed_and_epoch():
@@ -162,11 +120,25 @@ def test_every_config_field_is_a_flag():
     assert not TrainConfig().flip  # digits: a mirrored digit is another glyph
 
 
+def test_imagenet_preset_sets_the_recipe_and_scales_the_learning_rate():
+    config = parse_args(["--preset", "imagenet-resnet50", "--data-dir", "imagenet"])
+    recipe = (config.arch, config.small_stem, config.image_size, config.dtype, config.epochs, config.optimizer)
+    assert recipe == ("resnet50", False, 224, "bf16", 90, "sgd")
+    assert (config.momentum, config.nesterov, config.weight_decay, config.decay_bn_bias) == (0.9, True, 1e-4, False)
+    assert (config.warmup_epochs, config.label_smoothing, config.batch_size, config.lr) == (5.0, 0.1, 256, 0.1)
+    assert (config.dataset, config.crop, config.flip) == ("imagefolder", 0, True)
+    bigger = parse_args(["--preset", "imagenet-resnet50", "--data-dir", "x", "--batch-size", "1024", "--epochs", "30"])
+    assert (bigger.lr, bigger.epochs) == (0.4, 30)
+    assert parse_args(["--preset", "imagenet-resnet50", "--data-dir", "x", "--lr", "0.3"]).lr == 0.3
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
         (["--optimizer", "lamb"], "invalid choice: 'lamb'"),
         (["--dataset", "cifar10"], "needs --data-dir"),
+        (["--dataset", "imagefolder", "--data-dir", "x", "--crop-padding", "4"], "imagefolder crops on the CPU"),
+        (["--preset", "imagenet-resnet5"], "invalid choice: 'imagenet-resnet5'"),
         (["--epochs", "2", "--warmup-epochs", "3"], "warmup_epochs"),
         (["--arch", "resnet19"], "invalid choice: 'resnet19'"),
     ],
