@@ -37,6 +37,10 @@ EXPORT_FILE = "model.safetensors"
 NO_DONATION_BACKENDS = ("cpu",)
 
 
+class ProcessLostError(RuntimeError):
+    """In a multi-process run, another process stopped answering in the middle of a step."""
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss, a gradient or the update was NaN/inf and the run was told to stop."""
 
@@ -385,6 +389,13 @@ def fit(config: TrainConfig) -> dict[str, Any]:
                 if progress.stopped:
                     break
                 state = train_epoch(run, state, epoch, progress, stop)
+        except jax.errors.JaxRuntimeError as e:
+            if jax.process_count() == 1:
+                raise
+            raise ProcessLostError(
+                f"a collective with the other processes failed at step {progress.step}: one of them died or "
+                f"lost its connection ({str(e).splitlines()[0]}); resume the run from its last checkpoint"
+            ) from e
         finally:
             run.checkpoints.wait()
             run.checkpoints.close()

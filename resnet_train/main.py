@@ -19,7 +19,7 @@ from typing import Any, TextIO
 from .config import UsageError, parse_args
 from .signals import catch_stop_signals
 
-EXIT_FAILED = 1  # the run failed: a non-finite loss, an export that does not reproduce the model
+EXIT_FAILED = 1  # the run failed: a non-finite loss, an export that does not reproduce the model, a lost process
 EXIT_BAD_INPUT = 2  # bad flags, data or run directory; a file that cannot be read or written
 
 
@@ -43,10 +43,23 @@ def _fail(started: float, code: int, e: BaseException, out: TextIO) -> int:
     return code
 
 
+def _is_fd_1(stream: TextIO) -> bool:
+    try:
+        return stream.fileno() == 1
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the last two
+        return False
+
+
 @contextlib.contextmanager
 def stdout_for_json_only() -> Iterator[TextIO]:
     """While inside, file descriptor 1 points at stderr, so whatever libraries print there (gloo's
-    connection lines come from C++) lands on stderr; yields the real stdout for the JSON line."""
+    connection lines come from C++) lands on stderr; yields the real stdout for the JSON line.
+
+    A ``sys.stdout`` that is not file descriptor 1 (replaced by a caller, e.g. captured) is left alone.
+    """
+    if not _is_fd_1(sys.stdout):
+        yield sys.stdout
+        return
     sys.stdout.flush()
     real = os.dup(1)
     os.dup2(2, 1)
@@ -69,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_summary(_failed(started, e.message), sys.stdout)
             return EXIT_BAD_INPUT
         from .export import ExportMismatchError
-        from .loop import NonFiniteLossError, fit
+        from .loop import NonFiniteLossError, ProcessLostError, fit
 
         # Our messages at INFO; orbax and absl log every save step at INFO, so other loggers stay at WARNING.
         logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
@@ -77,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with stdout_for_json_only() as stdout:
             try:
                 result = fit(config)
-            except (NonFiniteLossError, ExportMismatchError) as e:
+            except (NonFiniteLossError, ExportMismatchError, ProcessLostError) as e:
                 return _fail(started, EXIT_FAILED, e, stdout)
             except (ValueError, OSError) as e:
                 return _fail(started, EXIT_BAD_INPUT, e, stdout)

@@ -1,10 +1,26 @@
-"""Test settings: strict JAX, a fixed seed per test, and the gpu marker's skip."""
+"""Test settings: one compilation cache per session, strict JAX, a fixed seed per test, and the gpu
+marker's skip."""
 
 from __future__ import annotations
 
-import jax
-import pytest
-import torch
+import atexit
+import os
+import shutil
+import tempfile
+
+# Before jax is imported, here and in every process a test starts (they inherit the environment): the
+# tests compile the same small models again and again (dozens of resnet-train runs), and XLA's
+# executables from a persistent cache make a warm trainer start about twice as fast on 2 CPU cores.
+# The cache lives for this session only, so no test can pass on a program compiled by another version.
+_XLA_CACHE = tempfile.mkdtemp(prefix="resnet-parity-xla-cache-")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Make JAX strict, as Equinox's tests do: implicit rank promotion is an error.
 jax.config.update("jax_numpy_rank_promotion", "raise")

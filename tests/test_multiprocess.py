@@ -201,6 +201,9 @@ def test_a_dead_process_ends_the_other_within_the_heartbeat_timeout(tmp_path):
     procs[1][0].wait()
     code, result, _, err = _wait(procs[:1], timeout=120)[0]
     waited = time.monotonic() - killed_at
-    assert code != 0 and result is None
-    assert "another task died" in err and "stopped sending heartbeats" in err, err[-3000:]
-    assert waited < 60, waited
+    assert code != 0 and waited < 60, (code, waited)
+    # A step in flight fails at once (gloo's connection to the dead process breaks): a sentence and the
+    # JSON line; between steps the coordination service ends the process when the heartbeats stop.
+    lost = "a collective with the other processes failed" in err and "resume the run" in err
+    assert lost or ("another task died" in err and "stopped sending heartbeats" in err), err[-3000:]
+    assert result is None or "a collective with the other processes failed" in result["error"]
