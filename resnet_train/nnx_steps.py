@@ -25,9 +25,8 @@ from resnet_flax.preprocess import normalize
 from .config import TrainConfig
 from .steps import (
     INIT_STREAM,
-    all_finite,
     eval_metrics,
-    keep_finite,
+    guarded_update,
     model_options,
     train_inputs,
     train_loss,
@@ -119,14 +118,7 @@ def train_step(
     _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     params, batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
     opt_state = nnx.as_pure(nnx.state(optimizer))
-    finite = all_finite(loss, grads, batch_stats, params, opt_state)
-    new_state = state.replace(
-        step=state.step + 1,
-        params=keep_finite(finite, params, state.params),
-        batch_stats=keep_finite(finite, batch_stats, state.batch_stats),
-        opt_state=keep_finite(finite, opt_state, state.opt_state),
-        skipped=state.skipped + jnp.logical_not(finite).astype(jnp.int32),
-    )
+    new_state, finite = guarded_update(state, loss, grads, params, batch_stats, opt_state)
     return new_state, train_metrics(loss, logits, labels, finite)
 
 

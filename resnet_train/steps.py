@@ -98,15 +98,31 @@ def state_of(
     )
 
 
-def all_finite(*trees: Any) -> Array:
+def _all_finite(*trees: Any) -> Array:
     """True when every floating-point leaf of the trees is finite."""
     leaves = [x for t in trees for x in jax.tree.leaves(t) if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def keep_finite(finite: Array, new: Any, old: Any) -> Any:
-    """``new`` where ``finite``, else ``old``, leaf by leaf: a non-finite update is never applied."""
-    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+def guarded_update(
+    state: Any, loss: Array, grads: Any, params: Any, batch_stats: Any, opt_state: Any
+) -> tuple[Any, Array]:
+    """(the state after one step, whether it was applied): the new parameters, statistics and optimizer
+    state when they, the loss and the gradients are all finite, else the old ones, so a non-finite update
+    is never applied; the step counter advances either way and ``skipped`` counts the updates left out."""
+    finite = _all_finite(loss, grads, batch_stats, params, opt_state)
+
+    def keep(new: Any, old: Any) -> Any:
+        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        batch_stats=keep(batch_stats, state.batch_stats),
+        opt_state=keep(opt_state, state.opt_state),
+        skipped=state.skipped + jnp.logical_not(finite).astype(jnp.int32),
+    )
+    return new_state, finite
 
 
 def cross_entropy(logits: Array, labels: Array, num_classes: int, label_smoothing: float) -> Array:
@@ -154,14 +170,7 @@ def train_step(
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    finite = all_finite(loss, grads, batch_stats, params, opt_state)
-    new_state = state.replace(
-        step=state.step + 1,
-        params=keep_finite(finite, params, state.params),
-        batch_stats=keep_finite(finite, batch_stats, state.batch_stats),
-        opt_state=keep_finite(finite, opt_state, state.opt_state),
-        skipped=state.skipped + jnp.logical_not(finite).astype(jnp.int32),
-    )
+    new_state, finite = guarded_update(state, loss, grads, params, batch_stats, opt_state)
     return new_state, train_metrics(loss, logits, labels, finite)
 
 
