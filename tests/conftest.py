@@ -11,10 +11,11 @@ import tempfile
 # Before jax is imported, here and in every process a test starts (they inherit the environment): the
 # tests compile the same small models again and again (dozens of resnet-train runs), and XLA's
 # executables from a persistent cache make a warm trainer start about twice as fast on 2 CPU cores.
-# The cache lives for this session only, so no test can pass on a program compiled by another version.
-_XLA_CACHE = tempfile.mkdtemp(prefix="resnet-parity-xla-cache-")
-atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
-os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+# The cache lives for this session only (pytest-xdist's workers share the controller's), so no test
+# can pass on a program compiled by another version; one set by the caller is used as it is.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="resnet-parity-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
