@@ -71,8 +71,10 @@ if [ "$LEVERS" = 1 ]; then
   run_step throughput-levers-base $LIMIT $PY "${LV[@]}" --json "$REPORT_DIR/throughput-levers-base.json"
   run_step throughput-levers-scan4 $LIMIT $PY "${LV[@]}" --flax-steps-per-call 4 \
     --json "$REPORT_DIR/throughput-levers-scan4.json"
-  run_step throughput-levers-no-command-buffers $LIMIT $PY "${LV[@]}" --xla-gpu-command-buffer "" \
-    --json "$REPORT_DIR/throughput-levers-no-command-buffers.json"
+  if [ "$MODE" = gpu ]; then  # a GPU flag: on the CPU it would time the base program again
+    run_step throughput-levers-no-command-buffers $LIMIT $PY "${LV[@]}" --xla-gpu-command-buffer "" \
+      --json "$REPORT_DIR/throughput-levers-no-command-buffers.json"
+  fi
 elif [ "$MODE" = gpu ]; then
   run_step environment 20 $PY scripts/gpu_env.py
   run_step gpu-tests 100 "${SHARED_GPU[@]}" $PY -m pytest tests/test_parity_gpu.py -m gpu -q -p no:cacheprovider -W default --durations=10
@@ -94,7 +96,7 @@ elif [ "$MODE" = gpu ]; then
   run_step train-resnet50 100 $PY scripts/gpu_train.py --out "$REPORT_DIR" --limit 90
 else
   run_step environment 120 $PY scripts/gpu_env.py
-  run_step gpu-tests 200 $PY -m pytest -m gpu -q -p no:cacheprovider
+  run_step gpu-tests 200 $PY -m pytest tests/test_parity_gpu.py -m gpu -q -p no:cacheprovider
   run_step parity-check 120 $PY -m parity.cli check --device cpu --precision fp32 --arch resnet18 --size 33 47 \
     --batch 2 --checks "eval logits" --json "$REPORT_DIR/parity-gpu.json"
   run_step throughput-headline 300 $PY "${TINY[@]}" --impl resnet_flax,resnet_torch,resnet_flax_plain --interleave \
