@@ -1,7 +1,8 @@
 """Train-state checkpoints through orbax: atomic saves, the latest N and the best one kept, each verifiable.
 
 Each step's orbax metadata records a sha256 of the saved arrays (``custom_metadata``); a restore
-recomputes it, so a flipped bit is refused instead of resuming from different weights.
+recomputes it, so a flipped bit is refused instead of resuming from different weights. A streamed
+run saves its data iterators' positions as a second item beside the train state.
 """
 
 from __future__ import annotations

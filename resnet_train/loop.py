@@ -211,7 +211,8 @@ def train_epoch(run: Run, state: TrainState, epoch: int, progress: Progress, sto
     """
     config, batch, per_epoch = run.config, run.config.batch_size, run.per_epoch
     first = progress.step - epoch * per_epoch
-    epoch_tally = window = Tally(time.perf_counter())
+    started = time.perf_counter()
+    epoch_tally, window = Tally(started), Tally(started)  # the whole epoch; the last --log-every steps
     bar = tqdm(
         total=per_epoch,
         initial=first,
@@ -231,8 +232,8 @@ def train_epoch(run: Run, state: TrainState, epoch: int, progress: Progress, sto
                     "--on-nonfinite skip skips such updates"
                 )
             log.warning("non-finite loss, gradient or update at step %d: update skipped", progress.step)
-        for tally in {id(t): t for t in (epoch_tally, window)}.values():
-            tally.add(m, batch)
+        epoch_tally.add(m, batch)
+        window.add(m, batch)
         progress.step += 1
         loss, accuracy = epoch_tally.means()
         bar.set_postfix(loss=f"{loss:.4f}", acc=f"{accuracy:.4f}", img_s=f"{epoch_tally.rate(batch):.1f}")

@@ -55,17 +55,15 @@ def test_dry_run_writes_the_report(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_levers_dry_run_measures_both_models_per_lever(tmp_path: Path) -> None:
+def test_levers_dry_run_measures_both_models(tmp_path: Path) -> None:
     run = _dry_run(tmp_path, "--levers")
     assert run.returncode == 0, run.stderr
-    levers = ("base", "scan4")  # the command-buffer lever is a GPU flag: a dry run leaves it out
-    assert _summary_rows(run.stdout) == {"environment": "ok", **{f"throughput-levers-{k}": "ok" for k in levers}}
-    for lever in levers:
-        report = json.loads((tmp_path / f"throughput-levers-{lever}.json").read_text())
-        rows = {(r["impl"], r["mode"], r["steps_per_call"]) for r in report["results"]}
-        k = 4 if lever == "scan4" else 1
-        assert rows == {("resnet_flax", "train", k), ("resnet_flax_plain", "train", k)}, lever
-        assert report["errors"] == []
+    # The base step only: the other levers run on a GPU (scripts/gpu_check.sh says why).
+    assert _summary_rows(run.stdout) == {"environment": "ok", "throughput-levers-base": "ok"}
+    report = json.loads((tmp_path / "throughput-levers-base.json").read_text())
+    rows = {(r["impl"], r["mode"], r["steps_per_call"]) for r in report["results"]}
+    assert rows == {("resnet_flax", "train", 1), ("resnet_flax_plain", "train", 1)}
+    assert report["errors"] == []
     assert (tmp_path / "gpu-levers.md").read_text().startswith("# GPU check: DRY RUN")
 
 
