@@ -66,7 +66,7 @@ def _check_run_dir(run_dir: Path, config: TrainConfig, checkpoints: Checkpoints,
         if changed:
             diff = ", ".join(f"{k}: {saved.get(k)!r} -> {ours[k]!r}" for k in changed)
             raise ValueError(f"--resume with settings that change the result ({diff}); use the run's own settings")
-        runlog.check_class_names(saved_path, class_names)
+        runlog.check_class_names(saved, class_names)
 
 
 def _prepare_run_dir(run_dir: Path) -> None:

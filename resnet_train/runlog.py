@@ -77,9 +77,10 @@ def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
     write_atomic(path, old + (json.dumps(record, sort_keys=True) + "\n").encode())
 
 
-def check_class_names(config_path: Path, class_names: Sequence[str]) -> None:
-    """Refuse to resume a run whose data now has other classes (its labels would mean other things)."""
-    saved = json.loads(config_path.read_text()).get("class_names")
+def check_class_names(saved_run: dict[str, Any], class_names: Sequence[str]) -> None:
+    """Refuse to resume a run (its config.json, read) whose data now has other classes: its labels would
+    mean other things."""
+    saved = saved_run.get("class_names")
     if saved is not None and saved != list(class_names):
         changed = ", ".join(sorted(set(saved) ^ set(class_names))[:5]) or "the same names, in another order"
         raise ValueError(
