@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from parity.names import LAYOUTS
+from parity.conversion.names import LAYOUTS
 from resnet_arch import DEPTHS
 
 _CHILD = """
@@ -22,7 +22,7 @@ import json, sys, time
 t0 = time.perf_counter()
 import jax, torch
 import parity, resnet_torch
-from parity.convert import check_state_dict
+from parity.conversion.convert import check_state_dict
 imported = time.perf_counter() - t0
 arch, layout = sys.argv[1:3]
 seed = resnet_torch.build(arch, num_classes=1000, init_weights=False).state_dict()

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 
 import resnet_flax
-from parity.optim import torch_sgd
+from parity.checks.optim import torch_sgd
 from resnet_arch import dtype_name
 from resnet_data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from resnet_flax import preprocess

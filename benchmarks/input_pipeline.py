@@ -214,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = {"settings": settings, "machine": machine(), **measure(root, args)}
     print(format_report(report))
     if args.json:
-        from parity.report import write_json
+        from parity.checks.report import write_json
 
         write_json(args.json, report)
         print(f"wrote {args.json}")

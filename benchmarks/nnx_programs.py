@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from benchmarks.common import Settings
     from benchmarks.throughput import machine
-    from parity.report import write_json
+    from parity.checks.report import write_json
 
     settings = Settings(args.arch, args.batch, args.size, "fp32", "cpu", args.num_classes, args.small_stem)
     described = programs(settings, args.mode)

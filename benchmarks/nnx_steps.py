@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from parity.nnx import linen_to_nnx
+from parity.conversion.nnx import linen_to_nnx
 from resnet_flax import nnx as flax_nnx
 
 from . import flax_steps

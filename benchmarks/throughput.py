@@ -200,7 +200,7 @@ def machine(device: str) -> dict[str, Any]:
     import torch
 
     from benchmarks.common import cpu_model
-    from parity.report import versions as library_versions
+    from parity.checks.report import versions as library_versions
 
     cpu = cpu_model()
     versions = {**library_versions(), "jaxlib": jaxlib.__version__, "numpy": numpy.__version__}
@@ -394,7 +394,7 @@ def format_report(report: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     configure_environment(args)
-    from parity.report import write_json  # after configure_environment: it imports jax
+    from parity.checks.report import write_json  # after configure_environment: it imports jax
 
     path = args.json
     report = run(args, save=(lambda r: write_json(path, r)) if path is not None else (lambda r: None))

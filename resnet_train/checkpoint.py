@@ -19,8 +19,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
-from parity.arrays import torch_views
-from parity.files import CheckpointError, tensors_digest
+from parity.conversion.arrays import torch_views
+from parity.conversion.files import CheckpointError, tensors_digest
 
 from .steps import TrainState
 

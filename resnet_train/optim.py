@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import optax
 
-from parity.optim import torch_sgd
+from parity.checks.optim import torch_sgd
 
 from .config import TrainConfig
 

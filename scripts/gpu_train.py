@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.input_pipeline import write_folder  # noqa: E402  (after the checkout is importable)
-from parity.report import write_json  # noqa: E402
+from parity.checks.report import write_json  # noqa: E402
 
 # ResNet-50 at 224, batch 256: 24 steps on synthetic batches; 4 epochs of 4 steps on 1,024 JPEGs (256 held out).
 GPU = {

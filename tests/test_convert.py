@@ -15,11 +15,11 @@ from flax import traverse_util
 import parity
 import resnet_flax
 import resnet_torch
-from parity.arch import ArchSpec
-from parity.arrays import numpy_dtype
-from parity.convert import LEAF_RULES, check_flax_variables
-from parity.names import from_seed
-from parity.pairs import randomize_batchnorm
+from parity.checks.pairs import randomize_batchnorm
+from parity.conversion.arch import ArchSpec
+from parity.conversion.arrays import numpy_dtype
+from parity.conversion.convert import LEAF_RULES, check_flax_variables
+from parity.conversion.names import from_seed
 from resnet_arch import DEPTHS
 
 EVAL_RTOL_FP32 = 1e-5
@@ -375,13 +375,13 @@ def test_meta_tensors_are_named() -> None:
 def _count_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record each whole-tree check the converter makes (by the title of what it compares against)."""
     calls: list[str] = []
-    real = parity.convert._check
+    real = parity.conversion.convert._check
 
     def counted(got, expected, what, *args):
         calls.append(what)
         return real(got, expected, what, *args)
 
-    monkeypatch.setattr(parity.convert, "_check", counted)
+    monkeypatch.setattr(parity.conversion.convert, "_check", counted)
     return calls
 
 

@@ -28,9 +28,9 @@ from safetensors import safe_open
 
 import parity
 import resnet_torch
+from parity.checks.pairs import randomize_batchnorm
 from parity.cli import main
-from parity.files import DIGEST_ENTRY, atomic_write
-from parity.pairs import randomize_batchnorm
+from parity.conversion.files import DIGEST_ENTRY, atomic_write
 
 RTOL_FP32 = 1e-5
 ODD_SIZE = (33, 47)
@@ -290,7 +290,7 @@ def test_foreign_files_load_with_a_one_line_notice(
     (tmp_path / "other.msgpack").write_bytes(flax.serialization.msgpack_serialize(parity.torch_to_flax(model)))
     for name in ("other.pth", "other.safetensors", "other.msgpack"):
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="parity.files"):
+        with caplog.at_level(logging.WARNING, logger="parity.conversion.files"):
             ckpt = parity.read_checkpoint(tmp_path / name)
         [notice] = caplog.messages
         assert name in notice and "cannot be verified" in notice and "\n" not in notice

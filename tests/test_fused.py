@@ -13,9 +13,9 @@ import optax
 import pytest
 
 import resnet_flax
-from parity.checks import run_checks
-from parity.compare import FLOOR_FACTOR
-from parity.precision import CHECKS, CPU, EVAL, FP32, FP64, GRADIENTS, RUNNING_STATS, TRAIN_LOGITS
+from parity.checks.compare import FLOOR_FACTOR
+from parity.checks.precision import CHECKS, CPU, EVAL, FP32, FP64, GRADIENTS, RUNNING_STATS, TRAIN_LOGITS
+from parity.checks.run import run_checks
 from resnet_flax.fold import fold
 from resnet_flax.fused import fused, fused_batch_norm2d, fused_batch_norm_train
 from resnet_flax.layers import TORCH_BN_EPS, batch_norm_train

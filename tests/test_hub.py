@@ -20,8 +20,8 @@ from flax import traverse_util
 from timm.models import save_for_hf
 
 import parity
+from parity.checks.pairs import randomize_batchnorm
 from parity.cli import main
-from parity.pairs import randomize_batchnorm
 from resnet_arch import DEPTHS
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # from_pretrained reads the local directory; never the network

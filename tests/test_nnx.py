@@ -15,10 +15,10 @@ from flax import nnx, traverse_util
 import parity
 import resnet_flax
 import resnet_torch
-from parity.checks import run_checks
+from parity.checks.pairs import randomize_batchnorm
+from parity.checks.precision import CHECKS, CPU, FP32, FP64
+from parity.checks.run import run_checks
 from parity.cli import main
-from parity.pairs import randomize_batchnorm
-from parity.precision import CHECKS, CPU, FP32, FP64
 from resnet_arch import STAGE_OUTPUTS
 from resnet_flax import nnx as flax_nnx
 from resnet_flax.fold import fold as linen_fold

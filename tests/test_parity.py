@@ -16,10 +16,9 @@ import optax
 import pytest
 import torch
 
-from parity import checks, pairs
-from parity.checks import CheckResult, check_pair, errors, make_pair, run_checks, torch_sgd
-from parity.cli import main
-from parity.precision import (
+from parity.checks import pairs
+from parity.checks import run as checks
+from parity.checks.precision import (
     BF16,
     CHECKS,
     CPU,
@@ -37,6 +36,8 @@ from parity.precision import (
     precisions_for,
     torch_tf32_summary,
 )
+from parity.checks.run import CheckResult, check_pair, errors, make_pair, run_checks, torch_sgd
+from parity.cli import main
 from resnet_arch import STAGE_OUTPUTS
 
 FORWARD = (EVAL, TRAIN_LOGITS, RUNNING_STATS)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parity.checks import run_checks
-from parity.precision import BF16, CHECKS, FP32, GPU, MODES, TF32, applied, torch_tf32_summary
+from parity.checks.precision import BF16, CHECKS, FP32, GPU, MODES, TF32, applied, torch_tf32_summary
+from parity.checks.run import run_checks
 
 pytestmark = pytest.mark.gpu
 

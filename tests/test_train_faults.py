@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 import pytest
 from test_train import REPO, TINY, _config, _leaves
 
-from parity.files import CheckpointError
+from parity.conversion.files import CheckpointError
 from resnet_train import loop, runlog
 from resnet_train.checkpoint import load_variables
 from resnet_train.config import TrainConfig

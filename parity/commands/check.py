@@ -8,9 +8,18 @@ from typing import Any
 
 from resnet_arch import APIS, DEPTHS, LINEN
 
-from ..checks import run_checks
-from ..precision import CHECKS, DEVICES, MODES, PRECISIONS, applied, jax_device, precisions_for, torch_tf32_summary
-from ..report import format_error, format_result, header, versions, write_json
+from ..checks.precision import (
+    CHECKS,
+    DEVICES,
+    MODES,
+    PRECISIONS,
+    applied,
+    jax_device,
+    precisions_for,
+    torch_tf32_summary,
+)
+from ..checks.report import format_error, format_result, header, versions, write_json
+from ..checks.run import run_checks
 from .args import positive_int
 
 DEFAULT_SIZE = (97, 131)  # odd and non-square: 'SAME' and symmetric padding differ at every stride

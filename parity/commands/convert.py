@@ -10,12 +10,22 @@ import jax
 
 from resnet_arch import DTYPES, dtype_name
 
-from ..convert import BAD_VALUES, ERROR, ConversionError, TorchWeights
-from ..files import FLAX, FRAMEWORKS, MSGPACK, NNX, PICKLE, TORCH, CheckpointError, file_format, write_checkpoint
-from ..hub import WEIGHTS_FILES, write_hub_dir
-from ..load import read_weights
-from ..names import LAYOUTS, SEED
-from ..nnx import linen_to_nnx
+from ..conversion.convert import BAD_VALUES, ERROR, ConversionError, TorchWeights
+from ..conversion.files import (
+    FLAX,
+    FRAMEWORKS,
+    MSGPACK,
+    NNX,
+    PICKLE,
+    TORCH,
+    CheckpointError,
+    file_format,
+    write_checkpoint,
+)
+from ..conversion.hub import WEIGHTS_FILES, write_hub_dir
+from ..conversion.load import read_weights
+from ..conversion.names import LAYOUTS, SEED
+from ..conversion.nnx import linen_to_nnx
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -15,7 +15,7 @@ from resnet_flax import nnx_show
 from resnet_flax import show as flax_show
 from resnet_torch import show as torch_show
 
-from ..files import FLAX, FRAMEWORKS, NNX, TORCH
+from ..conversion.files import FLAX, FRAMEWORKS, NNX, TORCH
 from .args import positive_int
 
 # The seed's three ways: summary() table, model.modules(), model.named_parameters().

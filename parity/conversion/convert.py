@@ -2,7 +2,7 @@
 
 The module path is shared (``conv2_x.0.shortcut.1`` is ``('conv2_x', '0', 'shortcut', '1')``);
 each leaf kind has one name on either side and one transform (``LEAF_RULES``); the other torch
-layouts are renamed to the seed's by ``parity.names``. Each direction checks its input once,
+layouts are renamed to the seed's by ``parity.conversion.names``. Each direction checks its input once,
 where it enters (``check_state_dict``, ``check_flax_variables``): names, layout, architecture,
 every shape, dtypes and values, before a single leaf is converted, so nothing half-converted is
 ever returned.
@@ -353,7 +353,7 @@ def check_state_dict(
     """Check a torch checkpoint once, where it enters: names, layout, architecture, shapes, dtypes, values.
 
     ``obj`` is a state dict, an ``nn.Module`` or (name, tensor) pairs, in any layout of
-    ``parity.names``; ``module.`` and ``_orig_mod.`` prefixes are stripped with a warning. The
+    ``parity.conversion.names``; ``module.`` and ``_orig_mod.`` prefixes are stripped with a warning. The
     architecture is ``target``'s (a resnet_flax.ResNet) or, without it, the one the keys describe;
     ``config`` (a hub's config.json, or the model's own) is checked against it. Raises
     ConversionError naming every offending key (ConversionError saying which feature, for a ResNet

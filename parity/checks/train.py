@@ -18,9 +18,9 @@ import resnet_flax
 import resnet_torch
 from resnet_arch import BN_STATS, NNX, STAGE_OUTPUTS
 
-from . import nnx_checks
+from ..conversion.convert import flax_to_torch
+from . import nnx as nnx_checks
 from .compare import FLOOR_FACTOR, CheckResult, errors, grouped_errors, numpy_of_jax, numpy_of_torch, stage_errors
-from .convert import flax_to_torch
 from .optim import torch_sgd
 from .pairs import JIT_CACHE_SIZE, Batch, Pair, pair_result
 from .precision import GRADIENTS, RUNNING_STATS, SGD, TRAIN_LOGITS, jax_device

@@ -1,7 +1,7 @@
 """Parity checks: the same weights in resnet_torch and resnet_flax must compute the same function.
 
 Each check compares the two frameworks on one random batch (odd sizes welcome) in one precision
-mode (``parity.precision``): eval logits, train-mode logits, the running statistics a train-mode
+mode (``parity.checks.precision``): eval logits, train-mode logits, the running statistics a train-mode
 call leaves behind, gradients of a cross-entropy loss, and parameters after SGD steps. Errors are
 relative, ``||flax - torch|| / ||torch||`` over all compared tensors together; when a check fails
 its result names the first stage (conv1, conv2_x.. conv5_x, fc) whose outputs diverge.
@@ -18,12 +18,12 @@ import torch
 import resnet_flax
 from resnet_arch import LINEN, NNX
 
-from . import nnx_checks
+from . import nnx as nnx_checks
 from .compare import CheckResult, errors, numpy_of_jax, numpy_of_torch, stage_errors
 from .optim import torch_sgd
 from .pairs import Batch, Pair, autocast, make_batch, make_pair, pair_result
 from .precision import EVAL, GRADIENTS, MODES, RUNNING_STATS, SGD, TRAIN_LOGITS, applied
-from .train_checks import JIT_CACHE_SIZE, FlaxTrainStep, check_sgd, check_train
+from .train import JIT_CACHE_SIZE, FlaxTrainStep, check_sgd, check_train
 
 __all__ = ["CheckResult", "Pair", "check_eval", "check_pair", "errors", "make_pair", "run_checks", "torch_sgd"]
 

@@ -17,9 +17,9 @@ from resnet_arch import APIS, BN_STATS, LINEN, NNX
 from resnet_flax import nnx as flax_nnx
 from resnet_flax.fused import fused
 
+from ..conversion.convert import torch_to_flax
+from ..conversion.nnx import nnx_to_linen, torch_to_nnx
 from .compare import CheckResult, errors
-from .convert import torch_to_flax
-from .nnx import nnx_to_linen, torch_to_nnx
 from .precision import MODES, Mode, jax_device, torch_device
 
 NUM_CLASSES = 10  # the seed's default classifier width

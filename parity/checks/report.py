@@ -9,8 +9,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .checks import CheckResult
-from .files import atomic_write
+from ..conversion.files import atomic_write
+from .compare import CheckResult
 
 COLUMNS = (
     "arch",

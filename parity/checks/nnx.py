@@ -3,7 +3,7 @@
 Eval and train-mode calls are jitted over the model's split state (``nnx.split`` outside,
 ``nnx.merge`` inside ``jax.jit``), cached per graph definition as the linen checks cache per
 model; SGD steps run ``nnx.Optimizer`` over the same ``torch_sgd`` chain under ``nnx.jit``.
-Results come back as linen-style trees, so ``parity.convert`` compares them with torch's.
+Results come back as linen-style trees, so ``parity.conversion.convert`` compares them with torch's.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from flax import nnx
 
 from resnet_flax import nnx as flax_nnx
 
-from .nnx import nnx_to_linen
+from ..conversion.nnx import nnx_to_linen
 from .optim import torch_sgd
 from .pairs import JIT_CACHE_SIZE
 
@@ -92,7 +92,7 @@ def sgd_steps(
 ) -> dict[str, Any]:
     """A copy of the model after one train-mode SGD step per (x, y) batch, as linen variables.
 
-    ``nnx.Optimizer`` over ``parity.optim.torch_sgd``, one ``nnx.jit`` step; ``model`` is unchanged.
+    ``nnx.Optimizer`` over ``parity.checks.optim.torch_sgd``, one ``nnx.jit`` step; ``model`` is unchanged.
     """
     model = nnx.clone(model)
     model.train()

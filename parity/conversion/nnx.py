@@ -2,7 +2,7 @@
 
 An NNX model's state has the paths of the linen variables, its ``nnx.Param`` leaves are the
 ``params`` collection and its ``nnx.BatchStat`` leaves ``batch_stats``; so every conversion goes
-through the linen variables tree and ``parity.convert``: the same rule over names, the same
+through the linen variables tree and ``parity.conversion.convert``: the same rule over names, the same
 whole-tree check naming every missing, unexpected or misshapen key before anything is converted.
 Models are built abstractly (``nnx.eval_shape``: shapes only, no initial weights drawn) and then
 filled, so a conversion draws no random numbers and allocates each weight once.
@@ -120,7 +120,7 @@ def torch_to_nnx(obj: Any, target: flax_nnx.ResNet | None = None, *, dtype: Any 
     """A PyTorch ResNet's weights -> a ``resnet_flax.nnx.ResNet`` holding them.
 
     ``obj`` is what ``parity.torch_to_flax`` takes (a state dict, an ``nn.Module``, named pairs; any
-    layout of ``parity.names``), checked the same way; ``dtype`` casts the floating-point tensors.
+    layout of ``parity.conversion.names``), checked the same way; ``dtype`` casts the floating-point tensors.
     Without ``target`` the model is built abstractly for the architecture the keys describe and
     comes back in eval mode; a ``target`` (e.g. ``nnx.eval_shape(lambda: resnet_flax.nnx.resnet50(
     num_classes=1000, rngs=nnx.Rngs(0)))``) is checked against its own architecture and filled in place.

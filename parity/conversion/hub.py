@@ -3,7 +3,7 @@
 transformers' ``save_pretrained`` and timm's ``save_for_hf`` write ``model.safetensors`` (or
 ``pytorch_model.bin``) and a ``config.json`` that says how to build the network. Reading a
 directory gives the weights and that config, which the converter checks against the weights
-(``parity.arch.check_hub_config``). Writing one gives the files the layout's own loader reads:
+(``parity.conversion.arch.check_hub_config``). Writing one gives the files the layout's own loader reads:
 ``ResNetForImageClassification.from_pretrained(DIR)`` for transformers,
 ``timm.create_model("local-dir:DIR", pretrained=True)`` for timm.
 """
