@@ -5,16 +5,36 @@ hub directories) and ``parity.checks`` (eval, train, gradients and SGD compariso
 and their report), with the ``resnet-parity`` command line (``parity.cli``) on top of both.
 """
 
+from __future__ import annotations
+
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .conversion.arch import ArchSpec, infer_arch
-from .conversion.convert import ConversionError, arch_of, flax_to_torch, torch_to_flax
-from .conversion.files import CheckpointError, read_checkpoint, write_checkpoint
-from .conversion.load import load_checkpoint
+if TYPE_CHECKING:
+    from .conversion.arch import ArchSpec, infer_arch
+    from .conversion.convert import ConversionError, arch_of, flax_to_torch, torch_to_flax
+    from .conversion.files import CheckpointError, read_checkpoint, write_checkpoint
+    from .conversion.load import load_checkpoint
+    from .conversion.nnx import linen_to_nnx, nnx_to_linen, nnx_to_torch, torch_to_nnx
 
-# parity.conversion.nnx's converters, imported on first use: flax.nnx costs about a second that linen users never need.
-_NNX_NAMES = ("linen_to_nnx", "nnx_to_linen", "nnx_to_torch", "torch_to_nnx")
+# Every public name is imported on first use: a submodule that needs no framework (the trainer's
+# parity.conversion.atomic, parity.checks.optim) imports neither torch nor flax.nnx through this package.
+_HOMES = {
+    "ArchSpec": "arch",
+    "infer_arch": "arch",
+    "ConversionError": "convert",
+    "arch_of": "convert",
+    "flax_to_torch": "convert",
+    "torch_to_flax": "convert",
+    "CheckpointError": "files",
+    "read_checkpoint": "files",
+    "write_checkpoint": "files",
+    "load_checkpoint": "load",
+    "linen_to_nnx": "nnx",
+    "nnx_to_linen": "nnx",
+    "nnx_to_torch": "nnx",
+    "torch_to_nnx": "nnx",
+}
 
 __all__ = [
     "ArchSpec",
@@ -23,15 +43,18 @@ __all__ = [
     "arch_of",
     "flax_to_torch",
     "infer_arch",
+    "linen_to_nnx",
     "load_checkpoint",
+    "nnx_to_linen",
+    "nnx_to_torch",
     "read_checkpoint",
     "torch_to_flax",
+    "torch_to_nnx",
     "write_checkpoint",
-    *_NNX_NAMES,
 ]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _NNX_NAMES:
-        return getattr(importlib.import_module(f"{__name__}.conversion.nnx"), name)
+    if name in _HOMES:
+        return getattr(importlib.import_module(f"{__name__}.conversion.{_HOMES[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

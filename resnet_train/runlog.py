@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from parity.conversion.files import atomic_write
+from parity.conversion.atomic import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"

@@ -18,8 +18,9 @@ import resnet_torch
 from parity.checks.pairs import randomize_batchnorm
 from parity.conversion.arch import ArchSpec
 from parity.conversion.arrays import numpy_dtype
-from parity.conversion.convert import LEAF_RULES, check_flax_variables
+from parity.conversion.convert import check_flax_variables
 from parity.conversion.names import from_seed
+from parity.conversion.rules import LEAF_RULES
 from resnet_arch import DEPTHS
 
 EVAL_RTOL_FP32 = 1e-5

@@ -30,7 +30,8 @@ import parity
 import resnet_torch
 from parity.checks.pairs import randomize_batchnorm
 from parity.cli import main
-from parity.conversion.files import DIGEST_ENTRY, atomic_write
+from parity.conversion.atomic import atomic_write
+from parity.conversion.files import DIGEST_ENTRY
 
 RTOL_FP32 = 1e-5
 ODD_SIZE = (33, 47)

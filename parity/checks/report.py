@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..conversion.files import atomic_write
+from ..conversion.atomic import atomic_write
 from .compare import CheckResult
 
 COLUMNS = (

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from flax import traverse_util
 
-from resnet_arch import BN_COUNTER, BN_PARAMS, BN_STATS, DTYPES
+from resnet_arch import BN_COUNTER, BN_STATS, DTYPES
 from resnet_flax.layers import COUNTER_DTYPE
 from resnet_flax.model import ResNet as FlaxResNet
 
@@ -39,6 +39,7 @@ from .arrays import (
     torch_views,
 )
 from .names import SEED, WRAPPER_PREFIXES, check_layout, from_seed, recognise, variant_features
+from .rules import BY_TORCH, LeafRule, flax_path, flax_rule, seed_module
 
 Variables = dict[str, Any]
 Shapes = Mapping[str, tuple[int, ...]]
@@ -52,33 +53,6 @@ class ConversionError(ValueError):
     """A checkpoint does not fit the model: every missing, unexpected or misshapen key is named."""
 
 
-@dataclasses.dataclass(frozen=True)
-class LeafRule:
-    """One kind of leaf: its names on both sides and the permutation between layouts."""
-
-    torch_name: str
-    flax_name: str
-    collection: str
-    ndim: int
-    perm: tuple[int, ...] | None  # torch axes -> flax axes; None for a vector kept as it is
-
-    def inverse_perm(self) -> tuple[int, ...] | None:
-        """The permutation from Flax axes back to torch axes."""
-        return None if self.perm is None else tuple(int(i) for i in np.argsort(self.perm))
-
-
-LEAF_RULES: tuple[LeafRule, ...] = (
-    # Conv2d weight: torch OIHW, Flax HWIO.
-    LeafRule("weight", "kernel", "params", 4, (2, 3, 1, 0)),
-    # Linear weight: torch (out, in), Flax (in, out).
-    LeafRule("weight", "kernel", "params", 2, (1, 0)),
-    # BatchNorm affine parameters (and Linear's bias, named alike on both sides).
-    *(LeafRule(t, f, "params", 1, None) for t, f in BN_PARAMS.items()),
-    # torch keeps an int64 scalar counter; Flax keeps it as COUNTER_DTYPE (int32).
-    *(LeafRule(t, f, "batch_stats", 0 if t == BN_COUNTER else 1, None) for t, f in BN_STATS.items()),
-)
-_BY_TORCH = {(r.torch_name, r.ndim): r for r in LEAF_RULES}
-_BY_FLAX = {(r.collection, r.flax_name, r.ndim): r for r in LEAF_RULES}
 _COLLECTIONS = ("params", "batch_stats")
 _TORCH_COUNTER_DTYPE = torch.int64  # what torch.nn.BatchNorm2d registers
 # Weights come in the project's dtypes only (resnet_arch.DTYPES): no integer, complex or float8 tensors.
@@ -86,25 +60,13 @@ _WEIGHT_DTYPES = tuple(getattr(torch, name) for name in DTYPES.values())
 _COUNTER_RANGE = (int(np.iinfo(COUNTER_DTYPE).min), int(np.iinfo(COUNTER_DTYPE).max))
 
 
-def _seed_module(key: str) -> tuple[str, str]:
-    module, _, leaf = key.rpartition(".")
-    return module, leaf
-
-
-def _flax_path(key: str, ndim: int) -> tuple[str, ...] | None:
-    """The Flax path of a seed key, or None when no leaf rule takes it."""
-    module, leaf = _seed_module(key)
-    rule = _BY_TORCH.get((leaf, ndim))
-    return None if rule is None or not module else (rule.collection, *module.split("."), rule.flax_name)
-
-
 def _flax_name(key: str, shape: tuple[int, ...]) -> str:
-    path = _flax_path(key, len(shape))
+    path = flax_path(key, len(shape))
     return key if path is None else "/".join(path)
 
 
 def _flax_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    rule = _BY_TORCH.get((_seed_module(key)[1], len(shape)))
+    rule = BY_TORCH.get((seed_module(key)[1], len(shape)))
     return shape if rule is None or rule.perm is None else tuple(shape[i] for i in rule.perm)
 
 
@@ -281,7 +243,7 @@ def _fresh_batch_stats(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     """Default BatchNorm buffers (mean 0, var 1, counter 0) for every 1-D ``weight`` in sd."""
     fresh = {}
     for key, t in sd.items():
-        module, leaf = _seed_module(key)
+        module, leaf = seed_module(key)
         if leaf == "weight" and t.dim() == 1:
             fresh[f"{module}.running_mean"] = torch.zeros_like(t)
             fresh[f"{module}.running_var"] = torch.ones_like(t)
@@ -300,7 +262,7 @@ def _torch_leaf_to_numpy(rule: LeafRule, t: torch.Tensor, cast: np.dtype | None)
 
 
 def _leaf_rule(key: str, ndim: int) -> LeafRule:
-    return _BY_TORCH[(_seed_module(key)[1], ndim)]
+    return BY_TORCH[(seed_module(key)[1], ndim)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,7 +281,7 @@ class TorchWeights:
         with one_torch_thread():
             for key, t in self.tensors.items():
                 t = t.detach().cpu()
-                path = _flax_path(key, t.dim())
+                path = flax_path(key, t.dim())
                 flat[path] = _torch_leaf_to_numpy(_leaf_rule(key, t.dim()), t, cast)
         return traverse_util.unflatten_dict(to_jax(flat))
 
@@ -374,7 +336,7 @@ def check_state_dict(
     def name(key: str) -> str:  # in the caller's names
         return names.get(key) or from_seed(key, layout)
 
-    if not any(_seed_module(k)[1] in BN_STATS for k in seed) and (fresh := _fresh_batch_stats(seed)):
+    if not any(seed_module(k)[1] in BN_STATS for k in seed) and (fresh := _fresh_batch_stats(seed)):
         if not pairs:
             raise ConversionError(
                 "no BatchNorm running statistics at all: a model with another normalization (GroupNorm: timm "
@@ -434,11 +396,11 @@ def _flax_leaves(variables: Any) -> tuple[dict[str, tuple[LeafRule, Any]], dict[
     leaves, shapes, unknown = {}, {}, []
     for path, x in traverse_util.flatten_dict(dict(variables)).items():
         shape = tuple(np.shape(x))
-        rule = _BY_FLAX.get((path[0], path[-1], len(shape))) if len(path) > 2 else None
-        if rule is None:
+        named = flax_rule(tuple(map(str, path)), len(shape))
+        if named is None:
             unknown.append("/".join(map(str, path)))
             continue
-        key = ".".join([*path[1:-1], rule.torch_name])
+        key, rule = named
         leaves[key] = (rule, x)
         inv = rule.inverse_perm()
         shapes[key] = shape if inv is None else tuple(shape[i] for i in inv)
@@ -484,7 +446,7 @@ class FlaxWeights:
         _check_x64((k, cast or np.dtype(x.dtype)) for k, (_, x) in self.leaves.items() if k not in self.counters)
         flat = {}
         for key, (rule, x) in self.leaves.items():
-            path = (rule.collection, *_seed_module(key)[0].split("."), rule.flax_name)
+            path = (rule.collection, *seed_module(key)[0].split("."), rule.flax_name)
             if key in self.counters:
                 flat[path] = jnp.asarray(self.counters[key], COUNTER_DTYPE)
             else:

@@ -20,20 +20,16 @@ one-line notice that it cannot be verified. Torch pickles are read with
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import logging
 import os
 import pickle
 import re
-import secrets
-import stat
-import sys
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import flax.serialization
 import jax
@@ -43,6 +39,7 @@ import torch
 from flax import traverse_util
 
 from .arrays import torch_to_numpy, torch_views
+from .atomic import arrays_digest, atomic_write
 
 TORCH = "torch"
 FLAX = "flax"
@@ -59,7 +56,6 @@ _STATE_DICT_KEYS = ("state_dict", "model", "model_state")  # where training scri
 # Our entry in a .pth state dict's _metadata and at the top of a .msgpack tree: framework and sha256.
 DIGEST_ENTRY = "_resnet_parity"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_MAX_SYMLINKS = 40  # as the kernel's own limit on a path's symlinks
 
 log = logging.getLogger(__name__)
 
@@ -85,101 +81,9 @@ def file_format(path: str | os.PathLike) -> str:
     return SUFFIXES[suffix]
 
 
-def _own_descriptor(path: Path) -> int | None:
-    """N when path leads, through symlinks, to /proc/self/fd/N (/dev/stdout, /dev/fd/N): our own open stream."""
-    p = os.path.abspath(path)
-    for _ in range(_MAX_SYMLINKS):
-        name = os.path.basename(p)
-        if os.path.realpath(os.path.dirname(p)) == f"/proc/{os.getpid()}/fd" and name.isdigit():
-            return int(name)
-        if not os.path.islink(p):
-            return None
-        p = os.path.join(os.path.dirname(p), os.readlink(p))
-    return None
-
-
-def _write_through(path: Path, descriptor: int | None, write: Callable[[IO[bytes]], object]) -> int:
-    """Write into something that is not a regular file (our stdout, a FIFO, a device) without replacing it."""
-    buffer = io.BytesIO()
-    write(buffer)
-    data = buffer.getvalue()
-    if descriptor is not None:  # our own stream: what was printed before must come first
-        sys.stdout.flush()
-        sys.stderr.flush()
-    fd = os.dup(descriptor) if descriptor is not None else os.open(path, os.O_WRONLY)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    return len(data)
-
-
-def _replace(target: Path, write: Callable[[IO[bytes]], object], check: Callable[[Path], None] | None) -> int:
-    """Fill a new file beside target, fsync it, check it, rename it over target, fsync the folder."""
-    old = target.stat() if target.exists() else None
-    # Name ends in the target's suffix so that check() can read it as that format.
-    tmp = target.with_name(f".{target.stem}.{secrets.token_hex(6)}.tmp{target.suffix}")
-    # O_EXCL with mode 0o666: the kernel applies the umask, as for any new file (mkstemp would give 0600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            if old is not None:
-                os.fchmod(f.fileno(), stat.S_IMODE(old.st_mode))
-            os.fsync(f.fileno())
-        if check is not None:
-            check(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    folder = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-    return target.stat().st_size
-
-
-def atomic_write(
-    path: str | os.PathLike, write: Callable[[IO[bytes]], object], check: Callable[[Path], None] | None = None
-) -> int:
-    """Call ``write`` on a file for ``path`` and put the result in place whole; returns the bytes written.
-
-    A regular file (or a new one) is replaced atomically: a temp file beside it is written, fsynced,
-    given to ``check`` (which may raise to refuse it) and renamed into place, so ``path`` holds the
-    old content or the new, never a part. A new file gets 0o666 less the umask (0644 by default), a
-    replaced one keeps its mode. A symlink is followed: the file it points at is replaced, beside
-    itself, and the link stays. Anything else (our own stdout as /dev/stdout or /dev/fd/N, a FIFO,
-    a device) is written through, never replaced; there ``check`` cannot run first, so it is refused.
-    On failure nothing but ``path``'s old content is left; an OSError names ``path``.
-    """
-    path = Path(path)
-    descriptor = _own_descriptor(path)
-    target = Path(os.path.realpath(path))
-    try:
-        if descriptor is None and (not target.exists() or stat.S_ISREG(target.stat().st_mode)):
-            return _replace(target, write, check)
-        if check is not None:
-            raise ValueError(f"{path}: not a regular file, so it cannot be checked before it is written")
-        return _write_through(path, descriptor, write)
-    except OSError as e:
-        if e.errno is not None and e.filename != str(path):  # name the path asked for, not a temp name
-            raise OSError(e.errno, e.strerror, str(path)) from e
-        raise
-
-
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data
-
-
 def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name]
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(_tensor_bytes(t))
-    return h.hexdigest()
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order (``arrays_digest``)."""
+    return arrays_digest({name: torch_to_numpy(t.detach().cpu()) for name, t in tensors.items()})
 
 
 def _verify(path: Path, recorded: Any, tensors: Mapping[str, torch.Tensor], ours: bool) -> None:

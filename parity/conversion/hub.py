@@ -17,8 +17,9 @@ from typing import IO, Any
 
 import torch
 
+from .atomic import atomic_write
 from .convert import ConversionError, FlaxWeights, TorchWeights
-from .files import TORCH, Checkpoint, CheckpointError, atomic_write, read_checkpoint, write_checkpoint
+from .files import TORCH, Checkpoint, CheckpointError, read_checkpoint, write_checkpoint
 
 # The weights files the hubs write, the one read first first.
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
