@@ -1,8 +1,15 @@
-"""One image file -> an RGB PIL image, whatever its mode; unreadable files and decompression bombs refused."""
+"""One image file -> an RGB PIL image, whatever its mode; unreadable files and decompression bombs refused.
+
+Only regular files are read (a FIFO or a device would block a worker forever), and a read that does
+not finish within ``READ_TIMEOUT_S`` (a hung network mount) is given up, the file counted as unreadable.
+"""
 
 from __future__ import annotations
 
+import io
 import os
+import stat
+import threading
 
 import numpy as np
 from PIL import Image
@@ -17,6 +24,9 @@ WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 WIDE_STEP = 257
 # What PIL raises on a file that is not a readable image (truncated, corrupt, wrong format).
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError)
+# Seconds one file's read may take before it is skipped as unreadable; a local disk reads an image in
+# milliseconds, so only a stalled source (a hung network mount) reaches it.
+READ_TIMEOUT_S = 30.0
 
 
 class UnreadableImageError(ValueError):
@@ -40,10 +50,46 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def read_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode one JPEG/PNG file (any size and mode) to an RGB image, or raise UnreadableImageError."""
+def _read_regular(path: str | os.PathLike, timeout: float) -> bytes:
+    """The bytes of a regular file, or UnreadableImageError: something else, or a read past the timeout.
+
+    The file is opened without blocking (a FIFO's open would wait for a writer) and checked through
+    the open descriptor, so a file swapped for a FIFO after a check is still caught. The read runs on
+    a daemon thread that is abandoned, not waited for, when it stalls.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        with Image.open(path) as image:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise UnreadableImageError(f"{path}: not a regular file (a FIFO, device or socket); skipped")
+        os.set_blocking(fd, True)
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    result: list[bytes | BaseException] = []
+
+    def read() -> None:
+        with f:
+            try:
+                result.append(f.read())
+            except OSError as e:
+                result.append(e)
+
+    reader = threading.Thread(target=read, name=f"read {path}", daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not result:
+        raise UnreadableImageError(f"{path}: reading took more than {timeout:g} s (a stalled file system?); skipped")
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
+def read_rgb(path: str | os.PathLike, timeout: float = READ_TIMEOUT_S) -> Image.Image:
+    """Decode one JPEG/PNG regular file (any size and mode) to an RGB image, or raise UnreadableImageError."""
+    try:
+        with Image.open(io.BytesIO(_read_regular(path, timeout))) as image:
             pixels = image.width * image.height
             if pixels > MAX_PIXELS:
                 raise UnreadableImageError(

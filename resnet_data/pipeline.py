@@ -18,11 +18,12 @@ from __future__ import annotations
 import functools
 import math
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grain
 import numpy as np
 from absl import flags
+from PIL import Image
 
 from .folders import FileList
 from .images import UnreadableImageError, read_rgb
@@ -43,6 +44,15 @@ class Decoded(typing.NamedTuple):
     problem: str | None
 
 
+def _decoded(path: str, label: int, crop: Callable[[Image.Image], np.ndarray]) -> Decoded:
+    """One file read and cropped, or the sentence (naming the file) that says why it cannot be used."""
+    try:
+        return Decoded(crop(read_rgb(path)), label, None)
+    except UnreadableImageError as e:
+        reason = str(e)
+        return Decoded(None, label, reason if reason.startswith(path) else f"{path}: {reason}")
+
+
 class TrainExample(grain.transforms.RandomMap):
     """(path, label) -> RandomResizedCrop(size) + optional flip of the decoded image."""
 
@@ -51,10 +61,7 @@ class TrainExample(grain.transforms.RandomMap):
 
     def random_map(self, element: tuple[str, int], rng: np.random.Generator) -> Decoded:
         path, label = element
-        try:
-            return Decoded(train_crop(read_rgb(path), rng, self.size, self.flip), label, None)
-        except UnreadableImageError as e:
-            return Decoded(None, label, str(e))
+        return _decoded(path, label, lambda image: train_crop(image, rng, self.size, self.flip))
 
 
 class EvalExample(grain.transforms.Map):
@@ -67,10 +74,7 @@ class EvalExample(grain.transforms.Map):
         if index >= len(self.files):
             return Decoded(None, 0, None)
         path, label = self.files[index]
-        try:
-            return Decoded(eval_crop(read_rgb(path), self.size), label, None)
-        except UnreadableImageError as e:
-            return Decoded(None, label, str(e))
+        return _decoded(path, label, lambda image: eval_crop(image, self.size))
 
 
 def _problems(examples: Sequence[Decoded]) -> tuple[str, ...]:

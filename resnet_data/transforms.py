@@ -14,6 +14,8 @@ import math
 import numpy as np
 from PIL import Image
 
+from .images import MAX_PIXELS, UnreadableImageError
+
 # ImageNet's channel mean and standard deviation in 0..1 units (torchvision's): what the recipe
 # normalises with, on the device, instead of statistics of the training images.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -81,6 +83,11 @@ def resize_shorter(image: Image.Image, side: int) -> Image.Image:
     short, long = min(width, height), max(width, height)
     new_long = int(side * long / short)
     new_size = (side, new_long) if width <= height else (new_long, side)
+    if new_size[0] * new_size[1] > MAX_PIXELS:  # a thin strip of an image grows by side / short in both ways
+        raise UnreadableImageError(
+            f"{width}x{height} image resized to {new_size[0]}x{new_size[1]} would have "
+            f"{new_size[0] * new_size[1]:,} pixels, more than the {MAX_PIXELS:,} an image may have"
+        )
     return image if new_size == image.size else image.resize(new_size, RESAMPLE)
 
 
