@@ -91,8 +91,8 @@ def _unwrap(sd: dict[str, torch.Tensor], stacklevel: int) -> dict[str, torch.Ten
     return sd
 
 
-def _recognise_layout(sd: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor], Name]:
-    """The layout the keys are in, the tensors under seed keys, and a seed key's name in the caller's layout.
+def _recognise_layout(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Name]:
+    """The tensors under seed keys, and a seed key's name in the layout the caller's keys are in.
 
     ConversionError for a ResNet variant the key names show, mixed layouts or two keys naming one weight.
     """
@@ -107,7 +107,7 @@ def _recognise_layout(sd: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, to
     def name(key: str) -> str:
         return names.get(key) or from_seed(key, layout)
 
-    return layout, {renamed.get(k, k): t for k, t in sd.items()}, name
+    return {renamed.get(k, k): t for k, t in sd.items()}, name
 
 
 def _fresh_batch_stats(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -170,7 +170,7 @@ def check_state_dict(
     check_bad_values(bad_values)
     sd, pairs, own_config = _read_torch_object(obj)
     sd = _unwrap(sd, stacklevel + 1)
-    _, seed, name = _recognise_layout(sd)
+    seed, name = _recognise_layout(sd)
     seed = _add_fresh_stats(seed, pairs, stacklevel + 1)
     shapes = {k: tuple(t.shape) for k, t in seed.items()}
     spec = ArchSpec.of_flax_model(target) if target is not None else infer(shapes)
@@ -264,5 +264,5 @@ def arch_of(obj: Any) -> ArchSpec:
     if isinstance(obj, Mapping) and PARAMS in obj:
         leaves = flax_leaves(obj)[0]
         return infer({k: rule.torch_shape(tuple(np.shape(x))) for k, (rule, x) in leaves.items()})
-    _, seed, _ = _recognise_layout(_unwrap(_read_torch_object(obj)[0], 2))
+    seed = _recognise_layout(_unwrap(_read_torch_object(obj)[0], 2))[0]
     return infer({k: tuple(t.shape) for k, t in seed.items()})

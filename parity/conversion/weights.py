@@ -90,16 +90,13 @@ class Weights:
     views: collections.OrderedDict[str, torch.Tensor]  # seed key -> the leaf's host memory as a tensor
     counters: dict[str, int]  # seed key -> the checked value of each BatchNorm counter
 
-    def _floats(self) -> Iterable[tuple[str, torch.Tensor]]:
-        return ((k, t) for k, t in self.views.items() if k not in self.counters)
-
     def to_flax(self, param_dtype: Any = None) -> Variables:
         """The Flax variables tree as jax arrays; floating-point leaves cast to ``param_dtype`` if given.
 
         Leaves of a Flax tree that need no cast are the arrays given; torch leaves are fresh arrays.
         """
         cast = param_cast(param_dtype)
-        _check_x64((k, cast or numpy_dtype(t.dtype)) for k, t in self._floats())
+        _check_x64((k, cast or numpy_dtype(t.dtype)) for k, t in self.views.items() if k not in self.counters)
         paths = {key: _rule(key, t).flax_path(key) for key, t in self.views.items()}
         given: dict[tuple[str, ...], jax.Array] = {}  # a Flax tree's leaves, cast where asked
         fresh: dict[tuple[str, ...], np.ndarray] = {}  # counters and torch leaves, adopted by jax in one call
