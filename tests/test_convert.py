@@ -13,6 +13,8 @@ import torchvision
 from flax import traverse_util
 
 import parity
+import parity.conversion.nnx
+import parity.conversion.validate
 import resnet_flax
 import resnet_torch
 from parity.checks.pairs import randomize_batchnorm
@@ -126,9 +128,9 @@ def test_dtype_cast_only_when_asked() -> None:
     sd = _random_state_dict(_spec("resnet18", num_classes=5), torch.float64)
     with pytest.raises(parity.ConversionError, match="jax_enable_x64"):
         parity.torch_to_flax(sd)
-    variables = parity.torch_to_flax(sd, dtype=torch.float32)
+    variables = parity.torch_to_flax(sd, param_dtype=torch.float32)
     assert variables["params"]["fc"]["kernel"].dtype == jnp.float32
-    back = parity.flax_to_torch(variables, dtype=torch.bfloat16)
+    back = parity.flax_to_torch(variables, param_dtype=torch.bfloat16)
     assert back["fc.weight"].dtype == torch.bfloat16
     assert back["conv1.1.num_batches_tracked"].dtype == torch.int64
     torch.testing.assert_close(back["fc.weight"], sd["fc.weight"].to(torch.bfloat16))
@@ -301,7 +303,7 @@ def test_wrapper_prefixes_are_stripped_with_a_warning() -> None:
 def test_checkpoint_nested_under_model_state_is_found(tmp_path) -> None:
     sd = _random_state_dict(_spec("resnet18", num_classes=5))
     torch.save({"model_state": sd, "epoch": 7, "optimizer": {"lr": torch.tensor(0.1)}}, tmp_path / "ckpt.pth")
-    _, variables = parity.load_checkpoint(tmp_path / "ckpt.pth", "flax")
+    _, variables = parity.load_checkpoint(tmp_path / "ckpt.pth", "linen")
     np.testing.assert_array_equal(np.asarray(variables["params"]["fc"]["bias"]), sd["fc.bias"].numpy())
 
 
@@ -349,10 +351,10 @@ def test_counter_that_int32_cannot_hold_is_an_error_even_when_warning(counter: t
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.complex64, torch.float8_e4m3fn, "int8", jnp.int8])
 def test_casts_to_anything_but_a_float_weight_dtype_are_refused(dtype) -> None:
     sd = _random_state_dict(_spec("resnet18", num_classes=5))
-    with pytest.raises(ValueError, match="dtype casts floating-point weights: one of float16, bfloat16"):
-        parity.torch_to_flax(sd, dtype=dtype)
+    with pytest.raises(ValueError, match="param_dtype casts floating-point weights: one of float16, bfloat16"):
+        parity.torch_to_flax(sd, param_dtype=dtype)
     with pytest.raises(ValueError, match="dtype casts floating-point weights"):
-        parity.flax_to_torch(parity.torch_to_flax(sd), dtype=dtype)
+        parity.flax_to_torch(parity.torch_to_flax(sd), param_dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.float8_e4m3fn, torch.int8])
@@ -374,20 +376,21 @@ def test_meta_tensors_are_named() -> None:
 
 
 def _count_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Record each whole-tree check the converter makes (by the title of what it compares against)."""
+    """Record each whole-tree check the converters make (by the title of what it compares against)."""
     calls: list[str] = []
-    real = parity.conversion.convert._check
+    real = parity.conversion.validate.check_names_and_shapes
 
     def counted(got, expected, what, *args):
         calls.append(what)
         return real(got, expected, what, *args)
 
-    monkeypatch.setattr(parity.conversion.convert, "_check", counted)
+    for module in (parity.conversion.convert, parity.conversion.nnx):  # every module that checks a tree
+        monkeypatch.setattr(module, "check_names_and_shapes", counted)
     return calls
 
 
-@pytest.mark.parametrize("source", ["torch.safetensors", "flax.msgpack"])
-@pytest.mark.parametrize("framework", ["torch", "flax"])
+@pytest.mark.parametrize("source", ["torch.safetensors", "linen.msgpack"])
+@pytest.mark.parametrize("framework", ["torch", "linen", "nnx"])
 def test_loading_checks_the_weights_once(tmp_path, monkeypatch, source: str, framework: str) -> None:
     sd = _random_state_dict(_spec("resnet18", num_classes=5))
     kind, suffix = source.split(".")
@@ -399,16 +402,25 @@ def test_loading_checks_the_weights_once(tmp_path, monkeypatch, source: str, fra
 
 
 @pytest.mark.parametrize(
-    "source, output", [("a.pth", "b.safetensors"), ("a.msgpack", "b.pth"), ("a.msgpack", "b.msgpack")]
+    "source, output, to",
+    [
+        ("a.pth", "b.safetensors", []),
+        ("a.msgpack", "b.pth", []),
+        ("a.msgpack", "b.msgpack", []),
+        ("a.pth", "b.msgpack", ["--to", "nnx"]),
+        ("a.msgpack", "b.safetensors", ["--to", "nnx"]),
+    ],
 )
-def test_cli_checks_once_and_casts_without_a_round_trip(tmp_path, monkeypatch, source: str, output: str) -> None:
+def test_cli_checks_once_and_casts_without_a_round_trip(
+    tmp_path, monkeypatch, source: str, output: str, to: list[str]
+) -> None:
     from parity.cli import main
 
     sd = _random_state_dict(_spec("resnet18", num_classes=5))
-    kind = "torch" if source.endswith(".pth") else "flax"
+    kind = "torch" if source.endswith(".pth") else "linen"
     parity.write_checkpoint(tmp_path / source, sd if kind == "torch" else parity.torch_to_flax(sd), kind)
     calls = _count_checks(monkeypatch)
-    assert main(["convert", str(tmp_path / source), str(tmp_path / output), "--dtype", "bf16"]) == 0
+    assert main(["convert", str(tmp_path / source), str(tmp_path / output), "--param-dtype", "bf16", *to]) == 0
     assert len(calls) == 1
     out = parity.read_checkpoint(tmp_path / output).tensors
     fc = (

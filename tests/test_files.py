@@ -83,23 +83,23 @@ def test_torch_files_round_trip(tmp_path: Path, model: torch.nn.Module, suffix: 
 @pytest.mark.parametrize("suffix", [".safetensors", ".msgpack"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_flax_files_round_trip(tmp_path: Path, model: torch.nn.Module, suffix: str, dtype: torch.dtype) -> None:
-    variables = parity.torch_to_flax(model, dtype=dtype)
+    variables = parity.torch_to_flax(model, param_dtype=dtype)
     path = tmp_path / f"v{suffix}"
-    parity.write_checkpoint(path, variables, "flax")
+    parity.write_checkpoint(path, variables, "linen")
     ckpt = parity.read_checkpoint(path)
-    assert ckpt.framework == "flax" and _same_tree(ckpt.tensors, variables)
+    assert ckpt.framework == "linen" and _same_tree(ckpt.tensors, variables)
 
 
 def test_flax_safetensors_key_scheme(tmp_path: Path, model: torch.nn.Module) -> None:
     from safetensors import safe_open
 
     path = tmp_path / "v.safetensors"
-    parity.write_checkpoint(path, parity.torch_to_flax(model), "flax", {"arch": "resnet18"})
+    parity.write_checkpoint(path, parity.torch_to_flax(model), "linen", {"arch": "resnet18"})
     with safe_open(path, framework="pt") as f:
         keys, meta = set(f.keys()), f.metadata()
         kernel = f.get_tensor("params/conv2_x/0/residual_function/0/kernel")
     assert "batch_stats/conv1/1/num_batches_tracked" in keys and "params/fc/bias" in keys
-    assert meta["framework"] == "flax" and meta["arch"] == "resnet18" and len(meta["sha256"]) == 64
+    assert meta["framework"] == "linen" and meta["arch"] == "resnet18" and len(meta["sha256"]) == 64
     torch.testing.assert_close(kernel, model.conv2_x[0].residual_function[0].weight.detach().permute(2, 3, 1, 0))
 
 
@@ -108,12 +108,12 @@ def test_float64_survives_safetensors(tmp_path: Path, model: torch.nn.Module) ->
     path = tmp_path / "w.safetensors"
     parity.write_checkpoint(path, sd, "torch")
     with jax.enable_x64(True):
-        _, variables = parity.load_checkpoint(path, "flax")
+        _, variables = parity.load_checkpoint(path, "linen")
         assert variables["params"]["fc"]["kernel"].dtype == jnp.float64
     assert parity.load_checkpoint(path, "torch").fc.weight.dtype == torch.float64
 
 
-@pytest.mark.parametrize("source", ["torch.pth", "torch.safetensors", "flax.safetensors", "flax.msgpack"])
+@pytest.mark.parametrize("source", ["torch.pth", "torch.safetensors", "linen.safetensors", "linen.msgpack"])
 def test_load_checkpoint_gives_working_models_of_both_frameworks(
     tmp_path: Path, model: torch.nn.Module, source: str
 ) -> None:
@@ -127,7 +127,7 @@ def test_load_checkpoint_gives_working_models_of_both_frameworks(
         torch_model = parity.load_checkpoint(path, "torch")
         assert not torch_model.training
         np.testing.assert_array_equal(torch_model(x).numpy(), expected)
-    flax_model, variables = parity.load_checkpoint(path, "flax")
+    flax_model, variables = parity.load_checkpoint(path, "linen")
     got = np.asarray(flax_model.apply(variables, jnp.asarray(x.permute(0, 2, 3, 1).numpy()), train=False))
     assert _rel(got, expected) < RTOL_FP32
 
@@ -143,11 +143,48 @@ def test_nested_state_dict_and_wrong_contents(tmp_path: Path, model: torch.nn.Mo
     other = tmp_path / "linear.safetensors"
     parity.write_checkpoint(other, {"weight": torch.randn(3, 2)}, "torch")
     with pytest.raises(parity.ConversionError, match="linear.safetensors"):
-        parity.load_checkpoint(other, "flax")
+        parity.load_checkpoint(other, "linen")
     with pytest.raises(parity.CheckpointError, match="unknown checkpoint suffix"):
         parity.read_checkpoint(tmp_path / "w.ckpt")
     with pytest.raises(parity.CheckpointError, match="holds flax weights"):
         parity.write_checkpoint(tmp_path / "w.msgpack", model.state_dict(), "torch")
+
+
+def test_flax_is_read_as_linen_wherever_a_framework_comes_in(
+    tmp_path: Path, model: torch.nn.Module, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Arguments, the command line and a file's metadata take "flax" for "linen"; files record "linen"."""
+    variables = parity.torch_to_flax(model)
+    path = tmp_path / "v.safetensors"
+    parity.write_checkpoint(path, variables, "flax")
+    with safe_open(path, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["framework"] == "linen"
+    older = tmp_path / "older.safetensors"
+    safetensors.torch.save_file(tensors, older, {**meta, "framework": "flax"})
+    ckpt = parity.read_checkpoint(older)
+    assert ckpt.framework == "linen" and _same_tree(ckpt.tensors, variables)
+    assert _same_tree(parity.load_checkpoint(older, "flax")[1], variables)
+    safetensors.torch.save_file(tensors, older, {**meta, "framework": "keras"})
+    with pytest.raises(parity.CheckpointError, match=r"must be one of torch, linen \(flax for linen\), got 'keras'"):
+        parity.read_checkpoint(older)
+    with pytest.raises(ValueError, match="framework must be one of torch, linen, nnx, got 'keras'"):
+        parity.write_checkpoint(path, variables, "keras")
+    with pytest.raises(ValueError, match="framework must be one of torch, linen, nnx, got 'jax'"):
+        parity.load_checkpoint(path, "jax")
+    out = tmp_path / "out.safetensors"
+    assert main(["convert", str(tmp_path / "older.safetensors"), str(out), "--to", "flax"]) == 2  # keras, refused
+    assert main(["convert", str(path), str(out), "--to", "flax"]) == 0
+    assert "(linen) -> " in capsys.readouterr().out and parity.read_checkpoint(out).framework == "linen"
+    with pytest.raises(SystemExit):
+        main(["convert", str(path), str(out), "--to", "jax"])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'jax'" in err and all(name in err for name in ("torch", "linen", "nnx"))
+    shown = []
+    for framework in ("linen", "flax"):
+        assert main(["summary", "--arch", "resnet18", "--framework", framework, "--show", "parameters"]) == 0
+        shown.append(capsys.readouterr().out)
+    assert shown[0] == shown[1] and "conv1/0/kernel" in shown[0]
 
 
 # --- refusals and corruption ----------------------------------------------------------------------
@@ -171,7 +208,7 @@ def test_code_payload_is_refused_without_side_effect(tmp_path: Path, model: torc
     marker = tmp_path / "marker"
     path = tmp_path / "evil.pth"
     torch.save({**model.state_dict(), "evil": _Payload(marker)}, path)
-    for load in (parity.read_checkpoint, lambda p: parity.load_checkpoint(p, "flax")):
+    for load in (parity.read_checkpoint, lambda p: parity.load_checkpoint(p, "linen")):
         with pytest.raises(parity.CheckpointError, match=r"evil\.pth: refused by torch.load\(weights_only=True\)"):
             load(path)
     assert not marker.exists()
@@ -184,9 +221,9 @@ def _small_files(tmp: Path) -> dict[str, bytes]:
     out = {}
     for name, tensors, framework in [
         ("t.safetensors", sd, "torch"),
-        ("f.safetensors", tree, "flax"),
+        ("f.safetensors", tree, "linen"),
         ("t.pth", sd, "torch"),
-        ("f.msgpack", tree, "flax"),
+        ("f.msgpack", tree, "linen"),
     ]:
         parity.write_checkpoint(tmp / name, tensors, framework)
         out[name] = (tmp / name).read_bytes()
@@ -295,7 +332,7 @@ def test_foreign_files_load_with_a_one_line_notice(
             ckpt = parity.read_checkpoint(tmp_path / name)
         [notice] = caplog.messages
         assert name in notice and "cannot be verified" in notice and "\n" not in notice
-        assert len(traverse_util.flatten_dict(ckpt.tensors) if ckpt.framework == "flax" else ckpt.tensors) == len(sd)
+        assert len(traverse_util.flatten_dict(ckpt.tensors) if ckpt.framework == "linen" else ckpt.tensors) == len(sd)
     caplog.clear()
     parity.write_checkpoint(tmp_path / "ours.pth", sd, "torch")
     parity.read_checkpoint(tmp_path / "ours.pth")
@@ -312,7 +349,7 @@ def test_our_pth_and_msgpack_load_with_other_tools(tmp_path: Path, model: torch.
     assert _same_tensors(fresh.state_dict(), model.state_dict())
 
     variables = parity.torch_to_flax(model)
-    parity.write_checkpoint(tmp_path / "v.msgpack", variables, "flax")
+    parity.write_checkpoint(tmp_path / "v.msgpack", variables, "linen")
     zeros = jax.tree.map(np.zeros_like, variables)
     restored = flax.serialization.from_bytes(zeros, (tmp_path / "v.msgpack").read_bytes())
     assert _same_tree(restored, variables)
@@ -322,7 +359,7 @@ def test_truncated_real_checkpoint_names_the_file(tmp_path: Path, model: torch.n
     path = tmp_path / "r18.safetensors"
     parity.write_checkpoint(path, model.state_dict(), "torch")
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    for framework in ("torch", "flax"):
+    for framework in ("torch", "linen"):
         with pytest.raises(parity.CheckpointError, match="r18.safetensors"):
             parity.load_checkpoint(path, framework)
 
@@ -459,7 +496,7 @@ def test_cli_converts_both_directions(tmp_path: Path, capsys: pytest.CaptureFixt
     flax_file = tmp_path / "flax.safetensors"
     assert main(["convert", str(src), str(flax_file)]) == 0
     out = capsys.readouterr().out
-    assert "(torch) -> " in out and "(flax)" in out and "resnet18" in out and "1000 classes" in out
+    assert "(torch) -> " in out and "(linen)" in out and "resnet18" in out and "1000 classes" in out
     assert "122 tensors" in out and "bytes" in out
     variables = parity.read_checkpoint(flax_file).tensors
     assert _same_tree(variables, parity.torch_to_flax(tv))
@@ -472,7 +509,7 @@ def test_cli_converts_both_directions(tmp_path: Path, capsys: pytest.CaptureFixt
     torchvision.models.resnet18(weights=None).load_state_dict(sd, strict=True)
 
     msgpack = tmp_path / "half.msgpack"
-    assert main(["convert", str(back), str(msgpack), "--dtype", "bf16"]) == 0
+    assert main(["convert", str(back), str(msgpack), "--param-dtype", "bf16"]) == 0
     capsys.readouterr()
     assert parity.read_checkpoint(msgpack).tensors["params"]["fc"]["kernel"].dtype == jnp.bfloat16
 

@@ -170,7 +170,7 @@ def test_transformers_directory_loads_as_either_model(tmp_path: Path) -> None:
     model.save_pretrained(tmp_path / "hf")
     x = torch.randn(2, 3, *ODD_SIZE)
     expected = _logits(model, x)
-    flax_model, variables = parity.load_checkpoint(tmp_path / "hf", "flax")
+    flax_model, variables = parity.load_checkpoint(tmp_path / "hf", "linen")
     assert _rel(np.asarray(flax_model.apply(variables, _nhwc(x), train=False)), expected) < EVAL_RTOL_FP32
     np.testing.assert_array_equal(_logits(parity.load_checkpoint(tmp_path / "hf", "torch"), x), expected)
 
@@ -180,7 +180,7 @@ def test_directory_config_is_checked_before_converting(tmp_path: Path) -> None:
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "hidden_act": "silu"}))
     with pytest.raises(parity.ConversionError, match=r"hf: activation 'silu'"):
-        parity.load_checkpoint(tmp_path / "hf", "flax")
+        parity.load_checkpoint(tmp_path / "hf", "linen")
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "depths": [2, 1, 1, 1]}))
     with pytest.raises(parity.ConversionError, match=r"config.json depths=\[2, 1, 1, 1\] where the weights have"):
         parity.load_checkpoint(tmp_path / "hf", "torch")
@@ -207,10 +207,10 @@ def test_timm_directories_both_ways(tmp_path: Path) -> None:
     randomize_batchnorm(model, torch.Generator().manual_seed(5))
     save_for_hf(model, tmp_path / "timm")  # pytorch_model.bin + config.json, as timm leaves them
     x = torch.randn(1, 3, *ODD_SIZE)
-    flax_model, variables = parity.load_checkpoint(tmp_path / "timm", "flax")
+    flax_model, variables = parity.load_checkpoint(tmp_path / "timm", "linen")
     assert _rel(np.asarray(flax_model.apply(variables, _nhwc(x), train=False)), _logits(model, x)) < EVAL_RTOL_FP32
     flax_file = tmp_path / "flax.msgpack"
-    parity.write_checkpoint(flax_file, variables, "flax")
+    parity.write_checkpoint(flax_file, variables, "linen")
     assert main(["convert", str(flax_file), str(tmp_path / "out"), "--layout", "timm"]) == 0
     loaded = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True)
     assert _same_tensors(loaded.state_dict(), model.state_dict())
@@ -219,7 +219,7 @@ def test_timm_directories_both_ways(tmp_path: Path) -> None:
 def test_directory_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(parity.CheckpointError, match="model.safetensors or pytorch_model.bin; found neither"):
-        parity.load_checkpoint(tmp_path / "empty", "flax")
+        parity.load_checkpoint(tmp_path / "empty", "linen")
     sd = parity.ArchSpec("BasicBlock", (1, 1, 1, 1), 3, False).torch_model().state_dict()
     (tmp_path / "hf").mkdir()
     parity.write_checkpoint(tmp_path / "hf" / "model.safetensors", sd, "torch")
@@ -229,7 +229,7 @@ def test_directory_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     # A directory with a config.json of other weights is not given seed weights beside it.
     assert main(["convert", str(tmp_path / "hf" / "model.safetensors"), str(tmp_path / "hf")]) == 2
     assert "would not describe seed weights" in capsys.readouterr().err
-    assert main(["convert", str(tmp_path / "hf" / "model.safetensors"), str(tmp_path / "f"), "--to", "flax"]) == 2
+    assert main(["convert", str(tmp_path / "hf" / "model.safetensors"), str(tmp_path / "f"), "--to", "linen"]) == 2
     assert "write Flax to a file" in capsys.readouterr().err
 
 

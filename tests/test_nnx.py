@@ -273,6 +273,81 @@ def test_mismatches_name_every_key() -> None:
         parity.nnx_to_torch(folded)
 
 
+def test_dtype_is_the_computation_dtype_and_param_dtype_the_weights(tmp_path: Path) -> None:
+    """As in Flax, for every converter that builds an NNX model and for load_checkpoint."""
+    torch_model = _torch_model(num_classes=10)
+    computing = parity.torch_to_nnx(torch_model, dtype=jnp.bfloat16)
+    assert computing.fc.kernel.get_value().dtype == jnp.float32 and computing.param_dtype == jnp.float32
+    assert _jitted(computing, jnp.zeros((1, 9, 11, 3))).dtype == jnp.bfloat16
+    variables = parity.torch_to_flax(torch_model)
+    path = tmp_path / "w.safetensors"
+    parity.write_checkpoint(path, variables, "linen")
+    for half in (
+        parity.torch_to_nnx(torch_model, param_dtype=jnp.bfloat16),
+        parity.linen_to_nnx(variables, param_dtype=jnp.bfloat16),
+        parity.load_checkpoint(path, "nnx", param_dtype=jnp.bfloat16),
+    ):
+        assert half.fc.kernel.get_value().dtype == jnp.bfloat16 and half.param_dtype == jnp.bfloat16
+        assert half.conv1[1].num_batches_tracked.get_value().dtype == jnp.int32
+        assert half.dtype == jnp.float32  # the builder's default computation dtype: param_dtype leaves it
+    linen_model, half_variables = parity.load_checkpoint(path, "linen", param_dtype=jnp.bfloat16, dtype=jnp.float32)
+    assert half_variables["params"]["fc"]["kernel"].dtype == jnp.bfloat16
+    assert (linen_model.param_dtype, linen_model.dtype) == (jnp.bfloat16, jnp.float32)
+    assert parity.nnx_to_torch(computing, param_dtype=torch.bfloat16)["fc.weight"].dtype == torch.bfloat16
+    target = nnx.eval_shape(lambda: flax_nnx.resnet18(num_classes=10, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"builder options \(dtype\) are for a new model"):
+        parity.torch_to_nnx(torch_model, target=target, dtype=jnp.bfloat16)
+
+
+def test_nan_weights_are_refused_or_warned_alike_by_both_apis(tmp_path: Path) -> None:
+    """torch_to_nnx/nnx_to_torch/nnx_to_linen as torch_to_flax/flax_to_torch; write_checkpoint writes both alike."""
+    sd = _torch_model(num_classes=10).state_dict()
+    sd["fc.weight"][0, 0] = float("nan")
+
+    def outcomes(convert: Any, arg: Any) -> tuple[str, str, Any]:
+        """(the error, the warning) a conversion gives with bad_values 'error' and 'warn', and its result."""
+        with pytest.raises(parity.ConversionError) as e:
+            convert(arg)
+        with pytest.warns(UserWarning) as record:
+            result = convert(arg, bad_values="warn")
+        [warning] = record
+        assert warning.filename == __file__  # the warning points at the caller's line
+        return str(e.value), str(warning.message), result
+
+    linen_error, linen_warning, variables = outcomes(parity.torch_to_flax, sd)
+    nnx_error, nnx_warning, model = outcomes(parity.torch_to_nnx, sd)
+    assert (nnx_error, nnx_warning) == (linen_error, linen_warning)
+    assert "NaN/inf (1): fc.weight (1 NaN, 0 inf)" in linen_error and "NaN/inf: fc.weight" in linen_warning
+    nnx_error, nnx_warning, back = outcomes(parity.nnx_to_linen, model)
+    assert (nnx_error, nnx_warning) == (
+        linen_error.replace("fc.weight", "params/fc/kernel"),
+        linen_warning.replace("fc.weight", "params/fc/kernel"),
+    )
+    same, want = _flat(back), _flat(variables)
+    assert same.keys() == want.keys()
+    for k in want:  # NaN equals NaN here
+        np.testing.assert_array_equal(np.asarray(same[k]), np.asarray(want[k]), strict=True)
+
+    linen_error, linen_warning, linen_sd = outcomes(parity.flax_to_torch, variables)
+    nnx_error, nnx_warning, nnx_sd = outcomes(parity.nnx_to_torch, model)
+    assert (nnx_error, nnx_warning) == (linen_error, linen_warning)
+    assert "NaN/inf (1): params/fc/kernel (1 NaN, 0 inf)" in linen_error
+    assert list(nnx_sd) == list(linen_sd) and all(
+        np.array_equal(nnx_sd[k].numpy(), linen_sd[k].numpy(), equal_nan=True) for k in linen_sd
+    )
+
+    # write_checkpoint writes the weights as given, for either API alike: the same file.
+    paths = {api: tmp_path / f"{api}.safetensors" for api in ("linen", "nnx")}
+    parity.write_checkpoint(paths["linen"], variables, "linen")
+    parity.write_checkpoint(paths["nnx"], model, "nnx")
+    assert paths["linen"].read_bytes() == paths["nnx"].read_bytes()
+    for api in ("linen", "nnx"):
+        with pytest.raises(parity.ConversionError, match=r"NaN/inf \(1\): params/fc/kernel"):
+            parity.load_checkpoint(paths["nnx"], api)
+        with pytest.warns(UserWarning, match="converting values no trained network has: NaN/inf: params/fc/kernel"):
+            parity.load_checkpoint(paths["linen"], api, bad_values="warn")
+
+
 # --- checkpoint files and the CLI ---------------------------------------------------------------------
 
 
@@ -287,8 +362,8 @@ def test_checkpoint_files_load_as_nnx(tmp_path: Path, source: str) -> None:
     assert isinstance(model, flax_nnx.ResNet) and model.conv1[1].use_running_average
     assert _same_arrays(parity.nnx_to_linen(model), parity.torch_to_flax(torch_model))
     if framework == "nnx":  # an NNX model's file is a Flax file: linen reads it too
-        assert parity.read_checkpoint(path).framework == "flax"
-        _, variables = parity.load_checkpoint(path, "flax")
+        assert parity.read_checkpoint(path).framework == "linen"
+        _, variables = parity.load_checkpoint(path, "linen")
         assert _same_arrays(variables, parity.torch_to_flax(torch_model))
 
 
@@ -302,7 +377,7 @@ def test_cli_converts_to_nnx(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     model = parity.load_checkpoint(out, "nnx")
     assert _same_arrays(parity.nnx_to_linen(model), parity.torch_to_flax(torch_model))
     half = tmp_path / "half.msgpack"
-    assert main(["convert", str(out), str(half), "--to", "nnx", "--dtype", "bf16"]) == 0
+    assert main(["convert", str(out), str(half), "--to", "nnx", "--param-dtype", "bf16"]) == 0
     assert "(nnx)" in capsys.readouterr().out
     assert parity.load_checkpoint(half, "nnx").fc.kernel.get_value().dtype == jnp.bfloat16
 

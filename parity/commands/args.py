@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..conversion.files import FRAMEWORK_ALIASES
+
 
 def positive_int(text: str) -> int:
     """argparse type: an integer of at least 1, with a message that says so."""
@@ -14,3 +16,11 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def framework_arg(text: str) -> str:
+    """argparse type: a framework's name, an alias read as the name it stands for ("flax" is "linen").
+
+    ``choices=FRAMEWORKS`` then refuses any other name, listing the choices.
+    """
+    return FRAMEWORK_ALIASES.get(text, text)

@@ -8,24 +8,14 @@ from pathlib import Path
 
 import jax
 
-from resnet_arch import DTYPES, dtype_name
+from resnet_arch import DTYPES, LINEN, dtype_name
 
-from ..conversion.convert import BAD_VALUES, ERROR, ConversionError, TorchWeights
-from ..conversion.files import (
-    FLAX,
-    FRAMEWORKS,
-    MSGPACK,
-    NNX,
-    PICKLE,
-    TORCH,
-    CheckpointError,
-    file_format,
-    write_checkpoint,
-)
+from ..conversion.files import FRAMEWORKS, MSGPACK, PICKLE, TORCH, CheckpointError, file_format, write_checkpoint
 from ..conversion.hub import WEIGHTS_FILES, write_hub_dir
 from ..conversion.load import read_weights
 from ..conversion.names import LAYOUTS, SEED
-from ..conversion.nnx import linen_to_nnx
+from ..conversion.validate import BAD_VALUES, ERROR, ConversionError
+from .args import framework_arg
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -46,9 +36,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=Path,
         help="file to write (.safetensors recommended, .pth/.pt/.bin, .msgpack) or directory (no suffix)",
     )
-    p.add_argument("--to", choices=FRAMEWORKS, help="framework of the output (default: from the file types)")
+    p.add_argument(
+        "--to",
+        type=framework_arg,
+        choices=FRAMEWORKS,
+        help="framework of the output (default: from the file types; flax is linen); linen and nnx write the same "
+        "Flax file",
+    )
     p.add_argument("--layout", choices=LAYOUTS, default=SEED, help="torch key names of a PyTorch output")
-    p.add_argument("--dtype", choices=tuple(DTYPES), help="cast floating-point tensors (default: keep each dtype)")
+    p.add_argument(
+        "--param-dtype",
+        choices=tuple(DTYPES),
+        help="cast the floating-point weights (default: keep each dtype)",
+    )
     p.add_argument(
         "--bad-values",
         choices=BAD_VALUES,
@@ -73,8 +73,8 @@ def _target_framework(args: argparse.Namespace, source: str) -> str:
     if fmt == PICKLE:
         return TORCH
     if fmt == MSGPACK:
-        return FLAX
-    return FLAX if source == TORCH else TORCH
+        return LINEN
+    return LINEN if source == TORCH else TORCH
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,26 +85,25 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    dtype = dtype_name(args.dtype) if args.dtype else None
+    param_dtype = dtype_name(args.param_dtype) if args.param_dtype else None
     try:
         weights = read_weights(args.input, bad_values=args.bad_values)
-        source = TORCH if isinstance(weights, TorchWeights) else FLAX
+        source = weights.source
         target = _target_framework(args, source)
         meta = {"arch": weights.spec.describe()}
         if target == TORCH and _is_dir(args.output):
-            state_dict, size = write_hub_dir(args.output, weights, args.layout, dtype)
+            state_dict, size = write_hub_dir(args.output, weights, args.layout, param_dtype)
             arrays = list(state_dict.values())
         elif target == TORCH:
-            state_dict = weights.to_torch(args.layout, dtype)
+            state_dict = weights.to_torch(args.layout, param_dtype)
             size = write_checkpoint(args.output, state_dict, target, meta)
             arrays = list(state_dict.values())
         elif _is_dir(args.output):
             raise CheckpointError(f"{args.output}: a model directory holds PyTorch weights; write Flax to a file")
         else:
-            variables = weights.to_flax(dtype)
-            # --to nnx writes through the NNX model, so the output is known to load into it; its state is
-            # the Flax variables tree.
-            size = write_checkpoint(args.output, linen_to_nnx(variables) if target == NNX else variables, target, meta)
+            # linen and nnx: an NNX model's state is this variables tree, so one file serves both APIs.
+            variables = weights.to_flax(param_dtype)
+            size = write_checkpoint(args.output, variables, LINEN, meta)
             arrays = jax.tree_util.tree_leaves(variables)
     except (CheckpointError, ConversionError) as e:
         print(f"resnet-parity convert: error: {e}", file=sys.stderr)

@@ -9,14 +9,14 @@ from flax import nnx
 
 import resnet_flax
 import resnet_torch
-from resnet_arch import DEPTHS
+from resnet_arch import DEPTHS, LINEN, NNX
 from resnet_flax import nnx as flax_nnx
 from resnet_flax import nnx_show
 from resnet_flax import show as flax_show
 from resnet_torch import show as torch_show
 
-from ..conversion.files import FLAX, FRAMEWORKS, NNX, TORCH
-from .args import positive_int
+from ..conversion.files import FRAMEWORKS, TORCH
+from .args import framework_arg, positive_int
 
 # The seed's three ways: summary() table, model.modules(), model.named_parameters().
 SHOWS = ("table", "modules", "parameters")
@@ -31,7 +31,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "device, Flax (linen and NNX) under jax.eval_shape.",
     )
     p.add_argument("--arch", choices=tuple(DEPTHS), default="resnet50", help="depth (default: resnet50)")
-    p.add_argument("--framework", choices=FRAMEWORKS, default=TORCH, help="which side to show (default: torch)")
+    p.add_argument(
+        "--framework",
+        type=framework_arg,
+        choices=FRAMEWORKS,
+        default=TORCH,
+        help="which side to show (default: torch; flax is linen)",
+    )
     p.add_argument("--show", choices=SHOWS, default="table", help="what to show (default: table)")
     p.add_argument("--num-classes", type=positive_int, default=10, help="classifier outputs (default: 10, the seed's)")
     p.add_argument("--small-stem", action="store_true", help="3x3/1 stem without max-pool, for 32x32 images")
@@ -50,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     """Print the chosen view of the chosen model; returns 0."""
     options = dict(num_classes=args.num_classes, small_stem=args.small_stem)
     input_hw = tuple(args.input_size)
-    view = {TORCH: _torch_view, FLAX: _flax_view, NNX: _nnx_view}[args.framework]
+    view = {TORCH: _torch_view, LINEN: _linen_view, NNX: _nnx_view}[args.framework]
     print(view(args.arch, options, args.show, input_hw))
     return 0
 
@@ -64,7 +70,7 @@ def _torch_view(arch: str, options: dict, show: str, input_hw: tuple[int, int]) 
     return torch_show.module_list(model) if show == "modules" else torch_show.parameter_list(model)
 
 
-def _flax_view(arch: str, options: dict, show: str, input_hw: tuple[int, int]) -> str:
+def _linen_view(arch: str, options: dict, show: str, input_hw: tuple[int, int]) -> str:
     model = resnet_flax.build(arch, **options)
     if show == "table":
         return flax_show.layer_table(model, input_hw)

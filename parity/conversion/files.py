@@ -8,13 +8,18 @@ safetensors holds one flat ``{name: tensor}`` dict, so the two frameworks use tw
 
 Every file written here carries a ``sha256`` over every tensor's name, dtype, shape and bytes,
 checked when the file is read back, so a flipped bit is an error rather than a silently different
-weight: in the safetensors header metadata (with ``framework``, "torch" or "flax"), in a ``.pth``
+weight: in the safetensors header metadata (with ``framework``, "torch" or "linen"), in a ``.pth``
 state dict's ``_metadata`` (which ``load_state_dict(strict=True)`` reads only by module name, so
 other loaders see a plain state dict), in a ``.msgpack`` tree as one extra entry (32 uint8 bytes,
 which ``flax.serialization.from_bytes`` ignores). A file of ours whose digest is missing or
 malformed is corrupted; a file without any of our metadata (written by another tool) loads with a
 one-line notice that it cannot be verified. Torch pickles are read with
 ``torch.load(weights_only=True)`` only, never retried unsafely. Writes go through ``atomic_write``.
+
+Framework names: ``torch``, ``linen`` (resnet_flax) and ``nnx`` (resnet_flax.nnx). Both Flax APIs
+hold the same variables tree, so a Flax file records ``linen`` and either API reads it; an NNX
+model is written as that tree. Wherever a framework name comes in (an argument, the command line,
+a file's metadata), ``flax``, the linen API's other name, is read as ``linen``.
 """
 
 from __future__ import annotations
@@ -38,18 +43,20 @@ import safetensors.torch
 import torch
 from flax import traverse_util
 
+from resnet_arch import LINEN, NNX
+
 from .arrays import torch_to_numpy, torch_views
 from .atomic import arrays_digest, atomic_write
+from .rules import COLLECTIONS
 
 TORCH = "torch"
-FLAX = "flax"
-# An NNX model's state is the Flax variables tree: it is written as a Flax file, which either API reads.
-NNX = "nnx"
-FRAMEWORKS = (TORCH, FLAX, NNX)
-FILE_FRAMEWORKS = (TORCH, FLAX)  # what a file's header records
+FRAMEWORKS = (TORCH, LINEN, NNX)
+# An NNX model's state is the linen variables tree: it is written as a linen file, which either API reads.
+FILE_FRAMEWORKS = (TORCH, LINEN)  # what a file's header records
+# Another name a framework goes by where one comes in: the linen API is also called "flax".
+FRAMEWORK_ALIASES = {"flax": LINEN}
 SAFETENSORS, PICKLE, MSGPACK = "safetensors", "pickle", "msgpack"
 SUFFIXES = {".safetensors": SAFETENSORS, ".pth": PICKLE, ".pt": PICKLE, ".bin": PICKLE, ".msgpack": MSGPACK}
-FLAX_COLLECTIONS = ("params", "batch_stats")
 _SEP = "/"  # joins a Flax variable path into one safetensors key
 _HEADER_LEN_BYTES = 8  # safetensors: little-endian u64 header length, then the JSON header
 _STATE_DICT_KEYS = ("state_dict", "model", "model_state")  # where training scripts commonly nest the weights
@@ -64,13 +71,20 @@ class CheckpointError(ValueError):
     """A checkpoint file cannot be read or written; the message names the file."""
 
 
+def framework_name(name: str) -> str:
+    """One of FRAMEWORKS, from it or its alias ("flax" is "linen"); ValueError naming the choices otherwise."""
+    framework = FRAMEWORK_ALIASES.get(name, name)
+    if framework not in FRAMEWORKS:
+        raise ValueError(f"framework must be one of {', '.join(FRAMEWORKS)}, got {name!r}")
+    return framework
+
+
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
-    """What a file holds: a torch state dict or a Flax variables tree, and the header metadata."""
+    """What a file holds: a torch state dict or a linen variables tree."""
 
-    framework: str
-    tensors: Any  # dict[str, torch.Tensor] (torch) or {'params': ..., 'batch_stats': ...} of arrays (flax)
-    metadata: dict[str, str]
+    framework: str  # TORCH or LINEN
+    tensors: Any  # dict[str, torch.Tensor] (torch) or {'params': ..., 'batch_stats': ...} of arrays (linen)
 
 
 def file_format(path: str | os.PathLike) -> str:
@@ -139,7 +153,7 @@ def _read_pickle(path: Path) -> Checkpoint:
     entry = metadata.get(DIGEST_ENTRY) if isinstance(metadata, Mapping) else None
     recorded = entry.get("sha256") if isinstance(entry, Mapping) and entry.get("framework") == TORCH else None
     _verify(path, recorded, tensors, ours=entry is not None)
-    return Checkpoint(TORCH, tensors, {})
+    return Checkpoint(TORCH, tensors)
 
 
 def _header_metadata(data: bytes, path: Path) -> dict[str, str]:
@@ -163,20 +177,22 @@ def _read_safetensors(path: Path) -> Checkpoint:
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupted?): {e}") from None
     _verify(path, meta.get("sha256"), tensors, ours="framework" in meta or "sha256" in meta)
-    framework = meta.get("framework") or (
-        FLAX if tensors and all(k.split(_SEP)[0] in FLAX_COLLECTIONS and _SEP in k for k in tensors) else TORCH
+    recorded_framework = meta.get("framework") or (
+        LINEN if tensors and all(k.split(_SEP)[0] in COLLECTIONS and _SEP in k for k in tensors) else TORCH
     )
+    framework = FRAMEWORK_ALIASES.get(recorded_framework, recorded_framework)
     if framework not in FILE_FRAMEWORKS:
         raise CheckpointError(
-            f"{path}: metadata framework must be one of {', '.join(FILE_FRAMEWORKS)}, got {framework!r}"
+            f"{path}: metadata framework must be one of {', '.join(FILE_FRAMEWORKS)} "
+            f"({', '.join(FRAMEWORK_ALIASES)} for {LINEN}), got {recorded_framework!r}"
         )
-    if framework == FLAX:
+    if framework == LINEN:
         try:
             tree = traverse_util.unflatten_dict({tuple(k.split(_SEP)): torch_to_numpy(t) for k, t in tensors.items()})
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: Flax keys do not form one variables tree: {e}") from None
-        return Checkpoint(FLAX, tree, meta)
-    return Checkpoint(TORCH, tensors, meta)
+        return Checkpoint(LINEN, tree)
+    return Checkpoint(TORCH, tensors)
 
 
 def _is_array_tree(tree: Any) -> bool:
@@ -194,15 +210,15 @@ def _read_msgpack(path: Path) -> Checkpoint:
     if not (isinstance(tree, Mapping) and "params" in tree and _is_array_tree(tree)):
         raise CheckpointError(f"{path}: expected Flax variables {{'params': ..., 'batch_stats': ...}} of arrays")
     # Only the collections and our digest entry sit at the top: another name there is a damaged one.
-    others = sorted(set(tree) - set(FLAX_COLLECTIONS))
+    others = sorted(set(tree) - set(COLLECTIONS))
     if others:
         raise CheckpointError(
-            f"{path}: unexpected top-level entries {others}; Flax variables hold only {', '.join(FLAX_COLLECTIONS)}"
+            f"{path}: unexpected top-level entries {others}; Flax variables hold only {', '.join(COLLECTIONS)}"
         )
     digest = entry.get("sha256") if isinstance(entry, Mapping) else None
     recorded = digest.tobytes().hex() if isinstance(digest, np.ndarray) and digest.dtype == np.uint8 else None
     _verify(path, recorded, _flat_flax(tree), ours=entry is not None)
-    return Checkpoint(FLAX, tree, {})
+    return Checkpoint(LINEN, tree)
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -241,26 +257,30 @@ def write_checkpoint(
     metadata: Mapping[str, str] | None = None,
     check: Callable[[Path], None] | None = None,
 ) -> int:
-    """Write a torch state dict, Flax variables or an NNX model in the format the suffix names; returns the
+    """Write a torch state dict, linen variables or an NNX model in the format the suffix names; returns the
     file size.
 
-    safetensors takes any; .pth/.pt only a torch state dict; .msgpack only Flax variables or an NNX model.
-    Every format records a sha256 of the tensors. ``check`` gets the written file under its temporary
-    name and may raise to keep it from ever reaching ``path`` (see ``atomic_write``).
+    ``framework`` is "torch", "linen" (or "flax") or "nnx". safetensors takes any; .pth/.pt only a torch
+    state dict; .msgpack only linen variables or an NNX model, whose state is written as the linen
+    variables tree it is. The weights are written as given, for every framework alike: their values
+    are checked where they are converted or loaded (``bad_values``), not here. Every format records a
+    sha256 of the tensors. ``check`` gets the written file under its temporary name and may raise to
+    keep it from ever reaching ``path`` (see ``atomic_write``).
     """
     path = Path(path)
     fmt = file_format(path)
-    if framework not in FRAMEWORKS:
-        raise ValueError(f"framework must be one of {', '.join(FRAMEWORKS)}, got {framework!r}")
+    framework = framework_name(framework)
     if framework == NNX:
-        from .nnx import nnx_to_linen  # flax.nnx only when asked for
+        from .nnx import nnx_variables  # flax.nnx only when asked for
 
-        tensors, framework = nnx_to_linen(tensors), FLAX
-    if fmt == PICKLE and framework != TORCH or fmt == MSGPACK and framework != FLAX:
-        raise CheckpointError(f"{path}: a {fmt} file holds {TORCH if fmt == PICKLE else FLAX} weights, not {framework}")
+        tensors, framework = nnx_variables(tensors), LINEN
+    if fmt == PICKLE and framework != TORCH:
+        raise CheckpointError(f"{path}: a {fmt} file holds torch weights, not {framework}")
+    if fmt == MSGPACK and framework != LINEN:
+        raise CheckpointError(f"{path}: a {fmt} file holds flax weights ({LINEN} or {NNX}), not {framework}")
     try:
         if fmt == SAFETENSORS:
-            flat = _flat_flax(tensors) if framework == FLAX else {k: t.contiguous() for k, t in tensors.items()}
+            flat = _flat_flax(tensors) if framework == LINEN else {k: t.contiguous() for k, t in tensors.items()}
             meta = {**(metadata or {}), "framework": framework, "sha256": tensors_digest(flat)}
             data = safetensors.torch.save(flat, meta)
         else:

@@ -18,8 +18,9 @@ from typing import IO, Any
 import torch
 
 from .atomic import atomic_write
-from .convert import ConversionError, FlaxWeights, TorchWeights
 from .files import TORCH, Checkpoint, CheckpointError, read_checkpoint, write_checkpoint
+from .validate import ConversionError
+from .weights import Weights
 
 # The weights files the hubs write, the one read first first.
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -48,19 +49,20 @@ def read_hub_dir(path: str | os.PathLike) -> tuple[Checkpoint, dict[str, Any]]:
 
 
 def write_hub_dir(
-    path: str | os.PathLike, weights: TorchWeights | FlaxWeights, layout: str, dtype: Any = None
+    path: str | os.PathLike, weights: Weights, layout: str, param_dtype: Any = None
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Write ``model.safetensors`` in ``layout``'s names, and the layout's config.json where it has one.
 
-    Returns the state dict written and the bytes written. A config.json left from other weights is
-    refused rather than left beside them; each file is written to a temp name and renamed.
+    ``param_dtype`` casts the floating-point weights (default: each keeps its dtype). Returns the
+    state dict written and the bytes written. A config.json left from other weights is refused
+    rather than left beside them; each file is written to a temp name and renamed.
     """
     path = Path(path)
     try:
         config = weights.spec.hub_config(layout)
     except ValueError as e:
         raise ConversionError(str(e)) from None
-    state_dict = weights.to_torch(layout, dtype)
+    state_dict = weights.to_torch(layout, param_dtype)
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path}: exists and is not a directory")
     if config is None and (path / CONFIG_FILE).exists():

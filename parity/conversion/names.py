@@ -2,7 +2,7 @@
 
 Seed key ``conv2_x.0.residual_function.3.weight`` is Flax path
 ``('conv2_x', '0', 'residual_function', '3', 'kernel')``: the module path is the same, and each
-leaf kind has one name and one transform on either side (``parity.conversion.convert``). The other layouts
+leaf kind has one name and one transform on either side (``parity.conversion.rules``). The other layouts
 name the same modules differently, by a rule that holds at every depth: each layout reads a
 module name into a ``Site`` (where the module sits in the network) and writes a ``Site`` back.
 Leaf names (``weight``, ``running_var``, ...) are the same in every torch layout.

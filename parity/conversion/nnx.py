@@ -3,9 +3,11 @@
 An NNX model's state has the paths of the linen variables, its ``nnx.Param`` leaves are the
 ``params`` collection and its ``nnx.BatchStat`` leaves ``batch_stats``; so every conversion goes
 through the linen variables tree and ``parity.conversion.convert``: the same rule over names, the same
-whole-tree check naming every missing, unexpected or misshapen key before anything is converted.
-Models are built abstractly (``nnx.eval_shape``: shapes only, no initial weights drawn) and then
-filled, so a conversion draws no random numbers and allocates each weight once.
+whole-tree check naming every missing, unexpected or misshapen key before anything is converted, the
+same ``bad_values`` and ``param_dtype`` as the linen converters. Models are built abstractly
+(``nnx.eval_shape``: shapes only, no initial weights drawn) and then filled, so a conversion draws
+no random numbers and allocates each weight once. As in Flax, ``param_dtype`` is the weights' dtype
+and ``dtype`` a new model's computation dtype.
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ from resnet_arch import HEAD
 from resnet_flax import nnx as flax_nnx
 
 from .arch import ArchSpec
-from .convert import FlaxWeights, TorchWeights, Variables, _check, check_flax_variables, check_state_dict
+from .convert import check_flax_variables, check_state_dict
 from .names import SEED
+from .rules import BATCH_STATS, PARAMS
+from .validate import ERROR, check_names_and_shapes
+from .weights import Variables, Weights
 
 # The Variable types of an NNX ResNet and the linen collections they are.
-COLLECTIONS: dict[type[nnx.Variable], str] = {nnx.Param: "params", nnx.BatchStat: "batch_stats"}
+VARIABLE_COLLECTIONS: dict[type[nnx.Variable], str] = {nnx.Param: PARAMS, nnx.BatchStat: BATCH_STATS}
 
 
 def nnx_spec(model: flax_nnx.ResNet) -> ArchSpec:
@@ -46,7 +51,9 @@ def nnx_model(spec: ArchSpec, **options: Any) -> flax_nnx.ResNet:
 
 def _collection(variable: nnx.Variable) -> str:
     """The linen collection of a Variable; other types keep their class name (and are reported)."""
-    return next((name for kind, name in COLLECTIONS.items() if isinstance(variable, kind)), type(variable).__name__)
+    return next(
+        (name for kind, name in VARIABLE_COLLECTIONS.items() if isinstance(variable, kind)), type(variable).__name__
+    )
 
 
 def _flat_state(model: nnx.Module) -> dict[tuple[str, ...], nnx.Variable]:
@@ -54,85 +61,109 @@ def _flat_state(model: nnx.Module) -> dict[tuple[str, ...], nnx.Variable]:
     return {(_collection(v), *map(str, path)): v for path, v in nnx.to_flat_state(nnx.state(model))}
 
 
-def check_nnx(model: flax_nnx.ResNet) -> FlaxWeights:
+def nnx_variables(model: nnx.Module) -> Variables:
+    """An NNX model's state as the linen variables tree it is, by the Variable types alone: nothing checked."""
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"expected an NNX module, got {type(model).__name__}")
+    return traverse_util.unflatten_dict({path: v.get_value() for path, v in _flat_state(model).items()})
+
+
+def check_nnx(model: flax_nnx.ResNet, *, bad_values: str = ERROR, stacklevel: int = 1) -> Weights:
     """Check an NNX ResNet's state once, as ``check_flax_variables`` checks linen variables.
 
     A Variable no rule takes (a folded model's biases, another type) or a missing one raises
-    ConversionError naming every path.
+    ConversionError naming every path; values as ``bad_values`` says.
     """
-    if not isinstance(model, nnx.Module):
-        raise TypeError(f"expected an NNX module, got {type(model).__name__}")
-    flat = {path: v.get_value() for path, v in _flat_state(model).items()}
-    return check_flax_variables(traverse_util.unflatten_dict(flat), stacklevel=2)
+    return check_flax_variables(nnx_variables(model), bad_values=bad_values, stacklevel=stacklevel + 1)
 
 
-def nnx_to_linen(model: flax_nnx.ResNet) -> Variables:
-    """An NNX ResNet's state as linen variables ``{'params': ..., 'batch_stats': ...}`` (the same arrays)."""
-    return check_nnx(model).to_flax()
+def nnx_to_linen(model: flax_nnx.ResNet, *, bad_values: str = ERROR) -> Variables:
+    """An NNX ResNet's state as linen variables ``{'params': ..., 'batch_stats': ...}`` (the same arrays),
+    checked as ``flax_to_torch`` checks a linen tree."""
+    return check_nnx(model, bad_values=bad_values, stacklevel=2).to_flax()
 
 
-def _fill(model: flax_nnx.ResNet, variables: Mapping[str, Any]) -> flax_nnx.ResNet:
-    """Put ``variables`` into the model's Variables, after checking every path and shape against it."""
-    expected = {"/".join(p): tuple(v.get_value().shape) for p, v in _flat_state(model).items()}
+def _fill(model: flax_nnx.ResNet, variables: Mapping[str, Any]) -> None:
+    """Put linen ``variables`` into the model's Variables (an NNX state has no collection level)."""
     flat = traverse_util.flatten_dict(dict(variables))
-    got = {"/".join(p): tuple(x.shape) for p, x in flat.items()}
-    _check(got, expected, f"the target {type(model).__name__}", lambda key, shape: key)
     nnx.update(model, traverse_util.unflatten_dict({path[1:]: x for path, x in flat.items()}))
-    return model
 
 
-def _filled(
-    spec: ArchSpec, variables: Variables, target: flax_nnx.ResNet | None, options: Mapping[str, Any]
+def _fill_target(target: flax_nnx.ResNet, variables: Mapping[str, Any]) -> flax_nnx.ResNet:
+    """Put ``variables`` into a given model's Variables, after checking every path and shape against it."""
+    expected = {"/".join(p): tuple(v.get_value().shape) for p, v in _flat_state(target).items()}
+    got = {"/".join(p): tuple(x.shape) for p, x in traverse_util.flatten_dict(dict(variables)).items()}
+    check_names_and_shapes(got, expected, f"the target {type(target).__name__}", lambda key, shape: key)
+    _fill(target, variables)
+    return target
+
+
+def weights_to_nnx(
+    weights: Weights, target: flax_nnx.ResNet | None = None, *, param_dtype: Any = None, **options: Any
 ) -> flax_nnx.ResNet:
-    """``target`` filled in place, or a new abstract model of ``spec`` filled and put in eval mode."""
+    """Checked weights (``check_state_dict``, ``check_flax_variables``) -> a ``resnet_flax.nnx.ResNet``.
+
+    ``param_dtype`` casts the floating-point weights (default: each keeps its dtype). Without
+    ``target`` the model is built abstractly for the weights' architecture, with ``options`` for the
+    builder (``dtype``: its computation dtype, ``precision``; its ``param_dtype`` is the weights'),
+    and comes back in eval mode. A ``target`` (e.g. from ``nnx.eval_shape``) keeps its own options,
+    is checked path by path and filled in place, and keeps its mode.
+    """
+    variables = weights.to_flax(param_dtype)
     if target is not None:
-        return _fill(target, variables)
-    param_dtype = variables["params"][HEAD]["kernel"].dtype
-    model = _fill(nnx_model(spec, **{"param_dtype": param_dtype, **options}), variables)
+        if options:
+            raise ValueError(f"builder options ({', '.join(options)}) are for a new model; a target keeps its own")
+        return _fill_target(target, variables)
+    # Built from the weights' own architecture: its paths and shapes are the variables', as checked.
+    model = nnx_model(weights.spec, **{**options, "param_dtype": variables[PARAMS][HEAD]["kernel"].dtype})
+    _fill(model, variables)
     model.eval()
     return model
 
 
-def weights_to_nnx(
-    weights: TorchWeights | FlaxWeights, target: flax_nnx.ResNet | None = None, **options: Any
-) -> flax_nnx.ResNet:
-    """Checked weights (``check_state_dict``, ``check_flax_variables``) -> a ``resnet_flax.nnx.ResNet``.
-
-    Without ``target`` the model is built abstractly for the weights' architecture, with ``options``
-    for the builder (``param_dtype`` defaults to the weights'), and comes back in eval mode. A
-    ``target`` (e.g. from ``nnx.eval_shape``) is filled in place and keeps its mode.
-    """
-    return _filled(weights.spec, weights.to_flax(), target, options)
-
-
 def linen_to_nnx(
-    variables: Mapping[str, Any], target: flax_nnx.ResNet | None = None, **options: Any
+    variables: Mapping[str, Any],
+    target: flax_nnx.ResNet | None = None,
+    *,
+    param_dtype: Any = None,
+    bad_values: str = ERROR,
+    **options: Any,
 ) -> flax_nnx.ResNet:
-    """Linen variables ``{'params', 'batch_stats'}`` -> a ``resnet_flax.nnx.ResNet`` holding them (dtypes kept).
+    """Linen variables ``{'params', 'batch_stats'}`` -> a ``resnet_flax.nnx.ResNet`` holding them.
 
-    As ``weights_to_nnx``; every missing, unexpected or misshapen path raises ConversionError naming
-    all of them.
+    Checked as ``flax_to_torch`` checks them: every missing, unexpected or misshapen path raises
+    ConversionError naming all of them. ``param_dtype``, ``target`` and ``options`` (e.g. ``dtype``,
+    the computation dtype) as in ``weights_to_nnx``.
     """
-    return weights_to_nnx(check_flax_variables(variables, stacklevel=2), target, **options)
+    weights = check_flax_variables(variables, bad_values=bad_values, stacklevel=2)
+    return weights_to_nnx(weights, target, param_dtype=param_dtype, **options)
 
 
-def torch_to_nnx(obj: Any, target: flax_nnx.ResNet | None = None, *, dtype: Any = None) -> flax_nnx.ResNet:
+def torch_to_nnx(
+    obj: Any,
+    target: flax_nnx.ResNet | None = None,
+    *,
+    param_dtype: Any = None,
+    bad_values: str = ERROR,
+    **options: Any,
+) -> flax_nnx.ResNet:
     """A PyTorch ResNet's weights -> a ``resnet_flax.nnx.ResNet`` holding them.
 
     ``obj`` is what ``parity.torch_to_flax`` takes (a state dict, an ``nn.Module``, named pairs; any
-    layout of ``parity.conversion.names``), checked the same way; ``dtype`` casts the floating-point tensors.
-    Without ``target`` the model is built abstractly for the architecture the keys describe and
-    comes back in eval mode; a ``target`` (e.g. ``nnx.eval_shape(lambda: resnet_flax.nnx.resnet50(
-    num_classes=1000, rngs=nnx.Rngs(0)))``) is checked against its own architecture and filled in place.
+    layout of ``parity.conversion.names``), checked the same way, ``bad_values`` included. Without
+    ``target`` the model is built abstractly for the architecture the keys describe and comes back
+    in eval mode; a ``target`` (e.g. ``nnx.eval_shape(lambda: resnet_flax.nnx.resnet50(num_classes=1000,
+    rngs=nnx.Rngs(0)))``) is checked against its own architecture and filled in place. ``param_dtype``
+    and ``options`` (e.g. ``dtype``, the computation dtype) as in ``weights_to_nnx``.
     """
     # Checked in torch's names against the linen model of the target's architecture, then against the target.
     flax_target = None if target is None else nnx_spec(target).flax_model()
-    weights = check_state_dict(obj, flax_target, stacklevel=2)
-    return _filled(weights.spec, weights.to_flax(dtype), target, {})
+    weights = check_state_dict(obj, flax_target, bad_values=bad_values, stacklevel=2)
+    return weights_to_nnx(weights, target, param_dtype=param_dtype, **options)
 
 
 def nnx_to_torch(
-    model: flax_nnx.ResNet, layout: str = SEED, *, dtype: Any = None
+    model: flax_nnx.ResNet, layout: str = SEED, *, param_dtype: Any = None, bad_values: str = ERROR
 ) -> collections.OrderedDict[str, torch.Tensor]:
     """An NNX ResNet's weights -> a torch state dict in ``layout``'s names, as ``flax_to_torch``."""
-    return check_nnx(model).to_torch(layout, dtype)
+    return check_nnx(model, bad_values=bad_values, stacklevel=2).to_torch(layout, param_dtype)
