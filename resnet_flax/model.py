@@ -142,6 +142,7 @@ class ResNet(nn.Module):
     precision: Any = None
     # The layer kinds every convolution and BatchNorm is built from: fused.fused swaps in the fused
     # train-mode BatchNorm, fold.fold a biased convolution and an identity (same paths either way).
+    # Linen modules are immutable, so these are options; NNX's fused and fold change the built layers.
     conv: Callable[..., nn.Module] = Conv2d
     norm: Callable[..., nn.Module] = BatchNorm2d
 
@@ -163,7 +164,7 @@ class ResNet(nn.Module):
         return Sequential(tuple(layers), name=name), in_channels
 
     @nn.compact
-    def __call__(self, x: Array, train: bool = False, return_stages: bool = False) -> Array | dict[str, Array]:
+    def __call__(self, x: Array, *, train: bool = False, return_stages: bool = False) -> Array | dict[str, Array]:
         """NHWC images (N, H, W, 3) -> logits (N, num_classes), or every stage's output by name."""
         check_input(x)
         dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)

@@ -188,7 +188,7 @@ class ResNet(nnx.Module):
             in_channels = out_channels * self.block.expansion
         return Sequential(*layers), in_channels
 
-    def __call__(self, x: Array, return_stages: bool = False) -> Array | dict[str, Array]:
+    def __call__(self, x: Array, *, return_stages: bool = False) -> Array | dict[str, Array]:
         """NHWC images (N, H, W, 3) -> logits (N, num_classes), or every stage's output by name."""
         check_input(x)
         outputs = {STEM: self.conv1(x.astype(self.dtype))}

@@ -26,12 +26,12 @@ TrainNorm = Callable[[Array, Array, Array, float], tuple[Array, Array, Array]]
 TORCH_BN_MOMENTUM = 0.1
 # torch.nn.BatchNorm2d's default epsilon (Flax's default is the same; named so nobody changes one side).
 TORCH_BN_EPS = 1e-5
-# BatchNorm statistics are kept in at least float32, as cuDNN keeps them for half-precision input
-# (Flax's BatchNorm keeps them in the parameter dtype).
+# BatchNorm statistics are at least float32 (bf16 training keeps float32 ones, as Flax's BatchNorm does) and
+# float64 with float64 parameters, for the exactness checks (Flax's BatchNorm keeps float32 there).
 MIN_STATS_DTYPE = jnp.float32
 # torch's num_batches_tracked is int64; JAX without x64 has no int64, and a count of steps fits int32.
 COUNTER_DTYPE = jnp.int32
-# Channels last with HWIO kernels, the layout XLA's TPU and GPU convolutions prefer (torch: NCHW, OIHW).
+# Flax's layout, channels last with HWIO kernels (torch: NCHW input, OIHW weights; parity's converter transposes).
 CONV_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 # Backends where a 1x1 convolution runs as a matrix product over channels (same result): XLA's CPU
 # convolutions are slower than its dot there (docs/performance.md). On GPU cuDNN's convolution is the fast
