@@ -139,7 +139,7 @@ def max_pool2d(x: Array, kernel_size: int, stride: int, padding: int) -> Array:
     p = padding
     return jax.lax.reduce_window(
         x,
-        jnp.array(-jnp.inf, x.dtype),
+        -jnp.inf,  # a scalar, so JAX sees a max monoid: reduce_window_max, which it can differentiate
         jax.lax.max,
         (1, kernel_size, kernel_size, 1),
         (1, stride, stride, 1),
