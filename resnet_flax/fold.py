@@ -8,17 +8,21 @@ The folded tree keeps the model's paths; each convolution gains a ``bias``, Batc
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from .layers import BN_BIAS, BN_MEAN, BN_SCALE, BN_VAR, TORCH_BN_EPS, Conv2d, Dtype, Initializer
+from resnet_arch import STEM_WIDTH
+
+from .layers import BatchNorm2d, Conv2d
 from .model import ResNet
+from .ops import BN_BIAS, BN_MEAN, BN_SCALE, BN_VAR, Dtype, Initializer
 
 Array = jax.Array
 # Folding is done once, on the host, in float64, so the folded weights carry no extra rounding
@@ -34,6 +38,8 @@ class FoldedBatchNorm(nn.Module):
     """
 
     num_features: int
+    _: dataclasses.KW_ONLY
+    # A folded model is inference-only, so the identity starts in eval mode (NNX's FoldedBatchNorm too).
     use_running_average: bool = True
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
@@ -97,21 +103,32 @@ def _fold_tree(params: Mapping[str, Any], stats: Mapping[str, Any], eps: float, 
     return out
 
 
-def fold(
-    model: ResNet, variables: Mapping[str, Any], *, epsilon: float = TORCH_BN_EPS
-) -> tuple[ResNet, dict[str, Any]]:
+def is_folded(model: ResNet) -> bool:
+    """Whether ``fold`` made this model (its BatchNorms live in the convolutions)."""
+    return model.norm is FoldedBatchNorm
+
+
+def check_unfolded(model: Any, what: str) -> None:
+    """TypeError unless ``model`` is a resnet_flax.ResNet whose BatchNorms are not folded (``what`` needs one)."""
+    if not isinstance(model, ResNet):
+        raise TypeError(f"{what} expects a resnet_flax.ResNet, got {type(model).__name__}")
+    if is_folded(model):
+        raise TypeError(f"{what} expects a resnet_flax.ResNet whose BatchNorms are not folded")
+
+
+def fold(model: ResNet, variables: Mapping[str, Any]) -> tuple[ResNet, dict[str, Any]]:
     """An inference-only ResNet (``model`` with the folded layer kinds) and its ``{'params': ...}``
     that give ``model``'s eval logits.
 
     ``variables`` are the model's concrete ``{'params', 'batch_stats'}``; parameter dtypes are kept.
+    The BatchNorm epsilon is the model's own (its ``norm`` layer kind's ``epsilon``).
     """
-    if not isinstance(model, ResNet):
-        raise TypeError(f"fold expects a resnet_flax.ResNet, got {type(model).__name__}")
-    if model.norm is FoldedBatchNorm:
-        raise TypeError("fold expects a resnet_flax.ResNet not yet folded, got a folded one")
+    check_unfolded(model, "fold")
     if not isinstance(variables, Mapping) or not {"params", "batch_stats"} <= set(variables):
         got = sorted(variables) if isinstance(variables, Mapping) else type(variables).__name__
         raise ValueError(f"fold expects variables with 'params' and 'batch_stats', got {got}")
+    # Any width: every BatchNorm of the model is built from this one layer kind.
+    epsilon = cast(BatchNorm2d, model.norm(STEM_WIDTH)).epsilon
     return model.clone(conv=folded_conv2d, norm=FoldedBatchNorm), {
         "params": _fold_tree(variables["params"], variables["batch_stats"], epsilon, "")
     }

@@ -1,7 +1,7 @@
 """Train-mode BatchNorm with fewer passes over memory: one read for the statistics and a
 hand-written backward pass. Same function, same gradient, same variables.
 
-JAX's derivative of the two-pass BatchNorm in ``layers.batch_norm_train`` reduces over every
+JAX's derivative of the two-pass BatchNorm in ``ops.batch_norm_train`` reduces over every
 activation several times and may keep float32 intermediates for the backward pass. The fused
 version reads its input once for the sum and the sum of squares, keeps only its input (in the
 compute dtype, bf16 under mixed precision), the mean and 1/std, and computes the gradient in
@@ -18,8 +18,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from .layers import BatchNorm2d, batch_norm, per_channel
+from .fold import check_unfolded
+from .layers import BatchNorm2d
 from .model import ResNet
+from .ops import batch_norm, per_channel
 
 Array = jax.Array
 
@@ -50,7 +52,7 @@ def _moments(x: Array, dtype: Any) -> tuple[Array, Array]:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def fused_batch_norm_train(x: Array, scale: Array, bias: Array, epsilon: float) -> tuple[Array, Array, Array]:
-    """``layers.batch_norm_train`` with a one-pass variance and a closed-form backward pass."""
+    """``ops.batch_norm_train`` with a one-pass variance and a closed-form backward pass."""
     return _forward(x, scale, bias, epsilon)[0]
 
 
@@ -95,9 +97,13 @@ fused_batch_norm2d = functools.partial(BatchNorm2d, train_norm=fused_batch_norm_
 
 def fused(model: ResNet) -> ResNet:
     """``model`` (every option kept) with the fused train-mode BatchNorm; its variables apply as they are."""
-    if not isinstance(model, ResNet):
-        raise TypeError(f"fused expects a resnet_flax.ResNet, got {type(model).__name__}")
+    check_unfolded(model, "fused")
     if model.norm not in (BatchNorm2d, fused_batch_norm2d):
         kind = getattr(model.norm, "__name__", repr(model.norm))
         raise TypeError(f"fused expects a resnet_flax.ResNet with BatchNorm2d layers, got one with {kind}")
     return model.clone(norm=fused_batch_norm2d)
+
+
+def is_fused(model: ResNet) -> bool:
+    """Whether the model's train-mode BatchNorm is the fused one."""
+    return model.norm is fused_batch_norm2d

@@ -7,6 +7,7 @@ converter in ``parity`` is a rule over names.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -17,15 +18,14 @@ from flax import linen as nn
 
 from resnet_arch import DEPTHS, HEAD, IN_CHANNELS, STAGES, STEM, STEM_WIDTH, check_options
 
-from .layers import (
-    BatchNorm2d,
-    Conv2d,
+from .layers import BatchNorm2d, Conv2d, Linear, Sequential
+from .ops import (
     Dtype,
     Initializer,
-    Linear,
-    Sequential,
+    check_input,
     kaiming_normal_fan_out,
     max_pool2d,
+    relu,
     seed_linear_init,
     torch_default_bias_init,
     torch_default_weight_init,
@@ -58,6 +58,7 @@ class BasicBlock(nn.Module):
     in_channels: int
     out_channels: int
     stride: int = 1
+    _: dataclasses.KW_ONLY
     conv: Any = Conv2d
     norm: Any = BatchNorm2d
     last_norm_scale_init: Any = nn.initializers.ones
@@ -71,14 +72,14 @@ class BasicBlock(nn.Module):
             (
                 functools.partial(c, self.in_channels, self.out_channels, 3, self.stride, 1),
                 functools.partial(n, self.out_channels),
-                nn.relu,
+                relu,
                 functools.partial(c, self.out_channels, self.out_channels, 3, 1, 1),
                 functools.partial(n, self.out_channels, scale_init=self.last_norm_scale_init),
             ),
             name="residual_function",
         )(x)
         shortcut = _shortcut(self.in_channels, self.out_channels * self.expansion, self.stride, c, n)
-        return nn.relu(out + (x if shortcut is None else shortcut(x)))
+        return relu(out + (x if shortcut is None else shortcut(x)))
 
 
 class BottleNeck(nn.Module):
@@ -87,6 +88,7 @@ class BottleNeck(nn.Module):
     in_channels: int
     out_channels: int
     stride: int = 1
+    _: dataclasses.KW_ONLY
     conv: Any = Conv2d
     norm: Any = BatchNorm2d
     last_norm_scale_init: Any = nn.initializers.ones
@@ -101,34 +103,23 @@ class BottleNeck(nn.Module):
             (
                 functools.partial(c, self.in_channels, width, 1),
                 functools.partial(n, width),
-                nn.relu,
+                relu,
                 functools.partial(c, width, width, 3, self.stride, 1),
                 functools.partial(n, width),
-                nn.relu,
+                relu,
                 functools.partial(c, width, out_channels, 1),
                 functools.partial(n, out_channels, scale_init=self.last_norm_scale_init),
             ),
             name="residual_function",
         )(x)
         shortcut = _shortcut(self.in_channels, out_channels, self.stride, c, n)
-        return nn.relu(out + (x if shortcut is None else shortcut(x)))
+        return relu(out + (x if shortcut is None else shortcut(x)))
 
 
 BLOCKS: dict[str, type[BasicBlock] | type[BottleNeck]] = {
     "BasicBlock": BasicBlock,
     "BottleNeck": BottleNeck,
 }
-
-
-def check_input(x: Array) -> None:
-    """Raise ValueError unless x is an NHWC batch of 3-channel images."""
-    if x.ndim != 4:
-        raise ValueError(
-            f"expected NHWC input of rank 4 (batch, height, width, {IN_CHANNELS}), got rank {x.ndim} shape {x.shape}"
-        )
-    if x.shape[-1] != IN_CHANNELS:
-        hint = " (it looks like NCHW: transpose with x.transpose(0, 2, 3, 1))" if x.shape[1] == IN_CHANNELS else ""
-        raise ValueError(f"expected NHWC input with {IN_CHANNELS} channels last, got shape {x.shape}{hint}")
 
 
 class ResNet(nn.Module):
@@ -141,6 +132,7 @@ class ResNet(nn.Module):
 
     block: type[BasicBlock] | type[BottleNeck]
     num_block: Sequence[int]
+    _: dataclasses.KW_ONLY
     num_classes: int = 10
     init_weights: bool = True
     zero_init_residual: bool = False
@@ -150,6 +142,7 @@ class ResNet(nn.Module):
     precision: Any = None
     # The layer kinds every convolution and BatchNorm is built from: fused.fused swaps in the fused
     # train-mode BatchNorm, fold.fold a biased convolution and an identity (same paths either way).
+    # Linen modules are immutable, so these are options; NNX's fused and fold change the built layers.
     conv: Callable[..., nn.Module] = Conv2d
     norm: Callable[..., nn.Module] = BatchNorm2d
 
@@ -171,7 +164,7 @@ class ResNet(nn.Module):
         return Sequential(tuple(layers), name=name), in_channels
 
     @nn.compact
-    def __call__(self, x: Array, train: bool = False, return_stages: bool = False) -> Array | dict[str, Array]:
+    def __call__(self, x: Array, *, train: bool = False, return_stages: bool = False) -> Array | dict[str, Array]:
         """NHWC images (N, H, W, 3) -> logits (N, num_classes), or every stage's output by name."""
         check_input(x)
         dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -185,13 +178,13 @@ class ResNet(nn.Module):
             stem = (
                 functools.partial(conv, IN_CHANNELS, STEM_WIDTH, 3, 1, 1),
                 functools.partial(norm, STEM_WIDTH),
-                nn.relu,
+                relu,
             )
         else:
             stem = (
                 functools.partial(conv, IN_CHANNELS, STEM_WIDTH, 7, 2, 3),
                 functools.partial(norm, STEM_WIDTH),
-                nn.relu,
+                relu,
                 functools.partial(max_pool2d, kernel_size=3, stride=2, padding=1),
             )
         outputs = {STEM: Sequential(stem, name=STEM)(x.astype(self.dtype))}
@@ -222,34 +215,34 @@ class ResNet(nn.Module):
         return outputs if return_stages else outputs[HEAD]
 
 
-def build(arch: str, **kwargs: Any) -> ResNet:
+def build(arch: str, **options: Any) -> ResNet:
     """A ResNet by depth name ("resnet18" .. "resnet152"), with ResNet's keyword options."""
     if arch not in DEPTHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(DEPTHS)}")
     block_name, num_block = DEPTHS[arch]
-    return ResNet(BLOCKS[block_name], num_block, **kwargs)
+    return ResNet(BLOCKS[block_name], num_block, **options)
 
 
-def resnet18(**kwargs: Any) -> ResNet:
+def resnet18(**options: Any) -> ResNet:
     """ResNet-18: BasicBlock, [2, 2, 2, 2]."""
-    return build("resnet18", **kwargs)
+    return build("resnet18", **options)
 
 
-def resnet34(**kwargs: Any) -> ResNet:
+def resnet34(**options: Any) -> ResNet:
     """ResNet-34: BasicBlock, [3, 4, 6, 3]."""
-    return build("resnet34", **kwargs)
+    return build("resnet34", **options)
 
 
-def resnet50(**kwargs: Any) -> ResNet:
+def resnet50(**options: Any) -> ResNet:
     """ResNet-50: BottleNeck, [3, 4, 6, 3] (the seed's ``resnet50()``)."""
-    return build("resnet50", **kwargs)
+    return build("resnet50", **options)
 
 
-def resnet101(**kwargs: Any) -> ResNet:
+def resnet101(**options: Any) -> ResNet:
     """ResNet-101: BottleNeck, [3, 4, 23, 3]."""
-    return build("resnet101", **kwargs)
+    return build("resnet101", **options)
 
 
-def resnet152(**kwargs: Any) -> ResNet:
+def resnet152(**options: Any) -> ResNet:
     """ResNet-152: BottleNeck, [3, 8, 36, 3]."""
-    return build("resnet152", **kwargs)
+    return build("resnet152", **options)

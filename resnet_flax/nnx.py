@@ -25,24 +25,23 @@ from resnet_arch import DEPTHS, HEAD, IN_CHANNELS, STAGES, STEM, STEM_WIDTH, che
 
 from .fold import fold_conv_bn
 from .fused import fused_batch_norm_train
-from .layers import (
+from .nnx_layers import BatchNorm2d, Conv2d, FoldedBatchNorm, Linear, MaxPool2d, Sequential
+from .ops import (
     BN_BIAS,
     BN_MEAN,
     BN_SCALE,
     BN_VAR,
     Dtype,
     Initializer,
+    check_input,
     kaiming_normal_fan_out,
+    relu,
     seed_linear_init,
     torch_default_bias_init,
     torch_default_weight_init,
 )
-from .model import check_input
-from .nnx_layers import BatchNorm2d, Conv2d, FoldedBatchNorm, Linear, MaxPool2d, Sequential
 
 Array = jax.Array
-# torch.nn.ReLU; linen's nn.relu is the same function.
-relu = jax.nn.relu
 
 
 def _shortcut(in_channels: int, out_channels: int, stride: int, conv: Any, norm: Any) -> Sequential | None:
@@ -138,6 +137,7 @@ class ResNet(nnx.Module):
         self,
         block: type[BasicBlock] | type[BottleNeck],
         num_block: Sequence[int],
+        *,
         num_classes: int = 10,
         init_weights: bool = True,
         zero_init_residual: bool = False,
@@ -145,7 +145,6 @@ class ResNet(nnx.Module):
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
         precision: Any = None,
-        *,
         rngs: nnx.Rngs,
     ) -> None:
         check_options(block, num_block, num_classes, BLOCKS)
@@ -189,7 +188,7 @@ class ResNet(nnx.Module):
             in_channels = out_channels * self.block.expansion
         return Sequential(*layers), in_channels
 
-    def __call__(self, x: Array, return_stages: bool = False) -> Array | dict[str, Array]:
+    def __call__(self, x: Array, *, return_stages: bool = False) -> Array | dict[str, Array]:
         """NHWC images (N, H, W, 3) -> logits (N, num_classes), or every stage's output by name."""
         check_input(x)
         outputs = {STEM: self.conv1(x.astype(self.dtype))}
@@ -201,50 +200,51 @@ class ResNet(nnx.Module):
         return outputs if return_stages else outputs[HEAD]
 
 
-def build(arch: str, **kwargs: Any) -> ResNet:
+def build(arch: str, **options: Any) -> ResNet:
     """A ResNet by depth name ("resnet18" .. "resnet152"), with ResNet's keyword options and ``rngs``."""
     if arch not in DEPTHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(DEPTHS)}")
     block_name, num_block = DEPTHS[arch]
-    return ResNet(BLOCKS[block_name], num_block, **kwargs)
+    return ResNet(BLOCKS[block_name], num_block, **options)
 
 
-def resnet18(**kwargs: Any) -> ResNet:
+def resnet18(**options: Any) -> ResNet:
     """ResNet-18: BasicBlock, [2, 2, 2, 2]."""
-    return build("resnet18", **kwargs)
+    return build("resnet18", **options)
 
 
-def resnet34(**kwargs: Any) -> ResNet:
+def resnet34(**options: Any) -> ResNet:
     """ResNet-34: BasicBlock, [3, 4, 6, 3]."""
-    return build("resnet34", **kwargs)
+    return build("resnet34", **options)
 
 
-def resnet50(**kwargs: Any) -> ResNet:
+def resnet50(**options: Any) -> ResNet:
     """ResNet-50: BottleNeck, [3, 4, 6, 3] (the seed's ``resnet50()``)."""
-    return build("resnet50", **kwargs)
+    return build("resnet50", **options)
 
 
-def resnet101(**kwargs: Any) -> ResNet:
+def resnet101(**options: Any) -> ResNet:
     """ResNet-101: BottleNeck, [3, 4, 23, 3]."""
-    return build("resnet101", **kwargs)
+    return build("resnet101", **options)
 
 
-def resnet152(**kwargs: Any) -> ResNet:
+def resnet152(**options: Any) -> ResNet:
     """ResNet-152: BottleNeck, [3, 8, 36, 3]."""
-    return build("resnet152", **kwargs)
+    return build("resnet152", **options)
 
 
-def _check_resnet(model: Any, what: str) -> None:
+def _check_unfolded(model: Any, what: str) -> None:
+    """TypeError unless ``model`` is a resnet_flax.nnx.ResNet whose BatchNorms are not folded."""
     if not isinstance(model, ResNet):
         raise TypeError(f"{what} expects a resnet_flax.nnx.ResNet, got {type(model).__name__}")
     if is_folded(model):
-        raise TypeError(f"{what} expects a ResNet whose BatchNorms are not folded")
+        raise TypeError(f"{what} expects a resnet_flax.nnx.ResNet whose BatchNorms are not folded")
 
 
 def fused(model: ResNet) -> ResNet:
     """``model`` with the fused train-mode BatchNorm (``resnet_flax.fused``): a view that shares its
     variables (``nnx.view``), so training the view trains the model. Eval mode is unchanged."""
-    _check_resnet(model, "fused")
+    _check_unfolded(model, "fused")
     return nnx.view(model, train_norm=fused_batch_norm_train)
 
 
@@ -265,7 +265,7 @@ def fold(model: ResNet) -> ResNet:
     before it, as ``resnet_flax.fold.fold`` does for linen: each convolution gains a ``bias``, each
     BatchNorm becomes the identity (``FoldedBatchNorm``), other paths are kept. ``model`` is unchanged.
     """
-    _check_resnet(model, "fold")
+    _check_unfolded(model, "fold")
     folded = nnx.clone(model)
     for path, seq in list(nnx.iter_modules(folded)):
         if not isinstance(seq, Sequential):

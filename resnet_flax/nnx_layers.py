@@ -1,10 +1,10 @@
 """Flax NNX mirrors of the torch.nn layers the seed uses, with PyTorch's numerics.
 
 The same layers as ``resnet_flax.layers`` (linen), computing with the same functions and
-constants, so both APIs give the same numbers: parameters are ``nnx.Param``, BatchNorm's running
-statistics and counter ``nnx.BatchStat`` (linen's ``batch_stats`` collection). Each layer holds
-its variables under linen's leaf names (``kernel``, ``scale``, ``bias``, ``mean``, ``var``,
-``num_batches_tracked``), and ``Sequential`` names its children "0", "1", ... as torch does.
+constants (``resnet_flax.ops``), so both APIs give the same bits: parameters are ``nnx.Param``,
+BatchNorm's running statistics and counter ``nnx.BatchStat`` (linen's ``batch_stats`` collection).
+Each layer holds its variables under linen's leaf names (``kernel``, ``scale``, ``bias``, ``mean``,
+``var``, ``num_batches_tracked``), and ``Sequential`` names its children "0", "1", ... as torch does.
 """
 
 from __future__ import annotations
@@ -17,52 +17,29 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn.dtypes import promote_dtype
 
-from .layers import (
+from .ops import (
     COUNTER_DTYPE,
-    MATMUL_1X1_BACKENDS,
     TORCH_BN_EPS,
     TORCH_BN_MOMENTUM,
     Dtype,
     Initializer,
-    batch_norm,
+    TrainNorm,
+    batch_norm2d,
     batch_norm_train,
+    check_last_axis,
+    conv2d,
     kaiming_normal_fan_out,
+    linear,
     max_pool2d,
-    per_channel,
     seed_linear_init,
+    stats_dtype,
 )
 
 Array = jax.Array
-# Train-mode normalisation: (x, scale, bias, epsilon) -> (output, batch mean, biased batch variance).
-TrainNorm = Callable[[Array, Array, Array, float], tuple[Array, Array, Array]]
-
-
-def conv2d_nhwc(x: Array, kernel: Array, stride: int, padding: int, precision: Any) -> Array:
-    """torch's Conv2d on NHWC input and an HWIO kernel, symmetric padding ``((p, p), (p, p))``.
-
-    A 1x1 convolution without padding runs as a matrix product on MATMUL_1X1_BACKENDS, as the
-    linen Conv2d does (the same operations, so both APIs give the same bits).
-    """
-    if kernel.shape[:2] == (1, 1) and padding == 0 and jax.default_backend() in MATMUL_1X1_BACKENDS:
-        x = x[:, ::stride, ::stride, :]
-        return jnp.einsum("nhwc,co->nhwo", x, kernel[0, 0], precision=precision)
-    p = padding
-    return jax.lax.conv_general_dilated(
-        x,
-        kernel,
-        window_strides=(stride, stride),
-        padding=((p, p), (p, p)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        precision=precision,
-    )
 
 
 class Conv2d(nnx.Module):
-    """torch.nn.Conv2d on NHWC input with an HWIO ``kernel``; no bias unless ``bias=True``.
-
-    Padding is symmetric ``((p, p), (p, p))`` as in torch (Flax's 'SAME' pads (0, 1) for stride 2
-    on even sizes). A bias appears where ``resnet_flax.nnx.fold`` folds a BatchNorm in.
-    """
+    """torch.nn.Conv2d on NHWC input with an HWIO ``kernel``, and a ``bias`` only when ``use_bias``."""
 
     def __init__(
         self,
@@ -72,7 +49,8 @@ class Conv2d(nnx.Module):
         stride: int = 1,
         padding: int = 0,
         *,
-        bias: bool = False,
+        # The seed's convolutions have none; resnet_flax.nnx.fold gives each convolution one.
+        use_bias: bool = False,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
         precision: Any = None,
@@ -85,26 +63,13 @@ class Conv2d(nnx.Module):
         k = kernel_size
         self.kernel = nnx.Param(kernel_init(rngs.params(), (k, k, in_channels, out_channels), param_dtype))
         # Data even when absent, so fold can add one later.
-        self.bias = nnx.data(nnx.Param(jnp.zeros((out_channels,), param_dtype)) if bias else None)
+        self.bias = nnx.data(nnx.Param(jnp.zeros((out_channels,), param_dtype)) if use_bias else None)
 
     def __call__(self, x: Array) -> Array:
-        if x.shape[-1] != self.in_channels:
-            raise ValueError(f"Conv2d expected {self.in_channels} input channels (NHWC), got shape {x.shape}")
+        check_last_axis(x, self.in_channels, "Conv2d", "input channels (NHWC)")
         x, kernel = promote_dtype((x, self.kernel[...]), dtype=self.dtype)
-        y = conv2d_nhwc(x, kernel, self.stride, self.padding, self.precision)
-        if self.bias is None:
-            return y
-        return y + per_channel(self.bias[...].astype(y.dtype), y.ndim)
-
-
-def torch_running_stats(
-    mean: Array, var: Array, batch_mean: Array, batch_var: Array, n: int, momentum: float
-) -> tuple[Array, Array]:
-    """torch's running-statistics update: momentum weighs the new batch, the variance is unbiased (n/(n-1))."""
-    unbiased = batch_var * (n / max(n - 1, 1))
-    new_mean = (1 - momentum) * mean + momentum * batch_mean
-    new_var = (1 - momentum) * var + momentum * unbiased
-    return new_mean.astype(mean.dtype), new_var.astype(var.dtype)
+        bias = None if self.bias is None else self.bias[...]
+        return conv2d(x, kernel, bias, self.stride, self.padding, self.precision)
 
 
 class BatchNorm2d(nnx.Module):
@@ -113,8 +78,7 @@ class BatchNorm2d(nnx.Module):
     ``scale``/``bias`` (``nnx.Param``) are torch's weight/bias; ``mean``, ``var`` and
     ``num_batches_tracked`` (``nnx.BatchStat``) its buffers. ``use_running_average`` is the mode
     (``model.eval()`` sets it, ``model.train()`` clears it, as ``nnx.view`` can); a train-mode call
-    normalises with the batch statistics and updates the buffers in place as torch does. Statistics
-    are computed in at least float32 (bf16 in, float32 stats; float64 stays float64).
+    normalises with the batch statistics and updates the buffers in place as torch does.
     ``nnx.BatchNorm`` is not used: its momentum weighs the old value and its running variance is
     biased. ``train_norm`` is the train-mode normalisation (``resnet_flax.nnx.fused`` swaps in the
     fused one).
@@ -139,9 +103,8 @@ class BatchNorm2d(nnx.Module):
         self.train_norm = train_norm
         self.scale = nnx.Param(scale_init(rngs.params(), (c,), param_dtype))
         self.bias = nnx.Param(jnp.zeros((c,), param_dtype))
-        stats_dtype = jnp.promote_types(param_dtype, jnp.float32)
-        self.mean = nnx.BatchStat(jnp.zeros((c,), stats_dtype))
-        self.var = nnx.BatchStat(jnp.ones((c,), stats_dtype))
+        self.mean = nnx.BatchStat(jnp.zeros((c,), stats_dtype(param_dtype)))
+        self.var = nnx.BatchStat(jnp.ones((c,), stats_dtype(param_dtype)))
         self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), COUNTER_DTYPE))
 
     def set_view(self, use_running_average: bool | None = None, train_norm: TrainNorm | None = None) -> None:
@@ -152,21 +115,23 @@ class BatchNorm2d(nnx.Module):
             self.train_norm = train_norm
 
     def __call__(self, x: Array) -> Array:
-        c = self.num_features
-        if x.shape[-1] != c:
-            raise ValueError(f"BatchNorm2d expected {c} channels (NHWC), got shape {x.shape}")
-        compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
-        scale, bias = self.scale[...].astype(compute_dtype), self.bias[...].astype(compute_dtype)
-        if self.use_running_average:
-            mean, var = self.mean[...].astype(compute_dtype), self.var[...].astype(compute_dtype)
-            y = batch_norm(x.astype(compute_dtype), mean, var, scale, bias, self.epsilon)
-        else:
-            y, mean, var = self.train_norm(x, scale, bias, self.epsilon)
-            self.mean[...], self.var[...] = torch_running_stats(
-                self.mean[...], self.var[...], mean, var, x.size // c, self.momentum
-            )
+        check_last_axis(x, self.num_features, "BatchNorm2d", "channels (NHWC)")
+        y, new_stats = batch_norm2d(
+            x,
+            self.scale[...],
+            self.bias[...],
+            self.mean[...],
+            self.var[...],
+            use_running_average=self.use_running_average,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            dtype=self.dtype,
+            train_norm=self.train_norm,
+        )
+        if new_stats is not None:
+            self.mean[...], self.var[...] = new_stats
             self.num_batches_tracked[...] += 1
-        return y.astype(self.dtype or x.dtype)
+        return y
 
 
 class FoldedBatchNorm(nnx.Module):
@@ -207,10 +172,9 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
 
     def __call__(self, x: Array) -> Array:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"Linear expected {self.in_features} input features, got shape {x.shape}")
+        check_last_axis(x, self.in_features, "Linear", "input features")
         x, kernel, bias = promote_dtype((x, self.kernel[...], self.bias[...]), dtype=self.dtype)
-        return jnp.dot(x, kernel, precision=self.precision) + bias.reshape(1, -1)
+        return linear(x, kernel, bias, self.precision)
 
 
 class MaxPool2d(nnx.Module):

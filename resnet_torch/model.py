@@ -103,9 +103,9 @@ class ResNet(nn.Module):
         self,
         block: type[BasicBlock] | type[BottleNeck],
         num_block: list[int] | tuple[int, ...],
+        *,
         num_classes: int = 10,
         init_weights: bool = True,
-        *,
         zero_init_residual: bool = False,
         small_stem: bool = False,
     ) -> None:
@@ -187,34 +187,34 @@ class ResNet(nn.Module):
                 nn.init.constant_(m.bias, 0)
 
 
-def build(arch: str, **kwargs: Any) -> ResNet:
+def build(arch: str, **options: Any) -> ResNet:
     """A ResNet by depth name ("resnet18" .. "resnet152"), with ResNet's keyword options."""
     if arch not in DEPTHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(DEPTHS)}")
     block_name, num_block = DEPTHS[arch]
-    return ResNet(BLOCKS[block_name], list(num_block), **kwargs)
+    return ResNet(BLOCKS[block_name], list(num_block), **options)
 
 
-def resnet18(**kwargs: Any) -> ResNet:
+def resnet18(**options: Any) -> ResNet:
     """ResNet-18: BasicBlock, [2, 2, 2, 2]."""
-    return build("resnet18", **kwargs)
+    return build("resnet18", **options)
 
 
-def resnet34(**kwargs: Any) -> ResNet:
+def resnet34(**options: Any) -> ResNet:
     """ResNet-34: BasicBlock, [3, 4, 6, 3]."""
-    return build("resnet34", **kwargs)
+    return build("resnet34", **options)
 
 
-def resnet50(**kwargs: Any) -> ResNet:
+def resnet50(**options: Any) -> ResNet:
     """ResNet-50: BottleNeck, [3, 4, 6, 3] (the seed's ``resnet50()``)."""
-    return build("resnet50", **kwargs)
+    return build("resnet50", **options)
 
 
-def resnet101(**kwargs: Any) -> ResNet:
+def resnet101(**options: Any) -> ResNet:
     """ResNet-101: BottleNeck, [3, 4, 23, 3]."""
-    return build("resnet101", **kwargs)
+    return build("resnet101", **options)
 
 
-def resnet152(**kwargs: Any) -> ResNet:
+def resnet152(**options: Any) -> ResNet:
     """ResNet-152: BottleNeck, [3, 8, 36, 3]."""
-    return build("resnet152", **kwargs)
+    return build("resnet152", **options)

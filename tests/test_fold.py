@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_flax.fold import FoldedBatchNorm, fold
+from resnet_flax.fold import FoldedBatchNorm, fold, is_folded
+from resnet_flax.layers import BatchNorm2d
 from resnet_flax.model import BLOCKS, ResNet
 
 ODD_SIZE = (33, 47)
@@ -74,6 +75,12 @@ def test_folded_logits_match_fp64(kind: str) -> None:
         _check(kind, jnp.float64, ODD_SIZE, 1e-10)
 
 
+def test_fold_takes_the_models_batchnorm_epsilon() -> None:
+    """A model whose BatchNorm epsilon is not torch's default folds with its own epsilon."""
+    with jax.enable_x64(True):
+        _check("basic", jnp.float64, (9, 11), 1e-10, norm=functools.partial(BatchNorm2d, epsilon=0.5))
+
+
 @pytest.fixture(scope="module")
 def folded_case() -> tuple[ResNet, dict[str, Any], ResNet, dict[str, Any], jax.Array]:
     """A BottleNeck net with random statistics, and its folded copy."""
@@ -86,6 +93,7 @@ def folded_case() -> tuple[ResNet, dict[str, Any], ResNet, dict[str, Any], jax.A
 def test_folded_tree_keeps_paths_and_drops_batchnorm(folded_case: Any) -> None:
     model, variables, folded, folded_vars, x = folded_case
     assert folded.norm is FoldedBatchNorm and set(folded_vars) == {"params"}
+    assert is_folded(folded) and not is_folded(model)
     own = jax.eval_shape(folded.init, jax.random.key(0), x)
     assert jax.tree.structure(own) == jax.tree.structure(folded_vars)
     block = folded_vars["params"]["conv2_x"]["0"]
@@ -115,7 +123,7 @@ def test_fold_rejects_bad_input(folded_case: Any) -> None:
     model, variables, folded, folded_vars, _ = folded_case
     with pytest.raises(ValueError, match="batch_stats"):
         fold(model, {"params": variables["params"]})
-    with pytest.raises(TypeError, match="not yet folded"):
+    with pytest.raises(TypeError, match="not folded"):
         fold(folded, folded_vars)
     stats = jax.tree.map(lambda a: a, variables["batch_stats"])
     del stats["conv1"]["1"]

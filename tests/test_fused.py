@@ -17,8 +17,8 @@ from parity.checks.compare import FLOOR_FACTOR
 from parity.checks.precision import CHECKS, CPU, EVAL, FP32, FP64, GRADIENTS, RUNNING_STATS, TRAIN_LOGITS
 from parity.checks.run import run_checks
 from resnet_flax.fold import fold
-from resnet_flax.fused import fused, fused_batch_norm2d, fused_batch_norm_train
-from resnet_flax.layers import TORCH_BN_EPS, batch_norm_train
+from resnet_flax.fused import fused, fused_batch_norm2d, fused_batch_norm_train, is_fused
+from resnet_flax.ops import TORCH_BN_EPS, batch_norm_train
 
 
 def _weighted_loss(
@@ -78,6 +78,7 @@ def test_fused_model_keeps_options_variables_and_folds() -> None:
     model = resnet_flax.resnet50(num_classes=7, small_stem=True, zero_init_residual=True, dtype=jnp.bfloat16)
     fast = fused(model)
     assert fast.norm is fused_batch_norm2d and fused(fast) == fast
+    assert is_fused(fast) and not is_fused(model)
     assert (fast.num_classes, fast.small_stem, fast.zero_init_residual, fast.dtype) == (7, True, True, jnp.bfloat16)
     x = jnp.zeros((1, 16, 16, 3))
     assert jax.tree.structure(jax.eval_shape(fast.init, jax.random.key(0), x)) == jax.tree.structure(
@@ -86,7 +87,7 @@ def test_fused_model_keeps_options_variables_and_folds() -> None:
     variables = model.init(jax.random.key(0), x)
     np.testing.assert_array_equal(fast.apply(variables, x), model.apply(variables, x))
     assert fold(fast, variables)[0].num_classes == 7
-    with pytest.raises(TypeError, match="expects a resnet_flax.ResNet"):
+    with pytest.raises(TypeError, match="expects a resnet_flax.ResNet whose BatchNorms are not folded"):
         fused(fold(model, variables)[0])
 
 

@@ -5,17 +5,21 @@ resnet_torch against the seed tutorial's own keys, init and outputs: tests/test_
 from __future__ import annotations
 
 import functools
+import inspect
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 import resnet_flax
 import resnet_torch
 from parity.cli import main
 from resnet_arch import DEPTHS, HEAD, STAGE_OUTPUTS, STAGES, STEM
+from resnet_flax import nnx as flax_nnx
 from resnet_flax.layers import BatchNorm2d
 
 # torchvision's parameter counts at num_classes=1000 (torchvision.models.resnetXX().parameters()).
@@ -117,6 +121,37 @@ def test_flax_model_built_from_a_list_is_hashable() -> None:
     # The seed writes ResNet(BottleNeck, [3, 4, 6, 3]); a Flax module must hash to be a static jit argument.
     from_list = resnet_flax.ResNet(resnet_flax.BottleNeck, [3, 4, 6, 3])
     assert from_list == resnet_flax.resnet50() and hash(from_list) == hash(resnet_flax.resnet50())
+
+
+def _keyword_options(init: Callable[..., object]) -> dict[str, object]:
+    """A constructor's keyword-only options and their defaults (linen: its dataclass fields after KW_ONLY)."""
+    params = inspect.signature(init).parameters.values()
+    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def test_options_are_keyword_only_with_the_same_names_and_defaults() -> None:
+    """torch, linen and NNX: (block, num_block) positional, every other option by keyword, an option
+    shared by two sides has one name and one default; the seed's calls keep working."""
+    torch_options = _keyword_options(resnet_torch.ResNet)
+    linen_options = {k: v for k, v in _keyword_options(resnet_flax.ResNet).items() if k not in ("parent", "name")}
+    nnx_options = _keyword_options(flax_nnx.ResNet.__init__)  # NNX's metaclass hides the class's own signature
+    assert set(torch_options) == {"num_classes", "init_weights", "zero_init_residual", "small_stem"}
+    # linen's layer kinds are options (an immutable module); NNX's fused/fold change the built layers.
+    assert set(linen_options) - set(nnx_options) == {"conv", "norm"}
+    assert set(nnx_options) - set(linen_options) == {"rngs"}
+    for a, b in ((torch_options, linen_options), (linen_options, nnx_options), (torch_options, nnx_options)):
+        assert {k: a[k] for k in a.keys() & b.keys()} == {k: b[k] for k in a.keys() & b.keys()}
+    for framework in (resnet_torch, resnet_flax):
+        with pytest.raises(TypeError, match="positional"):
+            framework.ResNet(framework.BottleNeck, [3, 4, 6, 3], 10)
+    with pytest.raises(TypeError, match="positional"):
+        flax_nnx.ResNet(flax_nnx.BottleNeck, [3, 4, 6, 3], 10, rngs=nnx.Rngs(0))
+    with torch.device("meta"):
+        assert resnet_torch.resnet50().fc.out_features == 10
+        assert resnet_torch.resnet50(num_classes=1000).fc.out_features == 1000
+    assert resnet_flax.resnet50(num_classes=1000, dtype=jnp.float32).num_classes == 1000
+    model = nnx.eval_shape(lambda: flax_nnx.resnet50(num_classes=1000, rngs=nnx.Rngs(0)))
+    assert model.fc.kernel.get_value().shape == (2048, 1000)
 
 
 # ---------------------------------------------------------------- initialization

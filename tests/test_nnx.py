@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,9 @@ from parity.checks.precision import CHECKS, CPU, FP32, FP64
 from parity.checks.run import run_checks
 from parity.cli import main
 from resnet_arch import STAGE_OUTPUTS
+from resnet_flax import layers as linen_layers
 from resnet_flax import nnx as flax_nnx
+from resnet_flax import nnx_layers
 from resnet_flax.fold import fold as linen_fold
 from resnet_flax.model import init_key
 
@@ -184,6 +187,19 @@ def test_fold_gives_linens_folded_weights_and_eval_logits() -> None:
         flax_nnx.fused(folded)
 
 
+def test_fold_takes_each_batchnorms_epsilon() -> None:
+    """BatchNorms whose epsilon is not torch's default fold with their own (as linen's fold reads the model's)."""
+    with jax.enable_x64(True):
+        torch_model = resnet_torch.ResNet(resnet_torch.BasicBlock, [1, 1, 1, 1], num_classes=4, small_stem=True)
+        randomize_batchnorm(torch_model, torch.Generator().manual_seed(5))
+        model = parity.linen_to_nnx(parity.torch_to_flax(torch_model.double()), dtype=jnp.float64)
+        norms = [m for _, m in nnx.iter_modules(model) if isinstance(m, flax_nnx.BatchNorm2d)]
+        for m in norms:
+            m.epsilon = 0.5
+        x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 9, 11, 3)))
+        assert _rel(_jitted(flax_nnx.fold(model), x), _jitted(model, x)) < 1e-10
+
+
 def test_options_and_init_follow_the_linen_builders() -> None:
     block, stages = flax_nnx.BasicBlock, (1, 1, 1, 1)  # one block per stage: every stage still projects
     rngs = nnx.Rngs(init_key(0))  # "rbg" bits, as training draws them: much faster to compile on CPU
@@ -198,6 +214,19 @@ def test_options_and_init_follow_the_linen_builders() -> None:
     bound = 1 / np.sqrt(512)  # torch's default Linear init: U(+-1/sqrt(fan_in))
     assert 0 < float(jnp.abs(default.fc.bias[...]).max()) <= bound
     assert default.conv1[0].kernel[...].shape == (3, 3, 3, 64) and default.conv1.num_layers == 3
+
+
+def _layer_options(init: Any) -> dict[str, tuple[Any, Any]]:
+    """A layer constructor's arguments: name -> (kind, default), without self, rngs and linen's parent/name."""
+    params = inspect.signature(init).parameters.values()
+    return {p.name: (p.kind, p.default) for p in params if p.name not in ("self", "rngs", "parent", "name")}
+
+
+@pytest.mark.parametrize("layer", ["Conv2d", "BatchNorm2d", "Linear"])
+def test_layers_take_linens_arguments_and_defaults(layer: str) -> None:
+    """The same names, order, keyword-only options and defaults (use_bias, use_running_average=False, ...)."""
+    linen, own = getattr(linen_layers, layer), getattr(nnx_layers, layer)
+    assert list(_layer_options(linen).items()) == list(_layer_options(own.__init__).items())
 
 
 @pytest.mark.parametrize(
