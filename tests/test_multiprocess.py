@@ -28,7 +28,7 @@ SHORT = ["--train-limit", "16"]
 # rounding, carried forward by how well the step is conditioned. At 16x16 with BatchNorm's two-pass
 # variance: 2e-8 relative after 2 steps (this 2-core CPU). At 8x8 (1x1 feature maps in the last stage,
 # flat backgrounds) 3.9e-5, with the fused BatchNorm's one-pass variance 7e-6 at 16x16: the same
-# rounding, amplified; README, "Several processes".
+# rounding, amplified; docs/multiprocess.md.
 EQUAL = ["--image-size", "16", "--no-fused-bn"]  # after FLAGS: the last --image-size counts
 
 
