@@ -19,6 +19,7 @@ import torch
 from parity.checks import CheckResult, Pair, check_pair, linen, make_pair, run_checks
 from parity.checks.compare import errors
 from parity.checks.linen import LinenSide
+from parity.checks.nnx import NnxSide
 from parity.checks.optim import torch_sgd
 from parity.checks.precision import (
     BF16,
@@ -39,7 +40,7 @@ from parity.checks.precision import (
     torch_tf32_summary,
 )
 from parity.cli import main
-from resnet_arch import STAGE_OUTPUTS
+from resnet_arch import LINEN, NNX, STAGE_OUTPUTS
 
 FORWARD = (EVAL, TRAIN_LOGITS, RUNNING_STATS)
 # depth -> (odd, non-square input size, checks in fp64, checks in fp32)
@@ -93,10 +94,11 @@ def test_running_mean_bug_fails_eval_and_stats_but_not_train_logits() -> None:
     assert results[TRAIN_LOGITS].passed
 
 
-def test_nan_gradient_fails_gradients_at_its_stage_without_raising(monkeypatch) -> None:
+@pytest.mark.parametrize("side, api", [(LinenSide, LINEN), (NnxSide, NNX)])
+def test_nan_gradient_fails_gradients_at_its_stage_without_raising(monkeypatch, side, api) -> None:
     """A Flax train step whose gradient of one conv3_x kernel is NaN: a failed gradients check whose
     diagnosis names conv3_x (the results are compared by the name rule, not refused by the converter)."""
-    real = LinenSide.train_step
+    real = side.train_step
 
     def nan_in_conv3(self, params, batch_stats, x, y, with_gradients):
         grads, batch_stats, stages = real(self, params, batch_stats, x, y, with_gradients)
@@ -104,9 +106,9 @@ def test_nan_gradient_fails_gradients_at_its_stage_without_raising(monkeypatch) 
         conv["kernel"] = conv["kernel"].at[0, 0, 0, 0].set(float("nan"))
         return grads, batch_stats, stages
 
-    monkeypatch.setattr(LinenSide, "train_step", nan_in_conv3)
+    monkeypatch.setattr(side, "train_step", nan_in_conv3)
     with applied(MODES[FP64], CPU):
-        pair = make_pair("resnet18", FP64, CPU, seed=3)
+        pair = make_pair("resnet18", FP64, CPU, seed=3, api=api)
         results = {r.check: r for r in check_pair(pair, (33, 47), BATCH, seed=3, checks=(*FORWARD, GRADIENTS))}
     assert results[TRAIN_LOGITS].passed and results[RUNNING_STATS].passed
     grads = results[GRADIENTS]

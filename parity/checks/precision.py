@@ -26,8 +26,8 @@ ALL_PRECISIONS = {CPU: (FP64, FP32), GPU: (FP32, TF32, BF16)}
 EVAL, TRAIN_LOGITS, RUNNING_STATS, GRADIENTS, SGD = "eval logits", "train logits", "running stats", "gradients", "sgd"
 CHECKS = (EVAL, TRAIN_LOGITS, RUNNING_STATS, GRADIENTS, SGD)
 
-# torch.backends' new per-backend TF32 switches (torch >= 2.9); older torch has only allow_tf32.
-_NEW_TF32_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")
+# torch >= 2.9 has per-backend TF32 switches (fp32_precision); earlier releases have only allow_tf32.
+_PER_BACKEND_TF32 = hasattr(torch.backends.cuda.matmul, "fp32_precision")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -129,7 +129,7 @@ def precisions_for(device: str, precision: str) -> tuple[str, ...]:
 
 def _torch_tf32_state() -> tuple[Any, ...]:
     b = torch.backends
-    if _NEW_TF32_API:
+    if _PER_BACKEND_TF32:
         # cudnn.conv and cudnn.rnn live on the class that replaces torch.backends.cudnn at import,
         # and the module's own annotations, which mypy reads, do not declare them.
         return (b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision)  # type: ignore[attr-defined]
@@ -138,7 +138,7 @@ def _torch_tf32_state() -> tuple[Any, ...]:
 
 def _set_torch_tf32_state(state: tuple[Any, ...]) -> None:
     b = torch.backends
-    if _NEW_TF32_API:
+    if _PER_BACKEND_TF32:
         # As in _torch_tf32_state: attributes of torch's replacement module class, undeclared for mypy.
         b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision = state  # type: ignore[attr-defined]
     else:
@@ -146,8 +146,8 @@ def _set_torch_tf32_state(state: tuple[Any, ...]) -> None:
 
 
 def _tf32_setting(conv: bool, matmul: bool) -> tuple[Any, ...]:
-    if _NEW_TF32_API:
-        # Only the new API is written: torch refuses reads that mix the legacy and new switches.
+    if _PER_BACKEND_TF32:
+        # Only the per-backend switches are written: torch refuses reads that mix them with allow_tf32.
         conv_p = "tf32" if conv else "ieee"
         return ("tf32" if matmul else "ieee", conv_p, conv_p)
     return (matmul, conv)
@@ -156,7 +156,7 @@ def _tf32_setting(conv: bool, matmul: bool) -> tuple[Any, ...]:
 def torch_tf32_summary() -> str:
     """torch's current TF32 switches, as the run reports them."""
     state = _torch_tf32_state()
-    if _NEW_TF32_API:
+    if _PER_BACKEND_TF32:
         return f"torch matmul fp32_precision={state[0]}, cudnn conv fp32_precision={state[1]}"
     return f"torch matmul allow_tf32={state[0]}, cudnn allow_tf32={state[1]}"
 
