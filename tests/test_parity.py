@@ -16,8 +16,11 @@ import optax
 import pytest
 import torch
 
-from parity.checks import pairs
-from parity.checks import run as checks
+from parity.checks import CheckResult, Pair, check_pair, linen, make_pair, run_checks
+from parity.checks.compare import errors
+from parity.checks.linen import LinenSide
+from parity.checks.nnx import NnxSide
+from parity.checks.optim import torch_sgd
 from parity.checks.precision import (
     BF16,
     CHECKS,
@@ -36,9 +39,8 @@ from parity.checks.precision import (
     precisions_for,
     torch_tf32_summary,
 )
-from parity.checks.run import CheckResult, check_pair, errors, make_pair, run_checks, torch_sgd
 from parity.cli import main
-from resnet_arch import STAGE_OUTPUTS
+from resnet_arch import LINEN, NNX, STAGE_OUTPUTS
 
 FORWARD = (EVAL, TRAIN_LOGITS, RUNNING_STATS)
 # depth -> (odd, non-square input size, checks in fp64, checks in fp32)
@@ -61,7 +63,7 @@ def _assert_all_pass(results: list[CheckResult], wanted: tuple[str, ...]) -> Non
 
 
 # Before the matrix: its resnet18 fp64 run then reuses these tests' compiled functions.
-def _perturbed_pair(stage: str) -> checks.Pair:
+def _perturbed_pair(stage: str) -> Pair:
     pair = make_pair("resnet18", FP64, CPU, seed=3)
     with torch.no_grad():
         getattr(pair.torch_model, stage)[1].residual_function[0].weight[0, 0, 1, 1] += 0.5
@@ -90,6 +92,29 @@ def test_running_mean_bug_fails_eval_and_stats_but_not_train_logits() -> None:
     assert results[EVAL].first_diverging == "conv2_x"
     assert results[RUNNING_STATS].first_diverging == "conv2_x"
     assert results[TRAIN_LOGITS].passed
+
+
+@pytest.mark.parametrize("side, api", [(LinenSide, LINEN), (NnxSide, NNX)])
+def test_nan_gradient_fails_gradients_at_its_stage_without_raising(monkeypatch, side, api) -> None:
+    """A Flax train step whose gradient of one conv3_x kernel is NaN: a failed gradients check whose
+    diagnosis names conv3_x (the results are compared by the name rule, not refused by the converter)."""
+    real = side.train_step
+
+    def nan_in_conv3(self, params, batch_stats, x, y, with_gradients):
+        grads, batch_stats, stages = real(self, params, batch_stats, x, y, with_gradients)
+        conv = grads["conv3_x"]["0"]["residual_function"]["0"]
+        conv["kernel"] = conv["kernel"].at[0, 0, 0, 0].set(float("nan"))
+        return grads, batch_stats, stages
+
+    monkeypatch.setattr(side, "train_step", nan_in_conv3)
+    with applied(MODES[FP64], CPU):
+        pair = make_pair("resnet18", FP64, CPU, seed=3, api=api)
+        results = {r.check: r for r in check_pair(pair, (33, 47), BATCH, seed=3, checks=(*FORWARD, GRADIENTS))}
+    assert results[TRAIN_LOGITS].passed and results[RUNNING_STATS].passed
+    grads = results[GRADIENTS]
+    assert not grads.passed and np.isnan(grads.rel)
+    assert grads.first_diverging == "conv3_x", (grads.stage_basis, grads.stage_errors)
+    assert all(grads.stage_errors[s] < 1e-10 for s in ("fc", "conv5_x", "conv4_x"))
 
 
 @pytest.mark.parametrize("arch", list(MATRIX))
@@ -232,7 +257,7 @@ def test_cli_json_into_an_unwritable_place_exits_2_before_any_check(tmp_path, ca
 
 def test_cli_fails_and_names_stage(monkeypatch, capsys) -> None:
     """A converter that corrupts one conv4_x kernel: exit code 1 and conv4_x in the table."""
-    real = pairs.torch_to_flax
+    real = linen.torch_to_flax
 
     def corrupting(obj, target=None, **kwargs):
         variables = real(obj, target=target, **kwargs)
@@ -240,7 +265,7 @@ def test_cli_fails_and_names_stage(monkeypatch, capsys) -> None:
         variables["params"]["conv4_x"]["1"]["residual_function"]["0"]["kernel"] = kernel.at[1, 1, 0, 0].add(0.5)
         return variables
 
-    monkeypatch.setattr(pairs, "torch_to_flax", corrupting)
+    monkeypatch.setattr(linen, "torch_to_flax", corrupting)
     code = main(_cli(["--precision", "fp32", "--checks", "eval logits"]))
     printed = capsys.readouterr().out
     assert code == 1

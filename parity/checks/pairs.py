@@ -3,49 +3,39 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from flax import nnx
 
-import resnet_flax
 import resnet_torch
 from resnet_arch import APIS, BN_STATS, LINEN, NNX
-from resnet_flax import nnx as flax_nnx
-from resnet_flax.fused import fused
 
-from ..conversion.convert import torch_to_flax
-from ..conversion.nnx import nnx_to_linen, torch_to_nnx
 from .compare import CheckResult, errors
-from .precision import MODES, Mode, jax_device, torch_device
+from .linen import LinenSide
+from .nnx import NnxSide
+from .precision import MODES, Mode, torch_device
+from .side import FlaxSide
 
 NUM_CLASSES = 10  # the seed's default classifier width
-# Jitted check functions are cached per (hashable) Flax model or NNX graph definition, so repeated
-# checks of one model compile once.
-JIT_CACHE_SIZE = 16
 # torch NCHW (batch, channels, height, width) -> Flax NHWC.
 TO_NHWC = (0, 2, 3, 1)
+# How each Flax API's side is built from the torch model: (torch_model, arch, mode, device, num_classes, fused_bn).
+SIDES: dict[str, Callable[..., FlaxSide]] = {LINEN: LinenSide.from_torch, NNX: NnxSide.from_torch}
 
 
 @dataclasses.dataclass
 class Pair:
-    """The same weights in both frameworks, on one device, in one precision mode.
-
-    ``api`` says which Flax model ``flax_model`` is: a linen ``resnet_flax.ResNet`` (its weights are
-    ``variables``) or a ``resnet_flax.nnx.ResNet`` holding them (``variables`` is then its state as
-    linen variables, the same arrays).
-    """
+    """The same weights in both frameworks, on one device, in one precision mode."""
 
     arch: str
     device: str
     mode: Mode
     torch_model: resnet_torch.ResNet
-    flax_model: Any
-    variables: dict[str, Any]
-    api: str = LINEN
+    flax: FlaxSide  # the Flax model (linen or NNX) and how the checks call it
 
 
 @dataclasses.dataclass
@@ -98,39 +88,14 @@ def make_pair(
         model = resnet_torch.build(arch, num_classes=num_classes)
     randomize_batchnorm(model, torch.Generator().manual_seed(seed))
     model = model.to(device=torch_device(device), dtype=mode.torch_dtype)
-    if api == NNX:
-        return _nnx_pair(arch, device, mode, model, num_classes, fused_bn)
-    flax_model = resnet_flax.build(
-        arch,
-        num_classes=num_classes,
-        dtype=mode.jax_dtype,
-        param_dtype=mode.jax_param_dtype,
-        precision=mode.jax_precision,
-    )
-    if fused_bn:
-        flax_model = fused(flax_model)
-    # Committed to the run's device once, so every jitted call runs there.
-    variables = jax.device_put(torch_to_flax(model.state_dict(), target=flax_model), jax_device(device))
-    return Pair(arch, device, mode, model, flax_model, variables)
-
-
-def _nnx_pair(arch: str, device: str, mode: Mode, model: resnet_torch.ResNet, num_classes: int, fused_bn: bool) -> Pair:
-    """The Pair whose Flax side is a resnet_flax.nnx model, built abstractly and filled by the converter."""
-    options = dict(dtype=mode.jax_dtype, param_dtype=mode.jax_param_dtype, precision=mode.jax_precision)
-    target = nnx.eval_shape(lambda: flax_nnx.build(arch, num_classes=num_classes, **options, rngs=nnx.Rngs(0)))
-    flax_model = torch_to_nnx(model.state_dict(), target=target)
-    # Committed to the run's device once, so every jitted call runs there.
-    nnx.update(flax_model, jax.device_put(nnx.state(flax_model), jax_device(device)))
-    if fused_bn:
-        flax_model = flax_nnx.fused(flax_model)
-    return Pair(arch, device, mode, model, flax_model, nnx_to_linen(flax_model), NNX)
+    return Pair(arch, device, mode, model, SIDES[api](model, arch, mode, device, num_classes, fused_bn))
 
 
 def make_batch(pair: Pair, size: tuple[int, int], batch: int, seed: int) -> Batch:
     """A fresh random batch (standard normal images, uniform labels) for both frameworks."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, *size, generator=g, dtype=torch.float64).to(pair.mode.torch_dtype)
-    y = torch.randint(0, pair.flax_model.num_classes, (batch,), generator=g)
+    y = torch.randint(0, pair.torch_model.fc.out_features, (batch,), generator=g)
     x_jax = jnp.asarray(x.numpy().transpose(TO_NHWC), dtype=pair.mode.jax_param_dtype)
     dev = torch_device(pair.device)
     return Batch(x.to(dev), y.to(dev), x_jax, jnp.asarray(y.numpy()))

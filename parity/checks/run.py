@@ -1,36 +1,23 @@
-"""Parity checks: the same weights in resnet_torch and resnet_flax must compute the same function.
+"""Running the parity checks on a pair: eval logits here, the train-mode checks from ``train``.
 
 Each check compares the two frameworks on one random batch (odd sizes welcome) in one precision
-mode (``parity.checks.precision``): eval logits, train-mode logits, the running statistics a train-mode
-call leaves behind, gradients of a cross-entropy loss, and parameters after SGD steps. Errors are
-relative, ``||flax - torch|| / ||torch||`` over all compared tensors together; when a check fails
-its result names the first stage (conv1, conv2_x.. conv5_x, fc) whose outputs diverge.
+mode (``parity.checks.precision``). Errors are relative, ``||flax - torch|| / ||torch||`` over all
+compared tensors together; when a check fails its result names the first stage (conv1, conv2_x..
+conv5_x, fc) whose outputs diverge.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
-import jax
 import torch
 
-import resnet_flax
-from resnet_arch import LINEN, NNX
+from resnet_arch import LINEN
 
-from . import nnx as nnx_checks
-from .compare import CheckResult, errors, numpy_of_jax, numpy_of_torch, stage_errors
-from .optim import torch_sgd
+from .compare import CheckResult, numpy_of_jax, numpy_of_torch, stage_errors
 from .pairs import Batch, Pair, autocast, make_batch, make_pair, pair_result
 from .precision import EVAL, GRADIENTS, MODES, RUNNING_STATS, SGD, TRAIN_LOGITS, applied
-from .train import JIT_CACHE_SIZE, FlaxTrainStep, check_sgd, check_train
-
-__all__ = ["CheckResult", "Pair", "check_eval", "check_pair", "errors", "make_pair", "run_checks", "torch_sgd"]
-
-
-@functools.lru_cache(maxsize=JIT_CACHE_SIZE)
-def _jitted_eval(model: resnet_flax.ResNet) -> Callable[..., dict[str, jax.Array]]:
-    return jax.jit(lambda v, x: model.apply(v, x, train=False, return_stages=True))
+from .train import check_sgd, check_train
 
 
 def check_eval(pair: Pair, batch: Batch) -> CheckResult:
@@ -38,10 +25,7 @@ def check_eval(pair: Pair, batch: Batch) -> CheckResult:
     model = pair.torch_model.eval()
     with torch.no_grad(), autocast(pair):
         t_stages = model.forward_stages(batch.x_torch)
-    if pair.api == NNX:
-        f_stages = nnx_checks.eval_stages(pair.flax_model, batch.x_jax)
-    else:
-        f_stages = _jitted_eval(pair.flax_model)(pair.variables, batch.x_jax)
+    f_stages = pair.flax.eval_stages(batch.x_jax)
     stages = stage_errors(t_stages, f_stages)
     logits = ([numpy_of_jax(f_stages["fc"])], [numpy_of_torch(t_stages["fc"])])
     return pair_result(pair, EVAL, *logits, stages, "forward outputs (eval mode)")
@@ -55,12 +39,11 @@ def check_pair(
     batch = make_batch(pair, size, batch_size, seed)
     results = [check_eval(pair, batch)] if EVAL in wanted else []
     if wanted & {TRAIN_LOGITS, RUNNING_STATS, GRADIENTS, SGD}:
-        step = FlaxTrainStep(pair, with_gradients=bool(wanted & {GRADIENTS, SGD}))
-        train = check_train(pair, batch, step)
+        train = check_train(pair, batch, with_gradients=bool(wanted & {GRADIENTS, SGD}))
         results += [r for r in train if r.check in wanted]
         if SGD in wanted:
             batches = [batch] + [make_batch(pair, size, batch_size, seed + i) for i in range(1, pair.mode.sgd_steps)]
-            results.append(check_sgd(pair, batches, step, train[0].stage_errors))
+            results.append(check_sgd(pair, batches, train[0].stage_errors))
     return results
 
 

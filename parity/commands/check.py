@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from resnet_arch import APIS, DEPTHS, LINEN
+from resnet_arch import APIS, DEPTHS, LINEN, NNX
 
 from ..checks.precision import (
     CHECKS,
@@ -26,6 +26,13 @@ DEFAULT_SIZE = (97, 131)  # odd and non-square: 'SAME' and symmetric padding dif
 DEFAULT_BATCH = 2
 EXIT_FAILED = 1  # some check exceeded its tolerance or raised
 EXIT_BAD_INPUT = 2  # the run could not start (e.g. no GPU) or its --json file cannot be written, as usage errors
+# The Flax model that --api and --fused-bn check, as the table's heading and the JSON report name it.
+FLAX_MODELS = {
+    (LINEN, False): "ResNet",
+    (LINEN, True): "fused(ResNet) (resnet_flax.fused)",
+    (NNX, False): "resnet_flax.nnx.ResNet",
+    (NNX, True): "resnet_flax.nnx.ResNet with the fused BatchNorm (resnet_flax.nnx.fused)",
+}
 
 
 def _check_list(text: str) -> tuple[str, ...]:
@@ -91,12 +98,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _flax_model(args: argparse.Namespace) -> str:
-    if args.api == LINEN:
-        return "fused(ResNet) (resnet_flax.fused)" if args.fused_bn else "ResNet"
-    return "resnet_flax.nnx.ResNet" + (" with the fused BatchNorm (resnet_flax.nnx.fused)" if args.fused_bn else "")
-
-
 def _payload(args: argparse.Namespace, runs: list[dict[str, Any]], complete: bool, passed: bool) -> dict[str, Any]:
     """The JSON report: settings, versions and every run's results."""
     return {
@@ -105,7 +106,7 @@ def _payload(args: argparse.Namespace, runs: list[dict[str, Any]], complete: boo
         "batch": args.batch,
         "seed": args.seed,
         "api": args.api,
-        "flax_model": _flax_model(args),
+        "flax_model": FLAX_MODELS[args.api, args.fused_bn],
         "complete": complete,
         "passed": passed,
         "versions": versions(),
@@ -138,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
     failed = False
     if args.json and not _saved(args, runs, complete=False, passed=False):
         return EXIT_BAD_INPUT
-    print(f"device {args.device}, input {args.batch}x3x{size[0]}x{size[1]}, seed {args.seed}, flax {_flax_model(args)}")
+    flax_model = FLAX_MODELS[args.api, args.fused_bn]
+    print(f"device {args.device}, input {args.batch}x3x{size[0]}x{size[1]}, seed {args.seed}, flax {flax_model}")
     modes = {}
     for precision in precisions:
         with applied(MODES[precision], args.device):
