@@ -250,7 +250,7 @@ def export(
     model, out = Path(model), Path(out)
     _check_writable(out)
     weights_path = _weights_path(model)
-    flax_model, variables = load_checkpoint(weights_path, "flax", precision=jax.lax.Precision.HIGHEST)
+    flax_model, variables = load_checkpoint(weights_path, "linen", precision=jax.lax.Precision.HIGHEST)
     # Verified against float32 whatever the checkpoint holds; the BatchNorm counters stay integers.
     variables = jax.tree_util.tree_map(
         lambda a: jnp.asarray(a, jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a, variables
