@@ -1,5 +1,5 @@
 """Subcommands of resnet-parity: each module has add_parser(subparsers) that sets ``run``."""
 
-from . import check, convert, summary
+from . import check, convert, export, summary
 
-COMMANDS = (summary, convert, check)
+COMMANDS = (summary, convert, check, export)
