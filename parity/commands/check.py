@@ -20,6 +20,7 @@ from ..checks.precision import (
 )
 from ..checks.report import format_error, format_result, header, versions, write_json
 from ..checks.run import run_checks
+from ..conversion.atomic import is_stream
 from .args import positive_int
 
 DEFAULT_SIZE = (97, 131)  # odd and non-square: 'SAME' and symmetric padding differ at every stride
@@ -137,7 +138,10 @@ def run(args: argparse.Namespace) -> int:
 
     runs: list[dict[str, Any]] = []
     failed = False
-    if args.json and not _saved(args, runs, complete=False, passed=False):
+    # A file is written first (so an unwritable path fails before minutes of checks) and after every run;
+    # a stream (a FIFO, /dev/stdout) gets one document, the final report, once.
+    rewrite = bool(args.json) and not is_stream(args.json)
+    if rewrite and not _saved(args, runs, complete=False, passed=False):
         return EXIT_BAD_INPUT
     flax_model = FLAX_MODELS[args.api, args.fused_bn]
     print(f"device {args.device}, input {args.batch}x3x{size[0]}x{size[1]}, seed {args.seed}, flax {flax_model}")
@@ -166,7 +170,9 @@ def run(args: argparse.Namespace) -> int:
             runs.append(run_info)
             # Rewritten after every run, so an interrupted run still leaves the figures it has.
             complete = len(runs) == len(archs) * len(precisions)
-            if args.json and not _saved(args, runs, complete, passed=complete and not failed):
+            if rewrite and not _saved(args, runs, complete, passed=complete and not failed):
                 return EXIT_BAD_INPUT
+    if args.json and not rewrite and not _saved(args, runs, complete=True, passed=not failed):
+        return EXIT_BAD_INPUT
     print("FAILED: some checks exceed their tolerance" if failed else "all checks pass")
     return EXIT_FAILED if failed else 0

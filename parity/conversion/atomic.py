@@ -42,7 +42,11 @@ def _write_through(path: Path, descriptor: int | None, write: Callable[[IO[bytes
     if descriptor is not None:  # our own stream: what was printed before must come first
         sys.stdout.flush()
         sys.stderr.flush()
-    fd = os.dup(descriptor) if descriptor is not None else os.open(path, os.O_WRONLY)
+    if descriptor is not None:
+        fd = os.dup(descriptor)
+    else:  # without blocking: a FIFO nobody reads is an error (ENXIO), not a wait without end
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        os.set_blocking(fd, True)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     return len(data)
@@ -74,6 +78,16 @@ def _replace(target: Path, write: Callable[[IO[bytes]], object], check: Callable
     finally:
         os.close(folder)
     return target.stat().st_size
+
+
+def is_stream(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a stream (our own stdout as /dev/stdout or /dev/fd/N, a FIFO, a socket): each write to
+    it adds to what a reader gets, so a document meant to be replaced must be written to it once."""
+    path = Path(path)
+    if _own_descriptor(path) is not None:
+        return True
+    target = Path(os.path.realpath(path))
+    return target.exists() and (stat.S_ISFIFO(target.stat().st_mode) or stat.S_ISSOCK(target.stat().st_mode))
 
 
 def atomic_write(
