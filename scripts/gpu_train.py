@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,22 +30,34 @@ sys.path.insert(0, str(REPO))
 from benchmarks.input_pipeline import write_folder  # noqa: E402  (after the checkout is importable)
 from parity.checks.report import write_json  # noqa: E402
 
+
+@dataclass(frozen=True)
+class Plan:
+    """The two resnet-train runs: the flags both share, each run's own, and the generated image folder."""
+
+    common: tuple[str, ...]
+    synthetic: tuple[str, ...]
+    imagefolder: tuple[str, ...]
+    images: tuple[int, int]  # generated JPEGs: training, held out
+    synthetic_share: float  # of --limit, for the first run
+
+
 # ResNet-50 at 224, batch 256: 24 steps on synthetic batches; 4 epochs of 4 steps on 1,024 JPEGs (256 held out).
-GPU = {
-    "common": ["--preset", "imagenet-resnet50", "--batch-size", "256", "--log-every", "2"],
-    "synthetic": ["--train-limit", str(24 * 256), "--epochs", "1", "--warmup-epochs", "0.25"],
-    "imagefolder": ["--epochs", "4", "--warmup-epochs", "1"],
-    "images": (1024, 256),
-    "synthetic_share": 0.4,  # of --limit, for the first run
-}
-DRY = {
-    "common": ["--preset", "imagenet-resnet50", "--arch", "resnet18", "--small-stem", "--image-size", "16"]
-    + ["--dtype", "fp32", "--batch-size", "8", "--log-every", "2", "--workers", "2"],
-    "synthetic": ["--train-limit", str(12 * 8), "--epochs", "1", "--warmup-epochs", "0.25"],
-    "imagefolder": ["--epochs", "4", "--warmup-epochs", "1"],
-    "images": (48, 16),
-    "synthetic_share": 0.4,
-}
+GPU = Plan(
+    common=("--preset", "imagenet-resnet50", "--batch-size", "256", "--log-every", "2"),
+    synthetic=("--train-limit", str(24 * 256), "--epochs", "1", "--warmup-epochs", "0.25"),
+    imagefolder=("--epochs", "4", "--warmup-epochs", "1"),
+    images=(1024, 256),
+    synthetic_share=0.4,
+)
+DRY = Plan(
+    common=("--preset", "imagenet-resnet50", "--arch", "resnet18", "--small-stem", "--image-size", "16")
+    + ("--dtype", "fp32", "--batch-size", "8", "--log-every", "2", "--workers", "2"),
+    synthetic=("--train-limit", str(12 * 8), "--epochs", "1", "--warmup-epochs", "0.25"),
+    imagefolder=("--epochs", "4", "--warmup-epochs", "1"),
+    images=(48, 16),
+    synthetic_share=0.4,
+)
 
 
 def make_folder(root: Path, train: int, held_out: int) -> None:
@@ -94,12 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(scratch) / "jpegs"
         for name in ("synthetic", "imagefolder"):
             run_dir = Path(scratch) / f"run-{name}"
-            data = ["--dataset", "synthetic"] if name == "synthetic" else ["--data-dir", str(folder)]
-            if name == "imagefolder":
-                make_folder(folder, *plan["images"])
-            flags = [*plan["common"], *data, *plan[name], "--run-dir", str(run_dir), "--no-export", "--no-progress"]
+            if name == "synthetic":
+                data, own = ["--dataset", "synthetic"], plan.synthetic
+            else:
+                make_folder(folder, *plan.images)
+                data, own = ["--data-dir", str(folder)], plan.imagefolder
+            flags = [*plan.common, *data, *own, "--run-dir", str(run_dir), "--no-export", "--no-progress"]
             left = deadline - time.monotonic()
-            limit = left * plan["synthetic_share"] if name == "synthetic" else left
+            limit = left * plan.synthetic_share if name == "synthetic" else left
             start = time.monotonic()
             try:
                 code = subprocess.run(
