@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check in one call: the gpu-marked tests, `resnet-parity check` at every depth in every
-# GPU precision, the throughput benchmarks (conversion speed is a CPU figure, measured by
+# GPU precision, the throughput benchmarks (conversion speed is a CPU figure: the dry run times it with
 # benchmarks/convert_speed.py) and short ResNet-50 training runs of resnet-train (synthetic batches,
 # then the Grain pipeline on a generated JPEG folder). Each step has its own time limit and a failed
 # step never stops the next, so one bug does not lose the other figures; the limits add up to 600 s
@@ -104,6 +104,7 @@ else
     --batch 2 --checks "eval logits" --json "$REPORT_DIR/parity-gpu.json"
   run_step throughput-headline 300 $PY "${TINY[@]}" --impl resnet_flax,resnet_torch,resnet_flax_plain --interleave \
     --json "$REPORT_DIR/throughput-headline.json"
+  # One layout, one fresh process: the others differ in names only (tests/test_hub.py converts each).
   run_step convert-speed 90 $PY benchmarks/convert_speed.py resnet18 --layouts torchvision --repeat 1
   run_step train-resnet50 300 $PY scripts/gpu_train.py --out "$REPORT_DIR" --dry-run --limit 280
 fi
