@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU check in one call: the gpu-marked tests, `resnet-parity check` at every depth in every
-# GPU precision, the throughput benchmarks (conversion speed is a CPU figure, measured by
+# GPU precision, the throughput benchmarks (conversion speed is a CPU figure: the dry run times it with
 # benchmarks/convert_speed.py) and short ResNet-50 training runs of resnet-train (synthetic batches,
 # then the Grain pipeline on a generated JPEG folder). Each step has its own time limit and a failed
 # step never stops the next, so one bug does not lose the other figures; the limits add up to 600 s
-# on a GPU. The full
-# report goes to $OUT/parity-gpu.md (gpu-levers.md with --levers; ./gpu-report/ when OUT is unset),
-# the JSON figures and a gpu-logs.tar.gz of every log beside it; a short table is printed last.
-# Nothing is installed and no GPU setting is changed.
+# on a GPU. The full report goes to $OUT/parity-gpu.md (gpu-levers.md with --levers; ./gpu-report/
+# when OUT is unset), the JSON figures and a gpu-logs.tar.gz of every log beside it; a short table is
+# printed last. Nothing is installed and no GPU setting is changed.
 #
 #   scripts/gpu_check.sh            # on a machine with a CUDA GPU (torch, jax[cuda], flax, optax)
 #   scripts/gpu_check.sh --levers   # instead: resnet_flax training under each speed lever (210 s)
@@ -54,8 +53,10 @@ run_step() {  # NAME LIMIT_S COMMAND...: run with a time limit, log to $LOG_DIR/
 }
 
 TP=(benchmarks/throughput.py --arch resnet50 --dtype bf16 --batch 256 --size 224 --device gpu --repeats 2)
+# One torch thread in the dry run: its figures mean nothing, and on a CPU shared with other jobs OpenMP
+# barriers between threads stall for whole scheduler slices.
 TINY=(benchmarks/throughput.py --arch resnet18 --dtype fp32 --batch 2 --size 32 --device cpu --steps 1 --warmup 1
-  --repeats 1 --latency-batches "")
+  --repeats 1 --latency-batches "" --torch-threads 1)
 if [ "$LEVERS" = 1 ]; then
   # Training speed levers, each in its own process (XLA flags are read once per process), each
   # measuring the fused-BatchNorm model and the plain mirror; compare figures within this call only.
@@ -103,7 +104,8 @@ else
     --batch 2 --checks "eval logits" --json "$REPORT_DIR/parity-gpu.json"
   run_step throughput-headline 300 $PY "${TINY[@]}" --impl resnet_flax,resnet_torch,resnet_flax_plain --interleave \
     --json "$REPORT_DIR/throughput-headline.json"
-  run_step convert-speed 90 $PY benchmarks/convert_speed.py resnet18 --repeat 1
+  # One layout, one fresh process: the others differ in names only (tests/test_hub.py converts each).
+  run_step convert-speed 90 $PY benchmarks/convert_speed.py resnet18 --layouts torchvision --repeat 1
   run_step train-resnet50 300 $PY scripts/gpu_train.py --out "$REPORT_DIR" --dry-run --limit 280
 fi
 

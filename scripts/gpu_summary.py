@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# Imports no framework: the report is written even when torch or jax fail to import.
+from parity.conversion.atomic import atomic_write  # noqa: E402  (after the checkout is importable)
 
 TIMEOUT_CODES = ("124", "137")  # timeout(1)'s exit status, and SIGKILL after --kill-after
 LOG_TAIL_LINES = 400  # per step in the markdown report; the full logs stay beside it
@@ -73,7 +76,7 @@ def parity_worst_table(report: dict[str, Any] | None) -> list[str]:
     """Markdown rows: the worst relative error per (precision, check) over all depths."""
     if report is None:
         return []
-    rows = {}
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
     for run in report["runs"]:
         for r in run.get("results", []):
             key = (r["precision"], r["check"])
@@ -132,19 +135,6 @@ def markdown(steps: list[dict[str, str]], report_dir: Path, mode: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to a temporary file beside path, then rename it into place. (Not parity.files'
-    atomic_write: the summary must be written even when torch or jax fail to import.)"""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def short_table(steps: list[dict[str, str]], report_dir: Path, mode: str, report: str) -> str:
     """The table printed last: one line per step."""
     head = "GPU check summary" + ("" if mode == "gpu" else " (DRY RUN on CPU: no GPU figures)")
@@ -164,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=("gpu", "dry"), required=True, help="a GPU run or the CPU dry run")
     args = p.parse_args(argv)
     steps = read_steps(args.steps)
-    write_atomic(args.report_dir / args.report, markdown(steps, args.report_dir, args.mode))
+    text = markdown(steps, args.report_dir, args.mode)
+    atomic_write(args.report_dir / args.report, lambda f: f.write(text.encode()))
     print(short_table(steps, args.report_dir, args.mode, args.report))
     return 0
 
