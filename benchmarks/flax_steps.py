@@ -1,10 +1,10 @@
-"""resnet_flax under jax.jit: one whole train step with the fused train-mode BatchNorm (or the plain
-mirror's), and inference with BatchNorm folded (or not)."""
+"""resnet_flax under jax.jit: resnet-train's own train step (``resnet_train.steps.train_step``: loss,
+gradients, the trainer's optimizer and its non-finite guard) on synthetic batches, with the fused
+train-mode BatchNorm (or the plain mirror's), and inference with BatchNorm folded (or not)."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -12,13 +12,16 @@ import jax.numpy as jnp
 import optax
 
 import resnet_flax
-from parity.checks.optim import torch_sgd
 from resnet_arch import dtype_name
 from resnet_data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from resnet_flax import preprocess
 from resnet_flax.fold import fold
-from resnet_flax.fused import fused
 from resnet_flax.model import init_key
+from resnet_train import steps
+from resnet_train.config import TrainConfig
+from resnet_train.data import steps_per_epoch
+from resnet_train.feeds import IMAGENET_TRAIN_IMAGES
+from resnet_train.optim import make_optimizer
 
 from .common import LEARNING_RATE, MOMENTUM, WEIGHT_DECAY, Settings, Step
 
@@ -58,7 +61,7 @@ def _model_and_variables(settings: Settings) -> tuple[resnet_flax.ResNet, Any]:
 
 
 @functools.cache
-def _inference(settings: Settings, folded: bool) -> tuple[Any, Callable[[Any, jax.Array], jax.Array]]:
+def _inference(settings: Settings, folded: bool) -> tuple[Any, jax.stages.Wrapped]:
     """Eval variables (folded or not) and one jitted forward, shared by every batch size."""
     model, variables = _model_and_variables(settings)
     if folded:
@@ -67,66 +70,73 @@ def _inference(settings: Settings, folded: bool) -> tuple[Any, Callable[[Any, ja
     return variables, jax.jit(lambda v, x: model.apply(v, normalize(x, model.dtype), train=False))
 
 
-def optimizer() -> optax.GradientTransformation:
-    """torch.optim.SGD(lr, momentum, weight_decay) in optax, the chain the parity checks prove."""
-    return torch_sgd(LEARNING_RATE, MOMENTUM, WEIGHT_DECAY)
+def trainer_config(settings: Settings, fused_bn: bool = True) -> TrainConfig:
+    """The `resnet-train --dataset synthetic` run whose step a benchmark times: the settings' model, batch
+    and dtype, the benchmark's SGD (the trainer's optimizer chain), every other option the trainer's default."""
+    return TrainConfig(
+        dataset="synthetic",
+        arch=settings.arch,
+        small_stem=settings.small_stem,
+        image_size=settings.size,
+        batch_size=settings.batch,
+        dtype=settings.dtype,
+        fused_bn=fused_bn,
+        lr=LEARNING_RATE,
+        momentum=MOMENTUM,
+        weight_decay=WEIGHT_DECAY,
+        seed=settings.seed,
+        progress=False,
+        export=False,
+    )
 
 
-def make_train_step(model: resnet_flax.ResNet, tx: optax.GradientTransformation, steps_per_call: int = 1) -> Any:
-    """Forward, loss, gradients, optimizer update and new BatchNorm statistics, all under one jit.
+def trainer_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """The trainer's optimizer for ``config``, its schedule spanning synthetic ImageNet-sized epochs."""
+    return make_optimizer(config, steps_per_epoch(IMAGENET_TRAIN_IMAGES, config.batch_size))
 
-    The state (params, batch_stats, opt_state) is donated, so XLA updates it in place. With
-    ``steps_per_call`` K > 1 one call runs K steps (``lax.scan``) over K stacked batches
-    (images (K, N, H, W, C), labels (K, N)) and returns the last loss: one dispatch for K steps.
+
+def trainer_state(settings: Settings, config: TrainConfig) -> steps.TrainState:
+    """The trainer's step-0 state of ``config``'s model from the benchmark's initial weights (a copy: the
+    step donates its state, and the cached initial variables must survive it)."""
+    _, variables = _model_and_variables(settings)
+    model = steps.build_model(config, settings.num_classes)
+    tx = trainer_optimizer(config)
+    return steps.state_of(model, jax.tree.map(jnp.copy, variables), tx, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def make_train_step(config: TrainConfig, steps_per_call: int = 1) -> Any:
+    """``resnet_train.steps.train_step`` for ``config`` under one jit: ``(state, images, labels) -> (state,
+    metrics)``.
+
+    The state is donated, so XLA updates it in place. With ``steps_per_call`` K > 1 one call runs K
+    steps (``lax.scan``) over K stacked batches (images (K, N, H, W, C), labels (K, N)) and returns the
+    last step's metrics: one dispatch for K steps.
     """
-
-    def train_step(
-        state: tuple[Any, Any, Any], images: jax.Array, labels: jax.Array
-    ) -> tuple[tuple[Any, Any, Any], jax.Array]:
-        params, batch_stats, opt_state = state
-
-        def loss_fn(p: Any) -> tuple[jax.Array, Any]:
-            x = normalize(images, model.dtype)
-            logits, updates = model.apply(
-                {"params": p, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
-            )
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
-            return loss, updates["batch_stats"]
-
-        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), new_stats, opt_state), loss
-
+    step = functools.partial(steps.train_step, config=config)
     if steps_per_call == 1:
-        return jax.jit(train_step, donate_argnums=0)
+        return jax.jit(step, donate_argnums=0)
 
-    def train_steps(
-        state: tuple[Any, Any, Any], images: jax.Array, labels: jax.Array
-    ) -> tuple[tuple[Any, Any, Any], jax.Array]:
-        state, losses = jax.lax.scan(lambda s, batch: train_step(s, *batch), state, (images, labels))
-        return state, losses[-1]
+    def train_steps(state: steps.TrainState, images: jax.Array, labels: jax.Array) -> tuple[steps.TrainState, Any]:
+        state, metrics = jax.lax.scan(lambda s, batch: step(s, *batch), state, (images, labels))
+        return state, jax.tree.map(lambda m: m[-1], metrics)
 
     return jax.jit(train_steps, donate_argnums=0)
 
 
 def train(settings: Settings, fused_bn: bool = True, steps_per_call: int = 1) -> Step:
-    """A train step of resnet_flax on fixed synthetic batches; ``fused_bn`` trains the
-    ``resnet_flax.fused`` model (what resnet-train uses), else the plain mirror."""
-    model, variables = _model_and_variables(settings)
-    model = fused(model) if fused_bn else model
-    # A copy: the step donates its state, and the cached initial variables must survive it.
-    variables = jax.tree.map(jnp.copy, variables)
-    tx = optimizer()
+    """resnet-train's train step on fixed synthetic batches; ``fused_bn`` trains the ``resnet_flax.fused``
+    model (the trainer's default), else the plain mirror."""
+    config = trainer_config(settings, fused_bn)
     with jax.default_device(_device(settings)):
         images, labels = _data(settings, settings.batch * steps_per_call)
         if steps_per_call > 1:
             images = images.reshape(steps_per_call, settings.batch, *images.shape[1:])
             labels = labels.reshape(steps_per_call, settings.batch)
-        holder = {"state": (variables["params"], variables["batch_stats"], tx.init(variables["params"])), "loss": None}
-    step_fn = make_train_step(model, tx, steps_per_call)
+        holder: dict[str, Any] = {"state": trainer_state(settings, config), "metrics": None}
+    step_fn = make_train_step(config, steps_per_call)
 
     def run() -> None:
-        holder["state"], holder["loss"] = step_fn(holder["state"], images, labels)
+        holder["state"], holder["metrics"] = step_fn(holder["state"], images, labels)
 
     impl = "resnet_flax" if fused_bn else "resnet_flax_plain"
     return Step(impl, "train", run, lambda: jax.block_until_ready(holder["state"]), steps_per_call)

@@ -24,7 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +90,7 @@ def write_folder(root: Path, indices: range, seed: int = 0) -> None:
         write_image(root, i, seed)
 
 
-def grain_batches(root: Path, args: argparse.Namespace) -> Iterator[Any]:
+def grain_batches(root: Path, args: argparse.Namespace) -> Generator[Any, None, None]:
     """The trainer's pipeline: resnet_data's Grain stream over the folder."""
     import grain
 
@@ -107,7 +107,7 @@ def grain_batches(root: Path, args: argparse.Namespace) -> Iterator[Any]:
         stream.close()
 
 
-def torchvision_batches(root: Path, args: argparse.Namespace) -> Iterator[Any]:
+def torchvision_batches(root: Path, args: argparse.Namespace) -> Generator[Any, None, None]:
     """torchvision's ImageFolder + DataLoader with the same transforms, to uint8 tensors."""
     import torch
     from torchvision import datasets, transforms

@@ -49,7 +49,6 @@ def _cost(compiled: Any) -> dict[str, Any]:
 def programs(settings: Any, mode: str) -> dict[str, dict[str, Any]]:
     """The compiled linen and NNX (split/merge) programs of one mode, described by ``_cost``."""
     from benchmarks import flax_steps, nnx_steps
-    from resnet_flax.fused import fused
 
     if mode == "infer":
         variables, forward = flax_steps._inference(settings, folded=True)
@@ -58,11 +57,10 @@ def programs(settings: Any, mode: str) -> dict[str, dict[str, Any]]:
         jitted, state, images = nnx_steps.split_infer(settings)
         nnx = jitted.lower(state, images)
     else:
-        model, variables = flax_steps._model_and_variables(settings)
-        tx = flax_steps.optimizer()
+        config = flax_steps.trainer_config(settings)
         images, labels = flax_steps._data(settings, settings.batch)
-        state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
-        linen = flax_steps.make_train_step(fused(model), tx).lower(state, images, labels)
+        state = flax_steps.trainer_state(settings, config)
+        linen = flax_steps.make_train_step(config).lower(state, images, labels)
         jitted, nnx_state, images, labels = nnx_steps.split_train(settings)
         nnx = jitted.lower(nnx_state, images, labels)
     return {"linen": _cost(linen.compile()), "nnx": _cost(nnx.compile())}

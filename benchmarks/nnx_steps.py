@@ -1,7 +1,11 @@
-"""resnet_flax.nnx: the train step (fused BatchNorm, nnx.Optimizer over the same SGD chain) and inference
-(BatchNorm folded), each jitted two ways: ``nnx.split``/``nnx.merge`` around ``jax.jit`` (the state is a
-pytree, nothing is traversed per call) or ``nnx.jit`` (the model and optimizer passed as objects, their
-graph split and merged in Python at every call).
+"""resnet_flax.nnx: the train step (fused BatchNorm, nnx.Optimizer over the trainer's SGD chain) and
+inference (BatchNorm folded), each jitted two ways: ``nnx.split``/``nnx.merge`` around ``jax.jit`` (the
+state is a pytree, nothing is traversed per call) or ``nnx.jit`` (the model and optimizer passed as
+objects, their graph split and merged in Python at every call).
+
+The split form's train step is `resnet-train --api nnx`'s own (``resnet_train.nnx_steps.train_step``).
+The ``nnx.jit`` form runs the forward, loss, gradients and optimizer update alone (no augmentation, label
+smoothing or non-finite guard): it measures what jitting objects costs, beside the split form.
 
 The model holds the linen benchmark's initial weights (converted), so both APIs run the same numbers.
 """
@@ -10,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +22,9 @@ import optax
 from flax import nnx
 
 from parity.conversion.nnx import linen_to_nnx
+from resnet_data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from resnet_flax import nnx as flax_nnx
+from resnet_train import nnx_steps as trainer_steps
 
 from . import flax_steps
 from .common import Settings, Step
@@ -36,7 +42,7 @@ def _model(settings: Settings) -> flax_nnx.ResNet:
 
 
 def _loss(model: flax_nnx.ResNet, images: jax.Array, labels: jax.Array) -> jax.Array:
-    logits = model(flax_steps.normalize(images, model.dtype))
+    logits = cast(jax.Array, model(flax_steps.normalize(images, model.dtype)))  # logits unless asked for stages
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
 
 
@@ -48,27 +54,25 @@ def _update(model: flax_nnx.ResNet, optimizer: nnx.Optimizer, images: jax.Array,
 
 
 def _train_objects(settings: Settings) -> tuple[flax_nnx.ResNet, nnx.Optimizer, jax.Array, jax.Array]:
-    """The fused model in train mode, its optimizer (the linen step's SGD chain) and a fixed batch."""
+    """The fused model in train mode, its optimizer (the trainer's SGD chain) and a fixed batch."""
     model = flax_nnx.fused(_model(settings))
     model.train()
-    optimizer = nnx.Optimizer(model, flax_steps.optimizer(), wrt=nnx.Param)
+    tx = flax_steps.trainer_optimizer(flax_steps.trainer_config(settings))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     with jax.default_device(flax_steps._device(settings)):
         images, labels = flax_steps._data(settings, settings.batch)
     return model, optimizer, images, labels
 
 
-def split_train(settings: Settings) -> tuple[Callable[..., Any], Any, jax.Array, jax.Array]:
-    """The split form of the train step: ``(state, images, labels) -> (state, loss)`` under jax.jit (state
-    donated), the model's and optimizer's state, and the batch."""
-    model, optimizer, images, labels = _train_objects(settings)
-    graphdef, state = nnx.split((model, optimizer))
-
-    def step(state: Any, images: jax.Array, labels: jax.Array) -> tuple[Any, jax.Array]:
-        model, optimizer = nnx.merge(graphdef, state)
-        loss = _update(model, optimizer, images, labels)
-        return nnx.state((model, optimizer)), loss
-
-    return jax.jit(step, donate_argnums=0), state, images, labels
+def split_train(settings: Settings) -> tuple[jax.stages.Wrapped, Any, jax.Array, jax.Array]:
+    """`resnet-train --api nnx`'s train step: ``(state, images, labels) -> (state, metrics)`` under jax.jit
+    (state donated), its step-0 state from the benchmark's initial weights, and the batch."""
+    config = flax_steps.trainer_config(settings)
+    model = flax_nnx.fused(_model(settings))
+    state = trainer_steps.state_of(model, flax_steps.trainer_optimizer(config), IMAGENET_MEAN, IMAGENET_STD)
+    with jax.default_device(flax_steps._device(settings)):
+        images, labels = flax_steps._data(settings, settings.batch)
+    return jax.jit(functools.partial(trainer_steps.train_step, config=config), donate_argnums=0), state, images, labels
 
 
 def train(settings: Settings, jit: str = SPLIT) -> Step:
@@ -91,7 +95,7 @@ def train(settings: Settings, jit: str = SPLIT) -> Step:
     return Step(IMPLS[jit], "train", run_split, lambda: jax.block_until_ready(holder["state"]))
 
 
-def split_infer(settings: Settings, batch: int | None = None) -> tuple[Callable[..., jax.Array], Any, jax.Array]:
+def split_infer(settings: Settings, batch: int | None = None) -> tuple[jax.stages.Wrapped, Any, jax.Array]:
     """The split form of folded inference: ``(state, images) -> logits`` under jax.jit, the state and a batch."""
     model, images = _infer_objects(settings, batch)
     graphdef, state = nnx.split(model)

@@ -10,12 +10,13 @@ batch 1 and 16. Prints a table and writes every figure, with machine and version
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import platform
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +142,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _choices(text: str, allowed: Sequence[str], flag: str) -> list[str]:
+def _choices(text: str, allowed: Collection[str], flag: str) -> list[str]:
     chosen = [c.strip() for c in text.split(",") if c.strip()]
     unknown = [c for c in chosen if c not in allowed]
     if unknown or not chosen:
@@ -223,7 +224,7 @@ def machine(device: str) -> dict[str, Any]:
             "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
             "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         }
-    info["jax_default_matmul_precision"] = str(jax.config.jax_default_matmul_precision)
+    info["jax_default_matmul_precision"] = str(jax.config.values["jax_default_matmul_precision"])
     info["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     info["torch_threads"] = torch.get_num_threads()
     if hasattr(os, "getloadavg"):
@@ -344,13 +345,13 @@ def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] = lambd
         save(report)
     else:
         for impl, mode in chosen:
-            _measure("results", impl, report, lambda impl=impl, mode=mode: throughput(impl, mode))
+            _measure("results", impl, report, functools.partial(throughput, impl, mode))
             report["ratios"] = ratios(report["results"])
             _release(args.device)
             save(report)
     for impl in (i for i in impls if IMPLS[i]["infer"]):
         for batch in args.latency:
-            _measure("latency", impl, report, lambda impl=impl, batch=batch: latency(impl, batch))
+            _measure("latency", impl, report, functools.partial(latency, impl, batch))
             _release(args.device)
             save(report)
     return report

@@ -12,28 +12,34 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
-from parity.conversion.arrays import torch_views
-from parity.conversion.files import CheckpointError, tensors_digest
+from parity.conversion.atomic import arrays_digest
 
-from .steps import TrainState
+from .api import TrainStateLike
 
 log = logging.getLogger(__name__)
 
+S = TypeVar("S", bound=TrainStateLike)  # a train state of either API
+
 # The metric that ranks checkpoints for "best"; higher is better.
 BEST_METRIC = "test_accuracy"
-# TrainState fields that are arrays (the rest are functions and constants rebuilt from the config).
+# TrainStateLike fields that are arrays (the rest are functions and constants rebuilt from the config).
 SAVED_FIELDS = ("step", "params", "batch_stats", "opt_state", "skipped")
 # The key of the arrays' sha256 in each step's orbax custom metadata.
 DIGEST_KEY = "sha256"
 # Where a checkpoint that fails to restore is moved, beside the checkpoints folder (kept, never deleted).
 DAMAGED_SUFFIX = "-damaged"
+
+
+class CheckpointError(ValueError):
+    """A train-state checkpoint is damaged (its arrays differ from their digest) or none of a run's restores;
+    the message names the folder."""
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -48,12 +54,14 @@ def state_digest(tree: Any) -> str:
     """sha256 over every array of a train-state tree, named by its path (replicated: one local copy each).
 
     Names are plain keys and indices joined by '/', so a tree restored without its target (optax
-    states as dicts) names its arrays as the saved one did.
+    states as dicts) names its arrays as the saved one did. The digest is ``arrays_digest``'s, the
+    format of the weight files' ``tensors_digest``.
     """
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
     names = [jax.tree_util.keystr(path, simple=True, separator="/") for path, _ in leaves]
-    host = [np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x) for _, x in leaves]
-    return tensors_digest(dict(zip(names, torch_views(host), strict=True)))
+    local = [x.addressable_data(0) if isinstance(x, jax.Array) else x for _, x in leaves]
+    host = [np.asarray(x) for x in jax.device_get(local)]
+    return arrays_digest(dict(zip(names, host, strict=True)))
 
 
 def _quiet_late_orbax_reads() -> None:
@@ -123,7 +131,7 @@ class Checkpoints:
         return self.directory / str(step)
 
     def save(
-        self, state: TrainState, metrics: dict[str, float] | None = None, items: Mapping[str, Any] | None = None
+        self, state: TrainStateLike, metrics: dict[str, float] | None = None, items: Mapping[str, Any] | None = None
     ) -> Path:
         """Save state at its step (once per step) with optional metrics for the best-of ranking, and
         other items beside it (name -> orbax save args, e.g. the data iterator's grain.checkpoint.CheckpointSave)."""
@@ -142,7 +150,7 @@ class Checkpoints:
                 raise CheckpointSaveError(f"{self.path(step)}: cannot save the checkpoint: {e}") from e
         return self.path(step)
 
-    def restore(self, like: TrainState, step: int | None = None, items: Mapping[str, Any] | None = None) -> TrainState:
+    def restore(self, like: S, step: int | None = None, items: Mapping[str, Any] | None = None) -> S:
         """The saved state at step (default: latest), placed with the shardings of `like`, its digest checked;
         the other items are restored through their restore args (name -> e.g. grain.checkpoint.CheckpointRestore)."""
         step = self.latest_step() if step is None else step
@@ -162,7 +170,7 @@ class Checkpoints:
             restored = self.manager.restore(step, args=tree)
         return like.replace(**_verified(self.path(step), restored))
 
-    def restore_latest_good(self, like: TrainState, items: Mapping[str, Any] | None = None) -> TrainState | None:
+    def restore_latest_good(self, like: S, items: Mapping[str, Any] | None = None) -> S | None:
         """The newest checkpoint that restores intact; None when there is no checkpoint at all.
 
         A newer one that fails while an older one restores is damaged: one warning names it and it

@@ -214,7 +214,8 @@ def saved_config(text: str) -> dict[str, Any]:
     """A run's config.json as today's field values (later fields filled in, renamed values updated)."""
     saved = {**LATER_FIELDS, **json.loads(text)}
     for name, renames in RENAMED_VALUES.items():
-        saved[name] = renames.get(saved.get(name), saved.get(name))
+        value = saved.get(name)
+        saved[name] = renames.get(value, value) if isinstance(value, str) else value
     return saved
 
 

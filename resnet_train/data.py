@@ -66,8 +66,8 @@ def _finish(name: str, train: Split, test: Split, class_names: tuple[str, ...]) 
         np.ascontiguousarray(test[0], np.uint8),
         test[1].astype(np.int32),
         len(class_names),
-        tuple(float(v) for v in mean),
-        tuple(float(v) for v in std),
+        (float(mean[0]), float(mean[1]), float(mean[2])),
+        (float(std[0]), float(std[1]), float(std[2])),
         class_names,
     )
 
@@ -81,7 +81,8 @@ def _split(images: np.ndarray, labels: np.ndarray, test_fraction: float) -> tupl
 def _resize(images_nhw3: np.ndarray, side: int) -> np.ndarray:
     if images_nhw3.shape[1:3] == (side, side):
         return images_nhw3
-    return np.stack([np.asarray(Image.fromarray(im).resize((side, side), Image.BILINEAR)) for im in images_nhw3])
+    bilinear = Image.Resampling.BILINEAR
+    return np.stack([np.asarray(Image.fromarray(im).resize((side, side), bilinear)) for im in images_nhw3])
 
 
 def load_digits(image_size: int, test_fraction: float) -> Dataset:

@@ -1,4 +1,8 @@
-"""The training loop: epochs of sharded steps, evaluation, checkpoints, signals, export."""
+"""The training loop: epochs of sharded steps, evaluation, checkpoints, signals, export.
+
+The steps' metrics stay on the device: the loop fetches them every ``--log-every`` steps and at the
+end of an epoch, and checks whether step N was finite while step N+1 runs.
+"""
 
 from __future__ import annotations
 
@@ -8,31 +12,30 @@ import functools
 import logging
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from resnet_arch import NNX
-
-from . import nnx_steps, runlog, sharding, steps
+from . import runlog, sharding
+from .api import TrainStateLike, step_functions
 from .checkpoint import Checkpoints
 from .config import RESUMABLE_CHANGES, TrainConfig, saved_config
 from .data import steps_per_epoch
-from .export import EXPORT_RTOL, ExportCancelled, ExportCheck, ExportMismatchError, export_torch, verify_export
+from .export import export_run
 from .feeds import Feed, open_feed
 from .optim import make_optimizer, schedule
 from .signals import StopRequest, catch_stop_signals
-from .steps import TrainState
+from .tallies import Tally
+
+Metrics = dict[str, jax.Array]
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
-EXPORT_FILE = "model.safetensors"
 # XLA on CPU cannot reuse donated buffers and warns; elsewhere donation halves the state's memory.
 NO_DONATION_BACKENDS = ("cpu",)
 
@@ -43,11 +46,6 @@ class ProcessLostError(RuntimeError):
 
 class NonFiniteLossError(RuntimeError):
     """The loss, a gradient or the update was NaN/inf and the run was told to stop."""
-
-
-def _steps(config: TrainConfig) -> Any:
-    """The module of state and step functions for the config's Flax API (the same names in both)."""
-    return nnx_steps if config.api == NNX else steps
 
 
 def _check_run_dir(run_dir: Path, config: TrainConfig, checkpoints: Checkpoints, class_names: tuple[str, ...]) -> None:
@@ -76,7 +74,7 @@ def _prepare_run_dir(run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _restore(config: TrainConfig, checkpoints: Checkpoints, state: TrainState, ds: Feed) -> TrainState:
+def _restore(config: TrainConfig, checkpoints: Checkpoints, state: TrainStateLike, ds: Feed) -> TrainStateLike:
     """With --resume, the newest intact checkpoint's state (and the data's position); without one, the fresh
     state, saying so."""
     if not config.resume:
@@ -89,7 +87,9 @@ def _restore(config: TrainConfig, checkpoints: Checkpoints, state: TrainState, d
     return restored
 
 
-def evaluate(eval_fn: Any, state: TrainState, batches: Iterable[tuple[jax.Array, ...]]) -> dict[str, float]:
+def evaluate(
+    eval_fn: Callable[..., Metrics], state: TrainStateLike, batches: Iterable[tuple[jax.Array, ...]]
+) -> dict[str, float]:
     """Mean loss, top-1 and top-5 accuracy over (images, labels, mask) batches of a whole split."""
     totals = {"loss": 0.0, "correct": 0, "correct5": 0, "count": 0}
     for batch in batches:
@@ -98,51 +98,6 @@ def evaluate(eval_fn: Any, state: TrainState, batches: Iterable[tuple[jax.Array,
             totals[k] += out[k].item()
     n = totals["count"]
     return {"loss": totals["loss"] / n, "accuracy": totals["correct"] / n, "top5": totals["correct5"] / n, "images": n}
-
-
-def _export(config: TrainConfig, state: TrainState, ds: Feed, run_dir: Path, stop: StopRequest) -> dict[str, Any]:
-    """Write the PyTorch checkpoint, verified on the test set against the float32 Flax model before it is in place.
-
-    A file that fails the check, or whose check a stop signal interrupts, never reaches its path.
-    """
-    variables = jax.device_get(state.variables())
-    meta = {
-        "arch": config.arch,
-        "small_stem": config.small_stem,
-        "image_size": config.image_size,
-        "mean": list(ds.mean),
-        "std": list(ds.std),
-        "input": "NCHW RGB, x / 255 normalised by mean/std",
-        "class_names": list(ds.class_names),
-    }
-    path = run_dir / EXPORT_FILE
-    # Verify the float32 weights at full precision (no TF32 on GPUs), whatever dtype trained them.
-    forward = _steps(config).eval_forward(config, ds.num_classes, jnp.float32, jax.lax.Precision.HIGHEST)
-    checks: list[ExportCheck] = []
-
-    def verify(written: Path) -> None:
-        check = verify_export(
-            written, forward, variables, ds.test_images, ds.mean, ds.std, lambda: stop.signal_name is not None
-        )
-        if not check.ok:
-            raise ExportMismatchError(
-                f"export check failed: resnet_torch with the exported weights differs from the Flax model on the test "
-                f"set (relative logit error {check.rel_err:.2e}, tolerance {EXPORT_RTOL:.0e}; "
-                f"{check.mismatched_predictions} of {check.images} predictions differ); {path} was not written"
-            )
-        checks.append(check)
-
-    try:
-        export_torch(variables, path, meta, verify)
-    except ExportCancelled:
-        log.warning("%s: export check interrupted by %s; the file was not written", path, stop.signal_name)
-        return {"export": None}
-    [check] = checks
-    return {
-        "export": str(path),
-        "export_rel_err": check.rel_err,
-        "export_mismatched_predictions": check.mismatched_predictions,
-    }
 
 
 @dataclasses.dataclass
@@ -156,8 +111,8 @@ class Run:
     per_epoch: int
     run_dir: Path
     checkpoints: Checkpoints
-    train_fn: Any
-    eval_fn: Any
+    train_fn: Callable[..., tuple[TrainStateLike, Metrics]]
+    eval_fn: Callable[..., Metrics]
 
 
 @dataclasses.dataclass
@@ -169,7 +124,7 @@ class Progress:
     stopped: str | None = None
 
 
-def setup(config: TrainConfig, cleanup: contextlib.ExitStack) -> tuple[Run, TrainState]:
+def setup(config: TrainConfig, cleanup: contextlib.ExitStack) -> tuple[Run, TrainStateLike]:
     """Join the job, open the data, lock and check the run directory and build (or restore) the state and steps.
 
     The run directory stays locked until ``cleanup`` closes (process 0 holds the lock).
@@ -189,7 +144,7 @@ def setup(config: TrainConfig, cleanup: contextlib.ExitStack) -> tuple[Run, Trai
     _check_run_dir(run_dir, config, checkpoints, ds.class_names)
 
     tx = make_optimizer(config, per_epoch)
-    fns = _steps(config)
+    fns = step_functions(config.api)
     state = sharding.replicate(fns.create_train_state(config, ds.num_classes, tx, ds.mean, ds.std), mesh)
     state = _restore(config, checkpoints, state, ds)
     if lead:  # only now: a failed resume leaves the run's record as it was
@@ -204,7 +159,7 @@ def setup(config: TrainConfig, cleanup: contextlib.ExitStack) -> tuple[Run, Trai
     return Run(config, lead, mesh, ds, per_epoch, run_dir, checkpoints, train_fn, eval_fn), state
 
 
-def train_epoch(run: Run, state: TrainState, epoch: int, progress: Progress, stop: StopRequest) -> TrainState:
+def train_epoch(run: Run, state: TrainStateLike, epoch: int, progress: Progress, stop: StopRequest) -> TrainStateLike:
     """Train one epoch (or its rest, on resume), then evaluate, record and checkpoint it.
 
     A stop signal ends the epoch at the next step boundary with a checkpoint (``progress.stopped``).
@@ -221,28 +176,37 @@ def train_epoch(run: Run, state: TrainState, epoch: int, progress: Progress, sto
         disable=not (config.progress and run.lead),
         leave=True,
     )
-    for x, y in run.ds.train_batches(epoch, range(first, per_epoch), batch):
-        state, metrics = run.train_fn(state, x, y)
-        m = jax.device_get(metrics)
-        if not m["finite"]:
-            if config.on_nonfinite == "stop":
-                raise NonFiniteLossError(
-                    f"non-finite loss, gradient or update (loss {float(m['loss'])}) at step {progress.step} "
-                    f"(epoch {epoch + 1}); the update was not applied; {_saved_so_far(run.checkpoints)}; "
-                    "--on-nonfinite skip skips such updates"
-                )
-            log.warning("non-finite loss, gradient or update at step %d: update skipped", progress.step)
-        epoch_tally.add(m, batch)
-        window.add(m, batch)
-        progress.step += 1
+    unchecked: tuple[int, Metrics] | None = None  # the step dispatched last, before its finiteness is known
+    unfetched: list[Metrics] = []  # the metrics of the steps not yet tallied, on the device
+
+    def fetch() -> None:
+        """Check the last step, tally the unfetched steps' metrics (one transfer), show them on the bar."""
+        nonlocal unchecked
+        if unchecked is not None:
+            _check_finite(run, *unchecked, epoch)
+            unchecked = None
+        for m in jax.device_get(unfetched):
+            epoch_tally.add(m, batch)
+            window.add(m, batch)
+        unfetched.clear()
         loss, accuracy = epoch_tally.means()
         bar.set_postfix(loss=f"{loss:.4f}", acc=f"{accuracy:.4f}", img_s=f"{epoch_tally.rate(batch):.1f}")
+
+    for x, y in run.ds.train_batches(epoch, range(first, per_epoch), batch):
+        state, metrics = run.train_fn(state, x, y)
+        if unchecked is not None:  # step N's flag, read while step N+1 runs
+            _check_finite(run, *unchecked, epoch)
+        unchecked = (progress.step, metrics)
+        unfetched.append(metrics)
+        progress.step += 1
         bar.update(1)
         if config.log_every and progress.step % config.log_every == 0:
+            fetch()
             _record_steps(run, window, progress.step)
             window = Tally(time.perf_counter())
         if stop.should_stop(progress.step):
             break
+    fetch()
     bar.close()
     if stop.signal_name:
         progress.stopped = stop.signal_name
@@ -281,39 +245,26 @@ def train_epoch(run: Run, state: TrainState, epoch: int, progress: Progress, sto
     return state
 
 
+def _check_finite(run: Run, step: int, metrics: Metrics, epoch: int) -> None:
+    """Stop (``--on-nonfinite stop``) or warn when ``step`` had a non-finite loss, gradient or update
+    (which its guard did not apply)."""
+    if bool(metrics["finite"]):
+        return
+    if run.config.on_nonfinite == "stop":
+        raise NonFiniteLossError(
+            f"non-finite loss, gradient or update (loss {float(metrics['loss'])}) at step {step} "
+            f"(epoch {epoch + 1}); the update was not applied; {_saved_so_far(run.checkpoints)}; "
+            "--on-nonfinite skip skips such updates"
+        )
+    log.warning("non-finite loss, gradient or update at step %d: update skipped", step)
+
+
 def _saved_so_far(checkpoints: Checkpoints) -> str:
     """Which checkpoint holds the run so far (every saved state passed the step's finiteness check)."""
     step = checkpoints.latest_step()
     if step is None:
         return "no checkpoint has been saved yet"
     return f"the latest checkpoint, {checkpoints.path(step)}, holds the finite state of step {step}"
-
-
-@dataclasses.dataclass
-class Tally:
-    """Training loss and accuracy summed over the steps since `start` (finite ones only), and the rate."""
-
-    start: float
-    steps: int = 0
-    loss: float = 0.0
-    correct: int = 0
-    seen: int = 0
-
-    def add(self, metrics: dict[str, Any], batch: int) -> None:
-        self.steps += 1
-        if metrics["finite"]:
-            self.loss += float(metrics["loss"]) * batch
-            self.correct += int(metrics["correct"])
-            self.seen += batch
-
-    def means(self) -> tuple[float, float]:
-        """Mean training loss and accuracy (0, 0 before any finite step)."""
-        n = max(self.seen, 1)
-        return self.loss / n, self.correct / n
-
-    def rate(self, batch: int) -> float:
-        """Training images per second since start."""
-        return self.steps * batch / (time.perf_counter() - self.start)
 
 
 def _record_steps(run: Run, window: Tally, step: int) -> None:
@@ -342,15 +293,16 @@ def _record_steps(run: Run, window: Tally, step: int) -> None:
         runlog.append_metrics(run.run_dir, record)
 
 
-def finish(run: Run, state: TrainState, progress: Progress, started: float) -> dict[str, Any]:
+def finish(run: Run, state: TrainStateLike, progress: Progress, started: float) -> dict[str, Any]:
     """Export (unless stopped early), plot, and assemble the summary `resnet-train` prints."""
     config, result = run.config, progress.result
     checkpoints = run.checkpoints
-    if "checkpoint" not in result and checkpoints.latest_step() is not None:
-        result["checkpoint"] = str(checkpoints.path(checkpoints.latest_step()))
+    latest = checkpoints.latest_step()
+    if "checkpoint" not in result and latest is not None:
+        result["checkpoint"] = str(checkpoints.path(latest))
     if progress.stopped is None and run.lead and config.export:
         with catch_stop_signals() as stop:  # the one fit holds: a signal cancels the export check
-            result.update(_export(config, state, run.ds, run.run_dir, stop))
+            result.update(export_run(config, state, run.ds, run.run_dir, stop))
         progress.stopped = stop.signal_name
     plot = runlog.plot_curves(run.run_dir) if run.lead else None
     result.update(

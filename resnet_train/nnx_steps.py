@@ -11,7 +11,7 @@ step does (same augmentation keys, loss, optax chain and non-finite guard), thro
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -85,7 +85,7 @@ def state_of(
     """The step-0 state that trains ``model`` (put in train mode) with ``nnx.Optimizer(model, tx)``."""
     model.train()
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    model_def, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    model_def, params, batch_stats = _split(model)
     optimizer_def, opt_state = nnx.split(optimizer)
     return NnxTrainState(
         step=jnp.zeros((), jnp.int32),
@@ -100,6 +100,17 @@ def state_of(
     )
 
 
+def _split(model: flax_nnx.ResNet) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """The model's graph, its parameters and its BatchNorm statistics."""
+    # Two filters give three parts (nnx.split's type says only "two or more").
+    return cast(tuple[nnx.GraphDef, nnx.State, nnx.State], nnx.split(model, nnx.Param, nnx.BatchStat))
+
+
+def _logits(model: flax_nnx.ResNet, x: Array) -> Array:
+    """The model's logits (its call gives every stage's output only when asked to)."""
+    return cast(Array, model(x))
+
+
 def train_step(
     state: NnxTrainState, images_u8: Array, labels: Array, config: TrainConfig
 ) -> tuple[NnxTrainState, dict[str, Array]]:
@@ -110,13 +121,13 @@ def train_step(
     optimizer = nnx.merge(state.optimizer_def, state.opt_state)
 
     def loss_fn(model: flax_nnx.ResNet) -> tuple[Array, Array]:
-        logits = model(x)
+        logits = _logits(model, x)
         return train_loss(logits, labels, state.step, config), logits
 
     (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     optimizer.update(model, grads)
-    _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    params, batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
+    _, param_state, stats_state = _split(model)
+    params, batch_stats = nnx.to_pure_dict(param_state), nnx.to_pure_dict(stats_state)
     opt_state = nnx.as_pure(nnx.state(optimizer))
     new_state, finite = guarded_update(state, loss, grads, params, batch_stats, opt_state)
     return new_state, train_metrics(loss, logits, labels, finite)
@@ -126,7 +137,7 @@ def eval_step(state: NnxTrainState, images_u8: Array, labels: Array, mask: Array
     """Summed loss (no smoothing), top-1 and top-5 correct counts and count over the real (mask=True) images."""
     model = state.model()
     model.eval()
-    return eval_metrics(model(normalize(images_u8, state.mean, state.std)), labels, mask)
+    return eval_metrics(_logits(model, normalize(images_u8, state.mean, state.std)), labels, mask)
 
 
 def eval_forward(
@@ -135,5 +146,5 @@ def eval_forward(
     """(variables, normalised NHWC images) -> eval-mode logits of the NNX model a config trains."""
     model = nnx.eval_shape(lambda: build_model(config, num_classes, dtype, precision, rngs=nnx.Rngs(0)))
     model.eval()
-    model_def = nnx.split(model, nnx.Param, nnx.BatchStat)[0]
-    return lambda variables, x: nnx.merge(model_def, variables["params"], variables["batch_stats"])(x)
+    model_def = _split(model)[0]
+    return lambda variables, x: _logits(nnx.merge(model_def, variables["params"], variables["batch_stats"]), x)

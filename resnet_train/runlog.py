@@ -4,6 +4,7 @@ log lines that name their process."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -53,28 +54,51 @@ def write_atomic(path: Path, data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """Every metrics line written so far (earlier invocations of a resumed run included)."""
-    path = run_dir / METRICS_FILE
+def _read(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """The complete JSON lines of a metrics file, and whether text follows the last newline: a torn
+    line, which a crash in the middle of its write can leave."""
     if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [], False
+    *lines, tail = path.read_bytes().decode(errors="replace").split("\n")
+    return [json.loads(line) for line in lines if line.strip()], bool(tail.strip())
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Every metrics line written so far (earlier invocations of a resumed run included), a torn last
+    line left out."""
+    return _read(run_dir / METRICS_FILE)[0]
 
 
 def keep_metrics_until(run_dir: Path, step: int) -> None:
-    """Drop metrics lines of steps after `step` (written before a crash, past the checkpoint resumed from)."""
-    records = read_metrics(run_dir)
+    """Drop metrics lines of steps after `step` (written before a crash, past the checkpoint resumed from)
+    and a torn last line, so that appended lines follow whole ones."""
+    path = run_dir / METRICS_FILE
+    records, torn = _read(path)
     kept = [r for r in records if r.get("step", 0) <= step]
+    if torn:
+        log.warning("%s: dropped a torn last line (the run stopped while writing it)", path)
     if len(kept) < len(records):
-        log.warning("%s: dropped %d lines past step %d", run_dir / METRICS_FILE, len(records) - len(kept), step)
-        write_atomic(run_dir / METRICS_FILE, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
+        log.warning("%s: dropped %d lines past step %d", path, len(records) - len(kept), step)
+    if torn or len(kept) < len(records):
+        write_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line (the file is rewritten under a temporary name and renamed)."""
+    """Append one JSON line, written whole by one write call and fsynced: a crash can leave only a
+    torn last line, which reading leaves out."""
     path = run_dir / METRICS_FILE
-    old = path.read_bytes() if path.exists() else b""
-    write_atomic(path, old + (json.dumps(record, sort_keys=True) + "\n").encode())
+    line = (json.dumps(record, sort_keys=True) + "\n").encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            written = os.write(fd, line)
+            if written != len(line):  # only a full disk cuts a regular file's write short
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 def check_class_names(saved_run: dict[str, Any], class_names: Sequence[str]) -> None:

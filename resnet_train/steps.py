@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -200,4 +200,4 @@ def eval_forward(
 ) -> Callable[[dict[str, Any], Array], Array]:
     """(variables, normalised NHWC images) -> eval-mode logits of the model a config trains."""
     model = build_model(config, num_classes, dtype, precision)
-    return lambda variables, x: model.apply(variables, x, train=False)
+    return lambda variables, x: cast(Array, model.apply(variables, x, train=False))

@@ -22,7 +22,7 @@ import parity
 import resnet_flax
 import resnet_torch
 from resnet_flax.fused import fused_batch_norm2d
-from resnet_train import data
+from resnet_train import data, runlog
 from resnet_train.checkpoint import load_variables
 from resnet_train.config import TrainConfig
 from resnet_train.loop import NonFiniteLossError, fit
@@ -140,17 +140,36 @@ def test_nan_loss_stops_naming_the_step(tmp_path):
 
 
 def test_nan_loss_skip_mode_counts_and_keeps_checkpoints_finite(tmp_path):
-    result = fit(_config(tmp_path, epochs=1, inject_nan_at_step=2, on_nonfinite="skip", export=False))
+    # The program of test_nan_loss_stops_naming_the_step (the same schedule and step to poison): compiled once.
+    config = _config(tmp_path, epochs=2, stop_after_epoch=1, inject_nan_at_step=3, on_nonfinite="skip", export=False)
+    result = fit(config)
     assert (result["skipped_updates"], result["steps"]) == (1, 12)
     assert read_metrics(tmp_path)[-1]["skipped_updates"] == 1
     assert all(np.isfinite(x).all() for x in _leaves(load_variables(result["checkpoint"])))
 
 
-@pytest.mark.parametrize("api", ["linen", "nnx"])
-def test_sigterm_saves_a_loadable_checkpoint(tmp_path, api):
+# Run as `python -m resnet_train.main`, with every import of torch refused.
+WITHOUT_TORCH = textwrap.dedent(
+    """
+    import runpy, sys
+
+    class BlockTorch:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "torch":
+                raise ImportError(f"{name} is blocked in this test")
+            return None
+
+    sys.meta_path.insert(0, BlockTorch())
+    sys.argv[0] = "resnet-train"
+    runpy.run_module("resnet_train.main", run_name="__main__")
+    """
+)
+
+
+def test_sigterm_saves_a_loadable_checkpoint_and_a_run_without_export_needs_no_torch(tmp_path):
+    """The process gets the signal mid-run and exits 0 with a checkpoint (test_train_nnx.py stops an NNX run so,
+    in-process); torch cannot be imported in it, which a run with --no-export never needs."""
     flags = [
-        "--api",
-        api,
         "--image-size",
         "8",
         "--train-limit",
@@ -165,7 +184,7 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path, api):
         str(tmp_path),
     ]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "resnet_train.main", *flags],
+        [sys.executable, "-c", WITHOUT_TORCH, *flags],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -192,36 +211,37 @@ SHARDED_CHECK = textwrap.dedent(
     from resnet_train.config import TrainConfig
     from resnet_train.optim import make_optimizer
 
-    steps = importlib.import_module(sys.argv[1])  # resnet_train.steps (linen) or resnet_train.nnx_steps
-    create_train_state, train_step = steps.create_train_state, steps.train_step
-
     config = TrainConfig(image_size=16, batch_size=8, epochs=2, seed=3, crop_padding=2, hflip=True, lr=0.05)
     rng = np.random.default_rng(7)
     images = rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, 8).astype(np.int32)
-    fresh = create_train_state(config, 10, make_optimizer(config, 4), (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
-    out = {}
-    for n in (1, 4):
-        mesh = sharding.data_mesh(jax.devices()[:n])
-        state = sharding.replicate(fresh, mesh)
-        rep = sharding.replicated(mesh)
-        step = jax.jit(lambda s, x, y: train_step(s, x, y, config), out_shardings=(rep, rep))
-        for _ in range(2):
-            state, metrics = step(state, *sharding.put_batch(mesh, images, labels))
-        out[n] = (jax.device_get(state.variables()), float(metrics["loss"]))
     flat = lambda t: np.concatenate([np.ravel(x).astype(np.float64) for x in jax.tree.leaves(t)])
-    a, b = flat(out[4][0]), flat(out[1][0])
-    print(json.dumps(dict(devices=len(jax.devices()), rel=float(np.linalg.norm(a - b) / np.linalg.norm(b)),
-                          loss=[out[1][1], out[4][1]])))
+    reports = {}
+    for name in sys.argv[1:]:  # resnet_train.steps (linen), resnet_train.nnx_steps
+        steps = importlib.import_module(name)
+        fresh = steps.create_train_state(config, 10, make_optimizer(config, 4), (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+        out = {}
+        for n in (1, 4):
+            mesh = sharding.data_mesh(jax.devices()[:n])
+            state = sharding.replicate(fresh, mesh)
+            rep = sharding.replicated(mesh)
+            step = jax.jit(lambda s, x, y: steps.train_step(s, x, y, config), out_shardings=(rep, rep))
+            for _ in range(2):
+                state, metrics = step(state, *sharding.put_batch(mesh, images, labels))
+            out[n] = (jax.device_get(state.variables()), float(metrics["loss"]))
+        a, b = flat(out[4][0]), flat(out[1][0])
+        reports[name] = dict(rel=float(np.linalg.norm(a - b) / np.linalg.norm(b)), loss=[out[1][1], out[4][1]])
+    print(json.dumps(dict(devices=len(jax.devices()), reports=reports)))
     """
 )
 
 
-@pytest.mark.parametrize("steps_module", ["resnet_train.steps", "resnet_train.nnx_steps"])
-def test_sharded_step_equals_single_device_step(steps_module):
+def test_sharded_step_equals_single_device_step():
+    """Both APIs' steps, in one process with 4 CPU devices."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    modules = ["resnet_train.steps", "resnet_train.nnx_steps"]
     run = subprocess.run(
-        [sys.executable, "-c", SHARDED_CHECK, steps_module],
+        [sys.executable, "-c", SHARDED_CHECK, *modules],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -230,6 +250,22 @@ def test_sharded_step_equals_single_device_step(steps_module):
     )
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout.strip().splitlines()[-1])
-    assert report["devices"] == 4
-    assert report["rel"] <= 1e-6
-    assert report["loss"][0] == pytest.approx(report["loss"][1], rel=1e-6)
+    assert report["devices"] == 4 and sorted(report["reports"]) == sorted(modules)
+    for name, got in report["reports"].items():
+        assert got["rel"] <= 1e-6, name
+        assert got["loss"][0] == pytest.approx(got["loss"][1], rel=1e-6), name
+
+
+def test_metrics_are_appended_and_a_torn_last_line_is_left_out(tmp_path):
+    runlog.append_metrics(tmp_path, {"step": 1})
+    path = tmp_path / runlog.METRICS_FILE
+    inode = path.stat().st_ino
+    runlog.append_metrics(tmp_path, {"step": 2})
+    assert path.stat().st_ino == inode  # appended in place, not a new file renamed over the old
+    with path.open("ab") as f:
+        f.write(b'{"loss": 0.5, "st')  # what a crash in the middle of a write can leave
+    assert read_metrics(tmp_path) == [{"step": 1}, {"step": 2}]
+    runlog.keep_metrics_until(tmp_path, 10)  # a run starting in the folder drops the torn line
+    runlog.append_metrics(tmp_path, {"step": 3})
+    assert read_metrics(tmp_path) == [{"step": 1}, {"step": 2}, {"step": 3}]
+    assert path.read_text().count("\n") == 3

@@ -23,17 +23,21 @@ import orbax.checkpoint as ocp
 import pytest
 from test_train import REPO, TINY, _config, _leaves
 
-from parity.conversion.files import CheckpointError
-from resnet_train import loop, runlog
-from resnet_train.checkpoint import load_variables
+from resnet_train import export, loop, runlog
+from resnet_train.checkpoint import CheckpointError, load_variables
 from resnet_train.config import TrainConfig
-from resnet_train.loop import EXPORT_FILE, NonFiniteLossError, fit
+from resnet_train.export import EXPORT_FILE
+from resnet_train.loop import NonFiniteLossError, fit
 from resnet_train.main import main
 from resnet_train.runlog import RunDirBusyError, read_metrics
 
 # Flags of the TINY config for `resnet-train` itself.
 TINY_FLAGS = ["--image-size", "8", "--train-limit", "192", "--batch-size", "16", "--no-progress"]
 STEPS_PER_EPOCH = 192 // 16
+# The runs here train one program wherever they can (a run's epochs set its schedule, so they keep the
+# default 2 and stop after the first with stop_after_epoch): XLA compiles it once per session.
+ONE_EPOCH = dict(epochs=2, stop_after_epoch=1)
+ONE_EPOCH_FLAGS = ["--epochs", "2", "--stop-after-epoch", "1"]
 
 
 def _epochs(run_dir: Path) -> list[int]:
@@ -110,19 +114,20 @@ def test_a_non_finite_stop_names_the_checkpoint_that_holds_the_run(tmp_path) -> 
 
 
 def test_a_non_finite_stop_exits_1_with_the_json_line(tmp_path, capsys, keep_logging) -> None:
-    assert main([*TINY_FLAGS, "--run-dir", str(tmp_path), "--inject-nan-at-step", "0"]) == 1
+    # Step 3, as in test_train.py's NaN tests: the same program.
+    assert main([*TINY_FLAGS, "--run-dir", str(tmp_path), "--inject-nan-at-step", "3"]) == 1
     out, err = capsys.readouterr()
     error = _summary(out)["error"]
-    assert "at step 0 " in error and "no checkpoint has been saved yet" in error and "Traceback" not in err
+    assert "at step 3 " in error and "no checkpoint has been saved yet" in error and "Traceback" not in err
 
 
 def test_an_export_that_fails_its_check_is_never_at_its_path(tmp_path, monkeypatch) -> None:
     def wrong(*args, **kwargs):
-        return loop.ExportCheck(rel_err=0.5, mismatched_predictions=3, images=10)
+        return export.ExportCheck(rel_err=0.5, mismatched_predictions=3, images=10)
 
-    monkeypatch.setattr(loop, "verify_export", wrong)
-    with pytest.raises(loop.ExportMismatchError, match="model.safetensors was not written"):
-        fit(_config(tmp_path, epochs=1))
+    monkeypatch.setattr(export, "verify_export", wrong)
+    with pytest.raises(export.ExportMismatchError, match="model.safetensors was not written"):
+        fit(_config(tmp_path, **ONE_EPOCH))
     assert not (tmp_path / EXPORT_FILE).exists() and not list(tmp_path.glob(".*tmp*"))
 
 
@@ -163,9 +168,9 @@ def test_a_second_run_in_the_same_run_dir_fails_at_once_naming_the_holder(tmp_pa
 
 @pytest.fixture(scope="module")
 def two_checkpoints(tmp_path_factory) -> Path:
-    """A run stopped after 2 of 3 epochs: checkpoints at steps 12 and 24, two metrics lines."""
+    """A run of 2 epochs: checkpoints at steps 12 and 24, two metrics lines."""
     run_dir = tmp_path_factory.mktemp("two") / "run"
-    fit(_config(run_dir, epochs=3, stop_after_epoch=2, export=False))
+    fit(_config(run_dir, epochs=2, export=False))
     return run_dir
 
 
@@ -176,8 +181,8 @@ def _copy(run_dir: Path, tmp_path: Path) -> Path:
 
 
 def _resume(run_dir: str | Path, **kw) -> dict:
-    """Resume up to the end of epoch 2 of 3: from step 24, setup and restore only."""
-    config = TrainConfig(**{**TINY, "run_dir": str(run_dir), "epochs": 3, "stop_after_epoch": 2, "export": False})
+    """Resume up to the end of epoch 2 of 2: from step 24, setup and restore only."""
+    config = TrainConfig(**{**TINY, "run_dir": str(run_dir), "epochs": 2, "export": False})
     return fit(dataclasses.replace(config, resume=True, **kw))
 
 
@@ -270,13 +275,13 @@ KILL_DURING_FIRST_SAVE = textwrap.dedent(
 
 
 def test_sigkill_during_the_first_checkpoint_resumes_from_step_0_saying_so(tmp_path, caplog) -> None:
-    flags = [*TINY_FLAGS, "--epochs", "2", "--stop-after-epoch", "1", "--no-export", "--run-dir", str(tmp_path)]
+    flags = [*TINY_FLAGS, *ONE_EPOCH_FLAGS, "--no-export", "--run-dir", str(tmp_path)]
     killed = subprocess.run(
         [sys.executable, "-c", KILL_DURING_FIRST_SAVE, *flags], cwd=REPO, capture_output=True, timeout=600
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert _epochs(tmp_path) == [1]  # recorded just before the checkpoint
-    config = TrainConfig(**{**TINY, "run_dir": str(tmp_path), "epochs": 2, "stop_after_epoch": 1, "export": False})
+    config = TrainConfig(**{**TINY, **ONE_EPOCH, "run_dir": str(tmp_path), "export": False})
     with caplog.at_level(logging.WARNING):
         result = fit(dataclasses.replace(config, resume=True))
     assert any("no complete checkpoint" in m and "starting from step 0" in m for m in caplog.messages)
@@ -302,14 +307,14 @@ def test_sigterm_before_the_loop_exits_cleanly_with_the_json_line(tmp_path, monk
 
 
 def test_a_signal_during_the_export_check_leaves_no_export(tmp_path, monkeypatch) -> None:
-    real = loop.verify_export
+    real = export.verify_export
 
     def signalled(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "verify_export", signalled)
-    result = fit(_config(tmp_path, epochs=1))
+    monkeypatch.setattr(export, "verify_export", signalled)
+    result = fit(_config(tmp_path, **ONE_EPOCH))
     assert (result["stopped"], result["export"], result["steps"]) == ("SIGINT", None, STEPS_PER_EPOCH)
     assert not (tmp_path / EXPORT_FILE).exists() and not list(tmp_path.glob(".*tmp*"))
 
@@ -356,7 +361,7 @@ def test_a_full_disk_under_the_run_dir_is_a_sentence(tmp_path, monkeypatch, caps
 
 def test_a_checkpoint_that_cannot_be_saved_is_a_sentence(tmp_path, monkeypatch, capsys, keep_logging) -> None:
     monkeypatch.setattr(ocp.CheckpointManager, "save", _no_space)
-    assert main([*TINY_FLAGS, "--epochs", "1", "--no-export", "--run-dir", str(tmp_path)]) == 2
+    assert main([*TINY_FLAGS, *ONE_EPOCH_FLAGS, "--no-export", "--run-dir", str(tmp_path)]) == 2
     out, err = capsys.readouterr()
     assert "checkpoints/12: cannot save the checkpoint" in _summary(out)["error"] and "Traceback" not in err
 

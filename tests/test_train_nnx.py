@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -16,7 +19,7 @@ import resnet_flax
 from resnet_flax import nnx as flax_nnx
 from resnet_flax.fused import fused
 from resnet_flax.model import init_key
-from resnet_train import nnx_steps, steps
+from resnet_train import feeds, nnx_steps, steps
 from resnet_train.checkpoint import load_variables
 from resnet_train.config import TrainConfig
 from resnet_train.loop import fit
@@ -100,10 +103,24 @@ def test_nnx_run_trains_skips_and_exports(nnx_run: tuple[TrainConfig, dict]) -> 
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_nnx_resume_is_bit_exact(nnx_run: tuple[TrainConfig, dict], tmp_path: Path) -> None:
+def test_nnx_sigterm_saves_a_checkpoint_that_resumes_bit_exact(
+    nnx_run: tuple[TrainConfig, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config, result = nnx_run
-    split = dataclasses.replace(config, run_dir=str(tmp_path), export=False, stop_after_epoch=1)
-    assert fit(split)["steps"] == 6
+    split = dataclasses.replace(config, run_dir=str(tmp_path), export=False)
+    reading = feeds.InMemoryFeed.train_batches
+
+    def interrupted(self: feeds.InMemoryFeed, epoch: int, steps: range, batch_size: int) -> Iterator:
+        for i, batch in zip(steps, reading(self, epoch, steps, batch_size), strict=True):
+            if epoch == 0 and i == 3:  # SIGTERM while step 3 (the fourth, of 12) trains
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    monkeypatch.setattr(feeds.InMemoryFeed, "train_batches", interrupted)
+    first = fit(split)
+    assert (first["stopped"], first["steps"], Path(first["checkpoint"]).name) == ("SIGTERM", 4, "4")
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(load_variables(first["checkpoint"])))
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="api: 'nnx' -> 'linen'"):
         fit(dataclasses.replace(split, stop_after_epoch=0, resume=True, api="linen"))
     resumed = fit(dataclasses.replace(split, stop_after_epoch=0, resume=True))
