@@ -23,7 +23,7 @@ import parity
 import resnet_torch
 from parity.checks.pairs import randomize_batchnorm
 from parity.checks.report import versions, write_json
-from parity.export import ONNX, export
+from parity.export import INPUT_NAME, ONNX, export
 
 
 def _timer(fn: Callable[[], object], calls: int) -> float:
@@ -48,7 +48,7 @@ def _runtimes(
             return model(x_torch)
 
     return {
-        "onnxruntime": lambda: session.run(None, {"images": x}),
+        "onnxruntime": lambda: session.run(None, {INPUT_NAME: x}),
         "torch eager": torch_eager,
         "jax jit": lambda: forward(variables, x_jax).block_until_ready(),
     }

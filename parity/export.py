@@ -18,11 +18,10 @@ a mismatch leaves nothing behind (``ExportMismatchError``).
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,8 @@ import numpy as np
 import safetensors
 
 import resnet_flax
-from resnet_arch import HEAD
+from resnet_arch import HEAD, LINEN
+from resnet_data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from resnet_flax.fold import fold
 
 from .conversion.atomic import atomic_write
@@ -42,6 +42,7 @@ from .conversion.load import load_checkpoint
 
 ONNX, STABLEHLO = "onnx", "stablehlo"
 FORMATS = (ONNX, STABLEHLO)
+# The artifact's dtype: its weights and its computation; input and logits stay float32.
 FP32, FP16, BF16 = "fp32", "fp16", "bf16"
 JAX_DTYPES = {FP32: jnp.float32, FP16: jnp.float16, BF16: jnp.bfloat16}
 # onnxruntime's CPU provider has no bfloat16 convolution, so an ONNX file is float32 or float16.
@@ -54,15 +55,17 @@ TOLERANCES = {FP32: 1e-5, FP16: 1e-2, BF16: 3e-2}
 # batch dimension is exercised.
 VERIFY_BATCH, VERIFY_SEED = 3, 0
 DEFAULT_IMAGE_SIZE = 224
-# What a model carries no normalisation of its own gets: the ImageNet statistics torchvision's weights use.
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 RUN_EXPORT = "model.safetensors"  # the PyTorch file resnet-train leaves in its run directory
 RUN_MARKER = "metrics.jsonl"  # what tells a run directory from a hub directory
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 NORMALISATION = "x / 255, then (x - mean) / std per RGB channel"
 
 
-class ExportMismatchError(ValueError):
+class ExportError(ValueError):
+    """An export that cannot be made as asked (an unknown format, a dtype the format lacks); nothing was written."""
+
+
+class ExportMismatchError(ExportError):
     """The exported artifact's logits differ from the Flax model's beyond the tolerance; nothing was written."""
 
 
@@ -126,7 +129,8 @@ def _json_list(metadata: Mapping[str, str], key: str) -> list[Any] | None:
 
 
 def _hub_class_names(config: Mapping[str, Any], num_classes: int) -> list[str] | None:
-    """transformers' ``id2label`` or timm's ``label_names`` from a hub config.json, if complete."""
+    """transformers' ``id2label`` or timm's ``label_names`` from a hub config.json (read and checked by the
+    converter already), if complete."""
     id2label = config.get("id2label")
     if isinstance(id2label, Mapping) and set(id2label) == {str(i) for i in range(num_classes)}:
         return [str(id2label[str(i)]) for i in range(num_classes)]
@@ -142,7 +146,7 @@ def serving_of(model: Path, weights_path: Path, num_classes: int, image_size: in
         with safetensors.safe_open(str(weights_path), "np") as f:
             metadata = f.metadata() or {}
     names = _json_list(metadata, "class_names")
-    if names is None and model.is_dir() and (model / CONFIG_FILE).is_file():
+    if names is None and weights_path == model and model.is_dir():  # a hub directory: its config names classes
         names = _hub_class_names(json.loads((model / CONFIG_FILE).read_text()), num_classes)
     mean, std = _json_list(metadata, "mean") or IMAGENET_MEAN, _json_list(metadata, "std") or IMAGENET_STD
     saved_size = metadata.get("image_size")
@@ -215,7 +219,7 @@ def _onnx(variables: Any, serving: Serving, dtype: str) -> tuple[bytes, Callable
             dynamo=True,
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
-            dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
+            dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}},
             verbose=False,
         )
     if program is None:  # the torch.export-based exporter always returns its program
@@ -223,14 +227,12 @@ def _onnx(variables: Any, serving: Serving, dtype: str) -> tuple[bytes, Callable
     proto = program.model_proto
     for key, value in serving.metadata("NCHW").items():
         proto.metadata_props.add(key=key, value=json.dumps(value))
-    buffer = io.BytesIO()
-    buffer.write(proto.SerializeToString())
 
     def run(path: Path, x_nhwc: np.ndarray) -> np.ndarray:
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return session.run(None, {INPUT_NAME: np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2))})[0]
 
-    return buffer.getvalue(), run
+    return proto.SerializeToString(), run
 
 
 def export(
@@ -244,13 +246,13 @@ def export(
     written; in each case nothing is left at ``out``.
     """
     if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise ExportError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if dtype not in FORMAT_DTYPES[fmt]:
-        raise ValueError(f"{fmt} takes --dtype {' or '.join(FORMAT_DTYPES[fmt])}, got {dtype!r}")
+        raise ExportError(f"{fmt} takes --dtype {' or '.join(FORMAT_DTYPES[fmt])}, got {dtype!r}")
     model, out = Path(model), Path(out)
     _check_writable(out)
     weights_path = _weights_path(model)
-    flax_model, variables = load_checkpoint(weights_path, "linen", precision=jax.lax.Precision.HIGHEST)
+    flax_model, variables = load_checkpoint(weights_path, LINEN, precision=jax.lax.Precision.HIGHEST)
     # Verified against float32 whatever the checkpoint holds; the BatchNorm counters stay integers.
     variables = jax.tree_util.tree_map(
         lambda a: jnp.asarray(a, jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a, variables
@@ -286,11 +288,11 @@ def export(
     return Exported(out, metadata_path, errors[-1], tolerance, size)
 
 
-def format_of(out: str | os.PathLike, fmt: str | None, formats: Sequence[str] = FORMATS) -> str:
+def format_of(out: str | os.PathLike, fmt: str | None) -> str:
     """``fmt`` if given, else the one OUT's suffix names (``.onnx``, ``.stablehlo``)."""
     if fmt is not None:
         return fmt
     suffix = Path(out).suffix.lstrip(".").lower()
-    if suffix not in formats:
-        raise ValueError(f"{out}: say --format {'|'.join(formats)} (the suffix .{suffix} names none of them)")
+    if suffix not in FORMATS:
+        raise ExportError(f"{out}: say --format {'|'.join(FORMATS)} (the suffix .{suffix} names none of them)")
     return suffix

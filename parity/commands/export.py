@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..conversion.convert import ConversionError
 from ..conversion.files import CheckpointError
-from ..export import FORMAT_DTYPES, FORMATS, FP32, ExportMismatchError, export, format_of
+from ..export import FORMAT_DTYPES, FORMATS, FP32, ExportError, export, format_of
 from .args import positive_int
 
 
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         fmt = format_of(args.output, args.format)
         done = export(args.model, args.output, fmt, dtype=args.dtype, image_size=args.image_size)
-    except (CheckpointError, ConversionError, ExportMismatchError, ValueError, OSError) as e:
+    except (CheckpointError, ConversionError, ExportError, OSError) as e:
         print(f"resnet-parity export: error: {e}", file=sys.stderr)
         return 2
     print(f"{args.model} -> {done.path} ({fmt}, {args.dtype}, {done.size:,} bytes)")
