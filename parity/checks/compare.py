@@ -42,8 +42,8 @@ class CheckResult:
 
     @property
     def limit(self) -> float:
-        """The bound rel is held to: the tolerance, or FLOOR_FACTOR x the floor where that is larger."""
-        return max(self.tol, FLOOR_FACTOR * self.floor)
+        """The bound rel is held to (``limit``)."""
+        return limit(self.tol, self.floor)
 
     @property
     def passed(self) -> bool:
@@ -61,6 +61,11 @@ class CheckResult:
         """A JSON-ready dict of every field, pass and diagnosis included."""
         extra = {"limit": self.limit, "passed": self.passed, "first_diverging": self.first_diverging}
         return {**dataclasses.asdict(self), **extra}
+
+
+def limit(tol: float, floor: float) -> float:
+    """The bound a relative error is held to: the tolerance, or FLOOR_FACTOR x the floor where that is larger."""
+    return max(tol, FLOOR_FACTOR * floor)
 
 
 def errors(a: Iterable[np.ndarray], b: Iterable[np.ndarray]) -> tuple[float, float]:

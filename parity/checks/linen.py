@@ -75,7 +75,7 @@ class LinenSide:
 
     model: resnet_flax.ResNet
     variables: Variables
-    device: jax.Device
+    jax_device: jax.Device
 
     @classmethod
     def from_torch(
@@ -114,7 +114,7 @@ class LinenSide:
         """The variables after one optax ``torch_sgd`` step per (x, y) batch, gradients from ``train_step``."""
         init, update = _jitted_sgd(learning_rate, momentum, weight_decay)
         params, stats = self.variables["params"], self.variables["batch_stats"]
-        opt_state = jax.device_put(init(params), self.device)
+        opt_state = jax.device_put(init(params), self.jax_device)
         for x, y in batches:
             grads, stats, _ = self.train_step(params, stats, x, y, with_gradients=True)
             params, opt_state = update(grads, opt_state, params)

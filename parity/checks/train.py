@@ -15,7 +15,7 @@ import resnet_torch
 from resnet_arch import BN_STATS, STAGE_OUTPUTS
 
 from ..conversion.rules import torch_layout
-from .compare import FLOOR_FACTOR, CheckResult, errors, grouped_errors, numpy_of_jax, numpy_of_torch, stage_errors
+from .compare import CheckResult, errors, grouped_errors, limit, numpy_of_jax, numpy_of_torch, stage_errors
 from .pairs import Batch, Pair, pair_result
 from .precision import GRADIENTS, RUNNING_STATS, SGD, TRAIN_LOGITS
 
@@ -103,8 +103,8 @@ def check_train(pair: Pair, batch: Batch, with_gradients: bool) -> list[CheckRes
         if measure_floor:
             ref64 = _gradients(model64)
             floor = errors([ref[k] for k in ref], [ref64[k] for k in ref])[1]
-        limit = max(pair.mode.tolerances[GRADIENTS], FLOOR_FACTOR * floor)
-        stages, basis = _diagnosis(forward, grouped_errors(got, ref, STAGE_OUTPUTS), limit)
+        bound = limit(pair.mode.tolerances[GRADIENTS], floor)
+        stages, basis = _diagnosis(forward, grouped_errors(got, ref, STAGE_OUTPUTS), bound)
         results.append(pair_result(pair, GRADIENTS, [got[k] for k in ref], [ref[k] for k in ref], stages, basis, floor))
     return results
 
@@ -133,6 +133,6 @@ def check_sgd(pair: Pair, batches: list[Batch], forward: dict[str, float]) -> Ch
         ref64 = _torch_sgd(model64, [dataclasses.replace(b, x_torch=b.x_torch.to(torch.float64)) for b in batches])
         floor = errors([ref[k] for k in ref], [ref64[k] for k in ref])[1]
     got = _flax_arrays(variables)
-    limit = max(pair.mode.tolerances[SGD], FLOOR_FACTOR * floor)
-    stages, basis = _diagnosis(forward, grouped_errors(got, ref, STAGE_OUTPUTS), limit)
+    bound = limit(pair.mode.tolerances[SGD], floor)
+    stages, basis = _diagnosis(forward, grouped_errors(got, ref, STAGE_OUTPUTS), bound)
     return pair_result(pair, SGD, [got[k] for k in ref], [ref[k] for k in ref], stages, basis, floor)
