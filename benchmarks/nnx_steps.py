@@ -5,7 +5,8 @@ objects, their graph split and merged in Python at every call).
 
 The split form's train step is `resnet-train --api nnx`'s own (``resnet_train.nnx_steps.train_step``).
 The ``nnx.jit`` form runs the forward, loss, gradients and optimizer update alone (no augmentation, label
-smoothing or non-finite guard): it measures what jitting objects costs, beside the split form.
+smoothing or non-finite guard): a lighter workload than the split form's, so the two rows differ by that
+work as well as by how they are jitted.
 
 The model holds the linen benchmark's initial weights (converted), so both APIs run the same numbers.
 """
