@@ -1,0 +1,56 @@
+"""Faults of the converter found by hunting for them: each gives a sentence or the right result, never a wrong one."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import parity
+from parity.cli import main
+
+TINY = ("BasicBlock", (1, 1, 1, 1))  # one block per stage: cheap, and every layout has it but timm's
+
+
+def _state_dict(num_classes: int = 10, block_counts: tuple[int, ...] = TINY[1]) -> dict[str, torch.Tensor]:
+    return parity.ArchSpec(TINY[0], block_counts, num_classes, False).torch_model().state_dict()
+
+
+def _file(tmp_path: Path, name: str, num_classes: int) -> Path:
+    path = tmp_path / name
+    parity.write_checkpoint(path, _state_dict(num_classes), "torch")
+    return path
+
+
+# --- convert into a directory that holds another model --------------------------------------------
+
+
+def test_convert_into_another_models_directory_needs_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ten, three = _file(tmp_path, "ten.safetensors", 10), _file(tmp_path, "three.safetensors", 3)
+    out = tmp_path / "hf"
+    (tmp_path / "empty").mkdir()
+    assert main(["convert", str(ten), str(tmp_path / "empty"), "--layout", "transformers"]) == 0
+    assert main(["convert", str(ten), str(out), "--layout", "transformers"]) == 0
+    torch.save(_state_dict(10), out / "pytorch_model.bin")  # the other model's weights in the other format
+    (out / "README.md").write_text("the user's notes")
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    capsys.readouterr()
+
+    assert main(["convert", str(three), str(out), "--layout", "transformers"]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "config.json" in err and "model.safetensors" in err and "pytorch_model.bin" in err
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+
+    assert main(["convert", str(three), str(out), "--layout", "transformers", "--overwrite"]) == 0
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors"]
+    assert (out / "README.md").read_text() == "the user's notes"
+    assert json.loads((out / "config.json").read_text())["id2label"].keys() == {"0", "1", "2"}
+    assert parity.load_checkpoint(out, "torch").fc.out_features == 3
+    # Seed names have no config.json: the transformers one, describing other names, goes with --overwrite.
+    assert main(["convert", str(ten), str(out), "--overwrite"]) == 0
+    assert sorted(os.listdir(out)) == ["README.md", "model.safetensors"]
