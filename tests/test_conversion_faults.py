@@ -6,11 +6,16 @@ import json
 import os
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 import parity
 from parity.cli import main
+from resnet_flax import nnx as flax_nnx
 
 TINY = ("BasicBlock", (1, 1, 1, 1))  # one block per stage: cheap, and every layout has it but timm's
 
@@ -54,3 +59,28 @@ def test_convert_into_another_models_directory_needs_overwrite(
     # Seed names have no config.json: the transformers one, describing other names, goes with --overwrite.
     assert main(["convert", str(ten), str(out), "--overwrite"]) == 0
     assert sorted(os.listdir(out)) == ["README.md", "model.safetensors"]
+
+
+# --- an NNX target keeps its dtypes ---------------------------------------------------------------
+
+
+def test_torch_to_nnx_casts_to_the_targets_dtypes() -> None:
+    sd = _state_dict(10)
+
+    def target(dtype):
+        return nnx.eval_shape(
+            lambda: flax_nnx.ResNet(flax_nnx.BasicBlock, TINY[1], num_classes=10, param_dtype=dtype, rngs=nnx.Rngs(0))
+        )
+
+    model = parity.torch_to_nnx(sd, target=target(jnp.bfloat16))
+    dtypes = {str(x.dtype) for x in jax.tree.leaves(nnx.state(model, nnx.Param))}
+    assert dtypes == {"bfloat16"}
+    assert model.conv1[1].num_batches_tracked.get_value().dtype == jnp.int32
+    np.testing.assert_array_equal(
+        np.asarray(model.fc.kernel.get_value().astype(jnp.float32)),
+        sd["fc.weight"].T.to(torch.bfloat16).float().numpy(),
+    )
+    with pytest.raises(ValueError, match="param_dtype=float16.*bfloat16"):
+        parity.torch_to_nnx(sd, target=target(jnp.bfloat16), param_dtype=jnp.float16)
+    same = parity.torch_to_nnx(sd, target=target(jnp.bfloat16), param_dtype=jnp.bfloat16)
+    assert same.fc.kernel.get_value().dtype == jnp.bfloat16
