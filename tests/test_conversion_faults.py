@@ -15,6 +15,8 @@ from flax import nnx
 
 import parity
 from parity.cli import main
+from parity.conversion.convert import check_state_dict
+from parity.conversion.hub import write_hub_dir
 from resnet_flax import nnx as flax_nnx
 
 TINY = ("BasicBlock", (1, 1, 1, 1))  # one block per stage: cheap, and every layout has it but timm's
@@ -59,6 +61,27 @@ def test_convert_into_another_models_directory_needs_overwrite(
     # Seed names have no config.json: the transformers one, describing other names, goes with --overwrite.
     assert main(["convert", str(ten), str(out), "--overwrite"]) == 0
     assert sorted(os.listdir(out)) == ["README.md", "model.safetensors"]
+
+
+# --- a hub config.json that disagrees with the weights' head --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "layout, change, words",
+    [
+        ("transformers", lambda c: {**c, "id2label": {str(i): f"L{i}" for i in range(5)}}, "id2label has 5"),
+        ("timm", lambda c: {**c, "num_classes": 1000}, "num_classes=1000"),
+    ],
+)
+def test_a_hub_config_with_another_class_count_is_refused(tmp_path: Path, layout: str, change, words: str) -> None:
+    weights = check_state_dict(_state_dict(10, (2, 2, 2, 2)))
+    write_hub_dir(tmp_path / "hub", weights, layout)
+    config = tmp_path / "hub" / "config.json"
+    config.write_text(json.dumps(change(json.loads(config.read_text()))))
+    with pytest.raises(parity.ConversionError) as e:
+        parity.load_checkpoint(tmp_path / "hub", "torch")
+    message = str(e.value)
+    assert "config.json" in message and words in message and "10 classes" in message
 
 
 # --- an NNX target keeps its dtypes ---------------------------------------------------------------
