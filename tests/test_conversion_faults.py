@@ -107,3 +107,28 @@ def test_torch_to_nnx_casts_to_the_targets_dtypes() -> None:
         parity.torch_to_nnx(sd, target=target(jnp.bfloat16), param_dtype=jnp.float16)
     same = parity.torch_to_nnx(sd, target=target(jnp.bfloat16), param_dtype=jnp.bfloat16)
     assert same.fc.kernel.get_value().dtype == jnp.bfloat16
+
+
+# --- write_checkpoint checks the object against the framework named -------------------------------
+
+
+def test_write_checkpoint_refuses_an_object_of_another_framework(tmp_path: Path) -> None:
+    sd = _state_dict(10)
+    variables = parity.torch_to_flax(sd)
+    model = parity.torch_to_nnx(sd)
+    path = tmp_path / "c.safetensors"
+    for obj, framework, words in [
+        (sd, "linen", r"Flax variables .*got a dict of torch.Tensor"),
+        (sd, "flax", r"Flax variables .*got a dict of torch.Tensor"),
+        (variables, "torch", r"a torch state dict .*got Flax variables \(batch_stats, params\) \(linen weights"),
+        (model, "torch", r"a torch state dict .*got ResNet \(nnx weights"),
+        (model, "linen", r"Flax variables .*got ResNet"),
+        (sd, "nnx", r"an NNX model .*got a dict of torch.Tensor \(torch weights: pass framework='torch'\)"),
+        (None, "torch", r"a torch state dict .*got NoneType"),
+        (None, "linen", r"Flax variables .*got NoneType"),
+    ]:
+        with pytest.raises(TypeError, match=f"c.safetensors: {framework} .* {words}"):
+            parity.write_checkpoint(path, obj, framework)
+        assert not path.exists()
+    with pytest.raises(TypeError, match="path must be a file name .*got NoneType"):
+        parity.write_checkpoint(None, sd, "torch")  # type: ignore[arg-type]

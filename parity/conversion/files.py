@@ -31,6 +31,7 @@ import logging
 import os
 import pickle
 import re
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -195,10 +196,10 @@ def _read_safetensors(path: Path) -> Checkpoint:
     return Checkpoint(TORCH, tensors)
 
 
-def _is_array_tree(tree: Any) -> bool:
+def _is_array_tree(tree: Any, leaf_types: tuple[type, ...] = (np.ndarray, np.generic)) -> bool:
     if isinstance(tree, Mapping):
-        return all(isinstance(k, str) and _is_array_tree(v) for k, v in tree.items())
-    return isinstance(tree, (np.ndarray, np.generic))
+        return all(isinstance(k, str) and _is_array_tree(v, leaf_types) for k, v in tree.items())
+    return isinstance(tree, leaf_types)
 
 
 def _read_msgpack(path: Path) -> Checkpoint:
@@ -250,6 +251,53 @@ def _flax_msgpack(variables: Mapping[str, Any]) -> bytes:
     return flax.serialization.msgpack_serialize({**tree, DIGEST_ENTRY: {"sha256": digest}})
 
 
+# What write_checkpoint takes for each framework name.
+_EXPECTED = {
+    TORCH: "a torch state dict {name: torch.Tensor}",
+    LINEN: "Flax variables {'params': ..., 'batch_stats': ...} of arrays",
+    NNX: "an NNX model (resnet_flax.nnx.ResNet)",
+}
+
+
+def _is_nnx_module(obj: Any) -> bool:
+    """An nnx.Module; without flax.nnx imported, nothing can be one."""
+    nnx = sys.modules.get("flax.nnx")
+    return nnx is not None and isinstance(obj, nnx.Module)
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _is_variables(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and "params" in obj and _is_array_tree(obj, (jax.Array, np.ndarray, np.generic))
+
+
+def _framework_of(obj: Any) -> str | None:
+    """The framework whose weights obj is, if any."""
+    checks = {NNX: _is_nnx_module, TORCH: _is_state_dict, LINEN: _is_variables}
+    return next((framework for framework, check in checks.items() if check(obj)), None)
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, Mapping) and obj and _is_state_dict(obj):
+        return "a dict of torch.Tensor"
+    if isinstance(obj, Mapping) and "params" in obj:
+        return f"Flax variables ({', '.join(sorted(map(str, obj)))})"
+    if isinstance(obj, Mapping):
+        return f"a dict holding {', '.join(sorted({type(v).__name__ for v in obj.values()})) or 'nothing'}"
+    return type(obj).__name__
+
+
+def _check_weights(path: Path, tensors: Any, framework: str, given: str) -> None:
+    """TypeError saying what ``framework``'s weights are, unless ``tensors`` are those."""
+    found = _framework_of(tensors)
+    if found == framework and (framework != TORCH or tensors):
+        return
+    hint = f" ({found} weights: pass framework={found!r})" if found is not None and found != framework else ""
+    raise TypeError(f"{path}: {given} weights are {_EXPECTED[framework]}, got {_describe(tensors)}{hint}")
+
+
 def write_checkpoint(
     path: str | os.PathLike,
     tensors: Any,
@@ -265,11 +313,16 @@ def write_checkpoint(
     variables tree it is. The weights are written as given, for every framework alike: their values
     are checked where they are converted or loaded (``bad_values``), not here. Every format records a
     sha256 of the tensors. ``check`` gets the written file under its temporary name and may raise to
-    keep it from ever reaching ``path`` (see ``atomic_write``).
+    keep it from ever reaching ``path`` (see ``atomic_write``). An object that is not the weights
+    ``framework`` names (a state dict for "linen", say) raises TypeError saying what was expected,
+    before anything is written.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file name (str or os.PathLike), got {type(path).__name__}")
     path = Path(path)
     fmt = file_format(path)
-    framework = framework_name(framework)
+    given, framework = framework, framework_name(framework)
+    _check_weights(path, tensors, framework, given)
     if framework == NNX:
         from .nnx import nnx_variables  # flax.nnx only when asked for
 
