@@ -132,3 +132,34 @@ def test_write_checkpoint_refuses_an_object_of_another_framework(tmp_path: Path)
         assert not path.exists()
     with pytest.raises(TypeError, match="path must be a file name .*got NoneType"):
         parity.write_checkpoint(None, sd, "torch")  # type: ignore[arg-type]
+
+
+# --- files of ours whose metadata names are damaged ------------------------------------------------
+
+
+def _flip_bit(data: bytes, word: bytes, index: int) -> bytes:
+    """data with one bit of ``word``'s byte at ``index`` flipped, at every place ``word`` occurs."""
+    changed = bytes([*word[:index], word[index] ^ 1, *word[index + 1 :]])
+    assert word in data
+    return data.replace(word, changed)
+
+
+def test_our_safetensors_file_with_both_metadata_names_flipped_is_corrupted(tmp_path: Path) -> None:
+    path = _file(tmp_path, "t.safetensors", 10)
+    data = _flip_bit(_flip_bit(path.read_bytes(), b'"framework"', 5), b'"sha256"', 3)
+    path.write_bytes(data)
+    with pytest.raises(parity.CheckpointError, match="t.safetensors: corrupted: its sha256 digest is missing"):
+        parity.read_checkpoint(path)
+    assert main(["convert", str(path), str(tmp_path / "out.msgpack")]) == 2
+
+
+def test_our_pth_file_whose_entry_name_is_damaged_is_corrupted(tmp_path: Path) -> None:
+    from parity.conversion.files import DIGEST_ENTRY
+
+    path = _file(tmp_path, "t.pth", 10)
+    sd = torch.load(path, weights_only=True)
+    sd._metadata["_resnet_parjty"] = sd._metadata.pop(DIGEST_ENTRY)
+    sd._metadata["_resnet_parjty"]["frameworj"] = sd._metadata["_resnet_parjty"].pop("framework")
+    torch.save(sd, path)
+    with pytest.raises(parity.CheckpointError, match="t.pth: corrupted: its sha256 digest is missing"):
+        parity.read_checkpoint(path)

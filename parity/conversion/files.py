@@ -8,12 +8,13 @@ safetensors holds one flat ``{name: tensor}`` dict, so the two frameworks use tw
 
 Every file written here carries a ``sha256`` over every tensor's name, dtype, shape and bytes,
 checked when the file is read back, so a flipped bit is an error rather than a silently different
-weight: in the safetensors header metadata (with ``framework``, "torch" or "linen"), in a ``.pth``
-state dict's ``_metadata`` (which ``load_state_dict(strict=True)`` reads only by module name, so
-other loaders see a plain state dict), in a ``.msgpack`` tree as one extra entry (32 uint8 bytes,
-which ``flax.serialization.from_bytes`` ignores). A file of ours whose digest is missing or
-malformed is corrupted; a file without any of our metadata (written by another tool) loads with a
-one-line notice that it cannot be verified. Torch pickles are read with
+weight: in the safetensors header metadata (with ``framework``, "torch" or "linen", and our format
+marker ``_resnet_parity``), in a ``.pth`` state dict's ``_metadata`` (which
+``load_state_dict(strict=True)`` reads only by module name, so other loaders see a plain state
+dict), in a ``.msgpack`` tree as one extra entry (32 uint8 bytes, which
+``flax.serialization.from_bytes`` ignores). A file with any of our metadata keys is ours, and one
+of ours whose digest is missing or malformed is corrupted; a file without any of them (written by
+another tool) loads with a one-line notice that it cannot be verified. Torch pickles are read with
 ``torch.load(weights_only=True)`` only, never retried unsafely. Writes go through ``atomic_write``.
 
 Framework names: ``torch``, ``linen`` (resnet_flax) and ``nnx`` (resnet_flax.nnx). Both Flax APIs
@@ -63,6 +64,11 @@ _HEADER_LEN_BYTES = 8  # safetensors: little-endian u64 header length, then the 
 _STATE_DICT_KEYS = ("state_dict", "model", "model_state")  # where training scripts commonly nest the weights
 # Our entry in a .pth state dict's _metadata and at the top of a .msgpack tree: framework and sha256.
 DIGEST_ENTRY = "_resnet_parity"
+# Our keys in a safetensors header's metadata: the format marker (DIGEST_ENTRY, with this value), the
+# framework and the digest. A file with any of them is ours, so damage to the others is corruption.
+FORMAT_VERSION = "1"
+_DIGEST_KEYS = ("framework", "sha256")
+OUR_KEYS = (DIGEST_ENTRY, *_DIGEST_KEYS)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 log = logging.getLogger(__name__)
@@ -151,9 +157,12 @@ def _read_pickle(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupted?): {e}") from None
     tensors = _state_dict(obj, path)
     metadata = getattr(obj, "_metadata", None)
-    entry = metadata.get(DIGEST_ENTRY) if isinstance(metadata, Mapping) else None
+    metadata = metadata if isinstance(metadata, Mapping) else {}
+    entry = metadata.get(DIGEST_ENTRY)
     recorded = entry.get("sha256") if isinstance(entry, Mapping) and entry.get("framework") == TORCH else None
-    _verify(path, recorded, tensors, ours=entry is not None)
+    # Module versions are {'version': n}: an entry with one of our keys is ours, whatever its name became.
+    ours = entry is not None or any(isinstance(v, Mapping) and set(_DIGEST_KEYS) & set(v) for v in metadata.values())
+    _verify(path, recorded, tensors, ours=ours)
     return Checkpoint(TORCH, tensors)
 
 
@@ -177,7 +186,7 @@ def _read_safetensors(path: Path) -> Checkpoint:
         tensors = safetensors.torch.load(data)
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupted?): {e}") from None
-    _verify(path, meta.get("sha256"), tensors, ours="framework" in meta or "sha256" in meta)
+    _verify(path, meta.get("sha256"), tensors, ours=any(key in meta for key in OUR_KEYS))
     recorded_framework = meta.get("framework") or (
         LINEN if tensors and all(k.split(_SEP)[0] in COLLECTIONS and _SEP in k for k in tensors) else TORCH
     )
@@ -334,7 +343,12 @@ def write_checkpoint(
     try:
         if fmt == SAFETENSORS:
             flat = _flat_flax(tensors) if framework == LINEN else {k: t.contiguous() for k, t in tensors.items()}
-            meta = {**(metadata or {}), "framework": framework, "sha256": tensors_digest(flat)}
+            meta = {
+                **(metadata or {}),
+                DIGEST_ENTRY: FORMAT_VERSION,
+                "framework": framework,
+                "sha256": tensors_digest(flat),
+            }
             data = safetensors.torch.save(flat, meta)
         else:
             # Serialised in memory first: torch.save reports a full disk as RuntimeError, os.write as OSError.
