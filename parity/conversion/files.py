@@ -61,6 +61,7 @@ SAFETENSORS, PICKLE, MSGPACK = "safetensors", "pickle", "msgpack"
 SUFFIXES = {".safetensors": SAFETENSORS, ".pth": PICKLE, ".pt": PICKLE, ".bin": PICKLE, ".msgpack": MSGPACK}
 _SEP = "/"  # joins a Flax variable path into one safetensors key
 _HEADER_LEN_BYTES = 8  # safetensors: little-endian u64 header length, then the JSON header
+_HEADER_ALIGN = 8  # safetensors pads its JSON header with spaces to a multiple of this
 _STATE_DICT_KEYS = ("state_dict", "model", "model_state")  # where training scripts commonly nest the weights
 # Our entry in a .pth state dict's _metadata and at the top of a .msgpack tree: framework and sha256.
 DIGEST_ENTRY = "_resnet_parity"
@@ -307,6 +308,21 @@ def _check_weights(path: Path, tensors: Any, framework: str, given: str) -> None
     raise TypeError(f"{path}: {given} weights are {_EXPECTED[framework]}, got {_describe(tensors)}{hint}")
 
 
+def _sorted_metadata(data: bytes) -> bytes:
+    """safetensors bytes with the header's metadata in key order.
+
+    The writer orders the metadata as a hash map iterates, which differs from call to call; the same
+    weights and metadata should give the same file. Tensor offsets count from the end of the header,
+    so the header may be written anew.
+    """
+    n = int.from_bytes(data[:_HEADER_LEN_BYTES], "little")
+    header = json.loads(data[_HEADER_LEN_BYTES : _HEADER_LEN_BYTES + n])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % _HEADER_ALIGN)
+    return len(text).to_bytes(_HEADER_LEN_BYTES, "little") + text + data[_HEADER_LEN_BYTES + n :]
+
+
 def write_checkpoint(
     path: str | os.PathLike,
     tensors: Any,
@@ -349,7 +365,7 @@ def write_checkpoint(
                 "framework": framework,
                 "sha256": tensors_digest(flat),
             }
-            data = safetensors.torch.save(flat, meta)
+            data = _sorted_metadata(safetensors.torch.save(flat, meta))
         else:
             # Serialised in memory first: torch.save reports a full disk as RuntimeError, os.write as OSError.
             data = _torch_pickle(tensors) if fmt == PICKLE else _flax_msgpack(tensors)
