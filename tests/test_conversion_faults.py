@@ -163,3 +163,53 @@ def test_our_pth_file_whose_entry_name_is_damaged_is_corrupted(tmp_path: Path) -
     torch.save(sd, path)
     with pytest.raises(parity.CheckpointError, match="t.pth: corrupted: its sha256 digest is missing"):
         parity.read_checkpoint(path)
+
+
+# --- sentences instead of Python's own errors ------------------------------------------------------
+
+
+@pytest.mark.parametrize("framework", ["torch", "linen", "nnx"])
+def test_load_checkpoint_takes_the_class_count_from_the_weights(tmp_path: Path, framework: str) -> None:
+    path = _file(tmp_path, "w.safetensors", 10)
+    with pytest.raises(parity.ConversionError, match=r"w.safetensors: num_classes=5 .* the weights have 10"):
+        parity.load_checkpoint(path, framework, num_classes=5)
+    with pytest.raises(parity.ConversionError, match=r"small_stem=True .* the weights have False"):
+        parity.load_checkpoint(path, framework, small_stem=True)
+    if framework == "nnx":
+        with pytest.raises(parity.ConversionError, match=r"^num_classes=5 where the weights have 10"):
+            parity.torch_to_nnx(_state_dict(10), num_classes=5)
+    loaded = parity.load_checkpoint(path, framework, num_classes=10)  # what the weights say: accepted
+    weights = {"torch": lambda: loaded, "linen": lambda: loaded[1], "nnx": lambda: parity.nnx_to_linen(loaded)}
+    assert parity.arch_of(weights[framework]()).num_classes == 10
+
+
+def test_an_abstract_nnx_model_has_no_values_to_convert(tmp_path: Path) -> None:
+    abstract = nnx.eval_shape(lambda: flax_nnx.ResNet(flax_nnx.BasicBlock, TINY[1], num_classes=10, rngs=nnx.Rngs(0)))
+    for convert in (parity.nnx_to_torch, parity.nnx_to_linen):
+        with pytest.raises(parity.ConversionError, match=r"abstract \(built with nnx.eval_shape"):
+            convert(abstract)
+    with pytest.raises(parity.ConversionError, match=r"abstract \(built with nnx.eval_shape"):
+        parity.write_checkpoint(tmp_path / "a.safetensors", abstract, "nnx")
+    assert not (tmp_path / "a.safetensors").exists()
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors", ".msgpack"])
+def test_an_empty_file_says_it_is_empty(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"empty{suffix}"
+    path.write_bytes(b"")
+    with pytest.raises(parity.CheckpointError, match=f"empty{suffix}: .*the file is empty$"):
+        parity.read_checkpoint(path)
+
+
+def test_the_command_line_names_its_flag_and_the_api_its_argument(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sd = _state_dict(10)
+    sd["fc.weight"][0, 0] = float("nan")
+    path = tmp_path / "nan.pth"
+    torch.save(sd, path)
+    assert main(["convert", str(path), str(tmp_path / "out.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "--bad-values warn" in err and "bad_values=" not in err
+    with pytest.raises(parity.ConversionError, match="bad_values='warn'"):
+        parity.torch_to_flax(sd)

@@ -14,7 +14,7 @@ from ..conversion.files import FRAMEWORKS, MSGPACK, PICKLE, TORCH, CheckpointErr
 from ..conversion.hub import OVERWRITE_HINT, WEIGHTS_FILES, write_hub_dir
 from ..conversion.load import read_weights
 from ..conversion.names import LAYOUTS, SEED
-from ..conversion.validate import BAD_VALUES, ERROR, ConversionError
+from ..conversion.validate import BAD_VALUES, BAD_VALUES_HINT, ERROR, WARN, ConversionError
 from .args import framework_arg
 
 
@@ -65,7 +65,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 # The Python arguments that library messages name, as this command's flags.
-CLI_FLAGS = {OVERWRITE_HINT: "--overwrite"}
+CLI_FLAGS = {OVERWRITE_HINT: "--overwrite", BAD_VALUES_HINT: f"--bad-values {WARN}"}
 
 
 def _cli_message(error: Exception) -> str:

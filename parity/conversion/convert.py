@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -246,6 +247,12 @@ def check_flax_variables(variables: Any, *, bad_values: str = ERROR, stacklevel:
     """
     check_bad_values(bad_values)
     leaves, unknown = flax_leaves(_flax_tree(variables))
+    abstract = [_flax_name(k, x.shape) for k, (_, x) in leaves.items() if isinstance(x, jax.ShapeDtypeStruct)]
+    if abstract:
+        raise ConversionError(
+            f"Flax variables of abstract arrays (jax.ShapeDtypeStruct, from jax.eval_shape or nnx.eval_shape): "
+            f"{len(abstract)} leaves (e.g. {abstract[0]}) hold shapes and dtypes, no values to convert"
+        )
     shapes = {k: rule.torch_shape(tuple(np.shape(x))) for k, (rule, x) in leaves.items()}
     spec = infer(shapes)
     expected = spec.torch_shapes()

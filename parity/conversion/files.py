@@ -129,6 +129,16 @@ def _flat_flax(variables: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return dict(zip(names, torch_views(list(flat.values())), strict=True))
 
 
+def _reason(path: Path, error: Exception) -> str:
+    """Why a file could not be read: an empty file says so; an exception without a message, its type."""
+    try:
+        if path.stat().st_size == 0:
+            return "the file is empty"
+    except OSError:
+        pass
+    return str(error) or type(error).__name__
+
+
 def _state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     """The {name: tensor} dict a loaded torch pickle holds (top level or under 'state_dict'/'model')."""
     for candidate in (obj, *(obj.get(k) for k in _STATE_DICT_KEYS if isinstance(obj, Mapping))):
@@ -155,7 +165,9 @@ def _read_pickle(path: Path) -> Checkpoint:
             f"containers, or is corrupted; it is never loaded unsafely. {reason.split('. Please')[0]}"
         ) from None
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupted?): {e}") from None
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint (truncated or corrupted?): {_reason(path, e)}"
+        ) from None
     tensors = _state_dict(obj, path)
     metadata = getattr(obj, "_metadata", None)
     metadata = metadata if isinstance(metadata, Mapping) else {}
@@ -170,7 +182,8 @@ def _read_pickle(path: Path) -> Checkpoint:
 def _header_metadata(data: bytes, path: Path) -> dict[str, str]:
     n = int.from_bytes(data[:_HEADER_LEN_BYTES], "little") if len(data) >= _HEADER_LEN_BYTES else -1
     if not 0 < n <= len(data) - _HEADER_LEN_BYTES:
-        raise CheckpointError(f"{path}: not a safetensors file (truncated or corrupted header)")
+        empty = ": the file is empty" if not data else ""
+        raise CheckpointError(f"{path}: not a safetensors file (truncated or corrupted header){empty}")
     try:
         meta = json.loads(data[_HEADER_LEN_BYTES : _HEADER_LEN_BYTES + n]).get("__metadata__") or {}
     except (ValueError, AttributeError) as e:
@@ -186,7 +199,9 @@ def _read_safetensors(path: Path) -> Checkpoint:
     try:
         tensors = safetensors.torch.load(data)
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupted?): {e}") from None
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file (truncated or corrupted?): {_reason(path, e)}"
+        ) from None
     _verify(path, meta.get("sha256"), tensors, ours=any(key in meta for key in OUR_KEYS))
     recorded_framework = meta.get("framework") or (
         LINEN if tensors and all(k.split(_SEP)[0] in COLLECTIONS and _SEP in k for k in tensors) else TORCH
@@ -216,7 +231,9 @@ def _read_msgpack(path: Path) -> Checkpoint:
     try:
         tree = flax.serialization.msgpack_restore(path.read_bytes())
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable Flax msgpack file (truncated or corrupted?): {e}") from None
+        raise CheckpointError(
+            f"{path}: not a readable Flax msgpack file (truncated or corrupted?): {_reason(path, e)}"
+        ) from None
     entry = tree.pop(DIGEST_ENTRY, None) if isinstance(tree, dict) else None
     if not (isinstance(tree, Mapping) and "params" in tree and _is_array_tree(tree)):
         raise CheckpointError(f"{path}: expected Flax variables {{'params': ..., 'batch_stats': ...}} of arrays")

@@ -16,6 +16,7 @@ import collections
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from .arch import ArchSpec
 from .convert import check_flax_variables, check_state_dict
 from .names import SEED
 from .rules import BATCH_STATS, PARAMS
-from .validate import ERROR, check_names_and_shapes
+from .validate import ERROR, ConversionError, builder_options, check_names_and_shapes
 from .weights import Variables, Weights, param_cast
 
 # The Variable types of an NNX ResNet and the linen collections they are.
@@ -64,10 +65,19 @@ def _flat_state(model: nnx.Module) -> dict[tuple[str, ...], nnx.Variable]:
 
 
 def nnx_variables(model: nnx.Module) -> Variables:
-    """An NNX model's state as the linen variables tree it is, by the Variable types alone: nothing checked."""
+    """An NNX model's state as the linen variables tree it is, by the Variable types alone: nothing checked
+    but that it holds values (ConversionError for an abstract model, from ``nnx.eval_shape``)."""
     if not isinstance(model, nnx.Module):
         raise TypeError(f"expected an NNX module, got {type(model).__name__}")
-    return traverse_util.unflatten_dict({path: v.get_value() for path, v in _flat_state(model).items()})
+    values = {path: v.get_value() for path, v in _flat_state(model).items()}
+    abstract = ["/".join(path) for path, x in values.items() if isinstance(x, jax.ShapeDtypeStruct)]
+    if abstract:
+        raise ConversionError(
+            f"the {type(model).__name__} is abstract (built with nnx.eval_shape): its {len(abstract)} Variables "
+            f"(e.g. {abstract[0]}) hold shapes and dtypes, no values to convert; fill it first (e.g. torch_to_nnx("
+            "state_dict, target=model))"
+        )
+    return traverse_util.unflatten_dict(values)
 
 
 def check_nnx(model: flax_nnx.ResNet, *, bad_values: str = ERROR, stacklevel: int = 1) -> Weights:
@@ -140,6 +150,7 @@ def weights_to_nnx(
         return _fill_target(target, weights.to_flax())
     variables = weights.to_flax(param_dtype)
     # Built from the weights' own architecture: its paths and shapes are the variables', as checked.
+    options = builder_options(weights.spec, options)
     model = nnx_model(weights.spec, **{**options, "param_dtype": variables[PARAMS][HEAD]["kernel"].dtype})
     _fill(model, variables)
     model.eval()
