@@ -11,10 +11,10 @@ import jax
 from resnet_arch import DTYPES, LINEN, dtype_name
 
 from ..conversion.files import FRAMEWORKS, MSGPACK, PICKLE, TORCH, CheckpointError, file_format, write_checkpoint
-from ..conversion.hub import WEIGHTS_FILES, write_hub_dir
+from ..conversion.hub import OVERWRITE_HINT, WEIGHTS_FILES, write_hub_dir
 from ..conversion.load import read_weights
 from ..conversion.names import LAYOUTS, SEED
-from ..conversion.validate import BAD_VALUES, ERROR, ConversionError
+from ..conversion.validate import BAD_VALUES, BAD_VALUES_HINT, ERROR, WARN, ConversionError
 from .args import framework_arg
 
 
@@ -55,7 +55,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=ERROR,
         help="NaN/inf weights or a negative/fractional BatchNorm counter: refuse (default) or convert with a warning",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="a directory output that already holds model files (weights, config.json): replace them, and remove "
+        "the weight files the new config.json would not describe (default: refuse)",
+    )
     p.set_defaults(run=run)
+
+
+# The Python arguments that library messages name, as this command's flags.
+CLI_FLAGS = {OVERWRITE_HINT: "--overwrite", BAD_VALUES_HINT: f"--bad-values {WARN}"}
+
+
+def _cli_message(error: Exception) -> str:
+    """An error's message with the Python arguments it names put as the command line's flags."""
+    message = str(error)
+    for argument, flag in CLI_FLAGS.items():
+        message = message.replace(argument, flag)
+    return message
 
 
 def _is_dir(path: Path) -> bool:
@@ -92,7 +110,7 @@ def _convert(args: argparse.Namespace) -> int:
         target = _target_framework(args, source)
         meta = {"arch": weights.spec.describe()}
         if target == TORCH and _is_dir(args.output):
-            state_dict, size = write_hub_dir(args.output, weights, args.layout, param_dtype)
+            state_dict, size = write_hub_dir(args.output, weights, args.layout, param_dtype, overwrite=args.overwrite)
             arrays = list(state_dict.values())
         elif target == TORCH:
             state_dict = weights.to_torch(args.layout, param_dtype)
@@ -106,7 +124,7 @@ def _convert(args: argparse.Namespace) -> int:
             size = write_checkpoint(args.output, variables, LINEN, meta)
             arrays = jax.tree_util.tree_leaves(variables)
     except (CheckpointError, ConversionError) as e:
-        print(f"resnet-parity convert: error: {e}", file=sys.stderr)
+        print(f"resnet-parity convert: error: {_cli_message(e)}", file=sys.stderr)
         return 2
     layout = f", {args.layout} names" if target == TORCH else ""
     written = f"{args.output}/{WEIGHTS_FILES[0]}" if target == TORCH and _is_dir(args.output) else args.output

@@ -293,3 +293,22 @@ def check_hub_config(config: Mapping[str, Any], spec: ArchSpec) -> None:
         features = []
     if features:
         raise not_this_architecture(features)
+
+
+def class_count_mismatches(config: Mapping[str, Any], spec: ArchSpec) -> list[str]:
+    """Where a model directory's config.json gives another class count than ``spec``'s, one phrase each.
+
+    transformers builds the classifier from ``id2label`` (``num_labels`` is its length), timm from
+    ``num_classes``; a loader given this directory would build another head than the weights have.
+    """
+    counts: list[tuple[str, Any]] = []
+    if config.get("model_type") == "resnet":
+        labels = {k: config[k] for k in ("id2label", "label2id") if isinstance(config.get(k), Mapping)}
+        counts += [(f"{k} has {len(v)} labels", len(v)) for k, v in labels.items()]
+        counts += [(f"num_labels={config['num_labels']!r}", config["num_labels"])] if "num_labels" in config else []
+    elif isinstance(config.get("architecture"), str):
+        pretrained = config.get("pretrained_cfg")
+        counts += [(f"num_classes={config['num_classes']!r}", config["num_classes"])] if "num_classes" in config else []
+        if isinstance(pretrained, Mapping) and "num_classes" in pretrained:
+            counts.append((f"pretrained_cfg num_classes={pretrained['num_classes']!r}", pretrained["num_classes"]))
+    return [f"config.json {phrase}" for phrase, count in counts if count != spec.num_classes]

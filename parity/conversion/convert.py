@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ import torch
 from resnet_arch import BN_COUNTER, BN_STATS, LINEN
 from resnet_flax.model import ResNet as FlaxResNet
 
-from .arch import ArchSpec, NotThisArchitecture, check_hub_config, not_this_architecture
+from .arch import ArchSpec, NotThisArchitecture, check_hub_config, class_count_mismatches, not_this_architecture
 from .arrays import torch_views
 from .files import TORCH
 from .names import SEED, WRAPPER_PREFIXES, check_layout, from_seed, recognise, variant_features
@@ -150,6 +151,20 @@ def _check_hub_configs(spec: ArchSpec, *configs: Mapping[str, Any] | None) -> No
                 raise ConversionError(str(e)) from None
 
 
+def _check_class_count(spec: ArchSpec, config: Mapping[str, Any] | None) -> None:
+    """ConversionError naming both counts when a directory's config.json gives the head another class count.
+
+    Only a directory's config: a timm model's own ``pretrained_cfg`` keeps the class count of the weights
+    it was first trained with, whatever its head now has.
+    """
+    mismatches = class_count_mismatches(config or {}, spec)
+    if mismatches:
+        raise ConversionError(
+            f"{'; '.join(mismatches)} where the weights' classifier has {spec.num_classes} classes: the config "
+            "describes another model's head"
+        )
+
+
 def check_state_dict(
     obj: Any,
     target: FlaxResNet | None = None,
@@ -163,9 +178,9 @@ def check_state_dict(
     ``obj`` is a state dict, an ``nn.Module`` or (name, tensor) pairs, in any layout of
     ``parity.conversion.names``; ``module.`` and ``_orig_mod.`` prefixes are stripped with a warning. The
     architecture is ``target``'s (a resnet_flax.ResNet) or, without it, the one the keys describe;
-    ``config`` (a hub's config.json, or the model's own) is checked against it. Raises
-    ConversionError naming every offending key (ConversionError saying which feature, for a ResNet
-    variant this model cannot represent).
+    ``config`` (a hub directory's config.json) and the model's own config are checked against it, and
+    the directory's class count. Raises ConversionError naming every offending key (ConversionError
+    saying which feature, for a ResNet variant this model cannot represent).
     """
     check_bad_values(bad_values)
     sd, pairs, own_config = _read_torch_object(obj)
@@ -175,6 +190,7 @@ def check_state_dict(
     shapes = {k: tuple(t.shape) for k, t in seed.items()}
     spec = ArchSpec.of_flax_model(target) if target is not None else infer(shapes)
     _check_hub_configs(spec, config, own_config)
+    _check_class_count(spec, config)
     expected = spec.torch_shapes()
     check_names_and_shapes(shapes, expected, spec.describe(), lambda k, s: name(k))
     check_plain_data(seed, name)
@@ -231,6 +247,12 @@ def check_flax_variables(variables: Any, *, bad_values: str = ERROR, stacklevel:
     """
     check_bad_values(bad_values)
     leaves, unknown = flax_leaves(_flax_tree(variables))
+    abstract = [_flax_name(k, x.shape) for k, (_, x) in leaves.items() if isinstance(x, jax.ShapeDtypeStruct)]
+    if abstract:
+        raise ConversionError(
+            f"Flax variables of abstract arrays (jax.ShapeDtypeStruct, from jax.eval_shape or nnx.eval_shape): "
+            f"{len(abstract)} leaves (e.g. {abstract[0]}) hold shapes and dtypes, no values to convert"
+        )
     shapes = {k: rule.torch_shape(tuple(np.shape(x))) for k, (rule, x) in leaves.items()}
     spec = infer(shapes)
     expected = spec.torch_shapes()

@@ -8,12 +8,13 @@ safetensors holds one flat ``{name: tensor}`` dict, so the two frameworks use tw
 
 Every file written here carries a ``sha256`` over every tensor's name, dtype, shape and bytes,
 checked when the file is read back, so a flipped bit is an error rather than a silently different
-weight: in the safetensors header metadata (with ``framework``, "torch" or "linen"), in a ``.pth``
-state dict's ``_metadata`` (which ``load_state_dict(strict=True)`` reads only by module name, so
-other loaders see a plain state dict), in a ``.msgpack`` tree as one extra entry (32 uint8 bytes,
-which ``flax.serialization.from_bytes`` ignores). A file of ours whose digest is missing or
-malformed is corrupted; a file without any of our metadata (written by another tool) loads with a
-one-line notice that it cannot be verified. Torch pickles are read with
+weight: in the safetensors header metadata (with ``framework``, "torch" or "linen", and our format
+marker ``_resnet_parity``), in a ``.pth`` state dict's ``_metadata`` (which
+``load_state_dict(strict=True)`` reads only by module name, so other loaders see a plain state
+dict), in a ``.msgpack`` tree as one extra entry (32 uint8 bytes, which
+``flax.serialization.from_bytes`` ignores). A file with any of our metadata keys is ours, and one
+of ours whose digest is missing or malformed is corrupted; a file without any of them (written by
+another tool) loads with a one-line notice that it cannot be verified. Torch pickles are read with
 ``torch.load(weights_only=True)`` only, never retried unsafely. Writes go through ``atomic_write``.
 
 Framework names: ``torch``, ``linen`` (resnet_flax) and ``nnx`` (resnet_flax.nnx). Both Flax APIs
@@ -31,6 +32,7 @@ import logging
 import os
 import pickle
 import re
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -59,9 +61,15 @@ SAFETENSORS, PICKLE, MSGPACK = "safetensors", "pickle", "msgpack"
 SUFFIXES = {".safetensors": SAFETENSORS, ".pth": PICKLE, ".pt": PICKLE, ".bin": PICKLE, ".msgpack": MSGPACK}
 _SEP = "/"  # joins a Flax variable path into one safetensors key
 _HEADER_LEN_BYTES = 8  # safetensors: little-endian u64 header length, then the JSON header
+_HEADER_ALIGN = 8  # safetensors pads its JSON header with spaces to a multiple of this
 _STATE_DICT_KEYS = ("state_dict", "model", "model_state")  # where training scripts commonly nest the weights
 # Our entry in a .pth state dict's _metadata and at the top of a .msgpack tree: framework and sha256.
 DIGEST_ENTRY = "_resnet_parity"
+# Our keys in a safetensors header's metadata: the format marker (DIGEST_ENTRY, with this value), the
+# framework and the digest. A file with any of them is ours, so damage to the others is corruption.
+FORMAT_VERSION = "1"
+_DIGEST_KEYS = ("framework", "sha256")
+OUR_KEYS = (DIGEST_ENTRY, *_DIGEST_KEYS)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 log = logging.getLogger(__name__)
@@ -121,6 +129,16 @@ def _flat_flax(variables: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return dict(zip(names, torch_views(list(flat.values())), strict=True))
 
 
+def _reason(path: Path, error: Exception) -> str:
+    """Why a file could not be read: an empty file says so; an exception without a message, its type."""
+    try:
+        if path.stat().st_size == 0:
+            return "the file is empty"
+    except OSError:
+        pass
+    return str(error) or type(error).__name__
+
+
 def _state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     """The {name: tensor} dict a loaded torch pickle holds (top level or under 'state_dict'/'model')."""
     for candidate in (obj, *(obj.get(k) for k in _STATE_DICT_KEYS if isinstance(obj, Mapping))):
@@ -147,19 +165,25 @@ def _read_pickle(path: Path) -> Checkpoint:
             f"containers, or is corrupted; it is never loaded unsafely. {reason.split('. Please')[0]}"
         ) from None
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupted?): {e}") from None
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint (truncated or corrupted?): {_reason(path, e)}"
+        ) from None
     tensors = _state_dict(obj, path)
     metadata = getattr(obj, "_metadata", None)
-    entry = metadata.get(DIGEST_ENTRY) if isinstance(metadata, Mapping) else None
+    metadata = metadata if isinstance(metadata, Mapping) else {}
+    entry = metadata.get(DIGEST_ENTRY)
     recorded = entry.get("sha256") if isinstance(entry, Mapping) and entry.get("framework") == TORCH else None
-    _verify(path, recorded, tensors, ours=entry is not None)
+    # Module versions are {'version': n}: an entry with one of our keys is ours, whatever its name became.
+    ours = entry is not None or any(isinstance(v, Mapping) and set(_DIGEST_KEYS) & set(v) for v in metadata.values())
+    _verify(path, recorded, tensors, ours=ours)
     return Checkpoint(TORCH, tensors)
 
 
 def _header_metadata(data: bytes, path: Path) -> dict[str, str]:
     n = int.from_bytes(data[:_HEADER_LEN_BYTES], "little") if len(data) >= _HEADER_LEN_BYTES else -1
     if not 0 < n <= len(data) - _HEADER_LEN_BYTES:
-        raise CheckpointError(f"{path}: not a safetensors file (truncated or corrupted header)")
+        empty = ": the file is empty" if not data else ""
+        raise CheckpointError(f"{path}: not a safetensors file (truncated or corrupted header){empty}")
     try:
         meta = json.loads(data[_HEADER_LEN_BYTES : _HEADER_LEN_BYTES + n]).get("__metadata__") or {}
     except (ValueError, AttributeError) as e:
@@ -175,8 +199,10 @@ def _read_safetensors(path: Path) -> Checkpoint:
     try:
         tensors = safetensors.torch.load(data)
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupted?): {e}") from None
-    _verify(path, meta.get("sha256"), tensors, ours="framework" in meta or "sha256" in meta)
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file (truncated or corrupted?): {_reason(path, e)}"
+        ) from None
+    _verify(path, meta.get("sha256"), tensors, ours=any(key in meta for key in OUR_KEYS))
     recorded_framework = meta.get("framework") or (
         LINEN if tensors and all(k.split(_SEP)[0] in COLLECTIONS and _SEP in k for k in tensors) else TORCH
     )
@@ -195,17 +221,19 @@ def _read_safetensors(path: Path) -> Checkpoint:
     return Checkpoint(TORCH, tensors)
 
 
-def _is_array_tree(tree: Any) -> bool:
+def _is_array_tree(tree: Any, leaf_types: tuple[type, ...] = (np.ndarray, np.generic)) -> bool:
     if isinstance(tree, Mapping):
-        return all(isinstance(k, str) and _is_array_tree(v) for k, v in tree.items())
-    return isinstance(tree, (np.ndarray, np.generic))
+        return all(isinstance(k, str) and _is_array_tree(v, leaf_types) for k, v in tree.items())
+    return isinstance(tree, leaf_types)
 
 
 def _read_msgpack(path: Path) -> Checkpoint:
     try:
         tree = flax.serialization.msgpack_restore(path.read_bytes())
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable Flax msgpack file (truncated or corrupted?): {e}") from None
+        raise CheckpointError(
+            f"{path}: not a readable Flax msgpack file (truncated or corrupted?): {_reason(path, e)}"
+        ) from None
     entry = tree.pop(DIGEST_ENTRY, None) if isinstance(tree, dict) else None
     if not (isinstance(tree, Mapping) and "params" in tree and _is_array_tree(tree)):
         raise CheckpointError(f"{path}: expected Flax variables {{'params': ..., 'batch_stats': ...}} of arrays")
@@ -250,6 +278,68 @@ def _flax_msgpack(variables: Mapping[str, Any]) -> bytes:
     return flax.serialization.msgpack_serialize({**tree, DIGEST_ENTRY: {"sha256": digest}})
 
 
+# What write_checkpoint takes for each framework name.
+_EXPECTED = {
+    TORCH: "a torch state dict {name: torch.Tensor}",
+    LINEN: "Flax variables {'params': ..., 'batch_stats': ...} of arrays",
+    NNX: "an NNX model (resnet_flax.nnx.ResNet)",
+}
+
+
+def _is_nnx_module(obj: Any) -> bool:
+    """An nnx.Module; without flax.nnx imported, nothing can be one."""
+    nnx = sys.modules.get("flax.nnx")
+    return nnx is not None and isinstance(obj, nnx.Module)
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _is_variables(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and "params" in obj and _is_array_tree(obj, (jax.Array, np.ndarray, np.generic))
+
+
+def _framework_of(obj: Any) -> str | None:
+    """The framework whose weights obj is, if any."""
+    checks = {NNX: _is_nnx_module, TORCH: _is_state_dict, LINEN: _is_variables}
+    return next((framework for framework, check in checks.items() if check(obj)), None)
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, Mapping) and obj and _is_state_dict(obj):
+        return "a dict of torch.Tensor"
+    if isinstance(obj, Mapping) and "params" in obj:
+        return f"Flax variables ({', '.join(sorted(map(str, obj)))})"
+    if isinstance(obj, Mapping):
+        return f"a dict holding {', '.join(sorted({type(v).__name__ for v in obj.values()})) or 'nothing'}"
+    return type(obj).__name__
+
+
+def _check_weights(path: Path, tensors: Any, framework: str, given: str) -> None:
+    """TypeError saying what ``framework``'s weights are, unless ``tensors`` are those."""
+    found = _framework_of(tensors)
+    if found == framework and (framework != TORCH or tensors):
+        return
+    hint = f" ({found} weights: pass framework={found!r})" if found is not None and found != framework else ""
+    raise TypeError(f"{path}: {given} weights are {_EXPECTED[framework]}, got {_describe(tensors)}{hint}")
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """safetensors bytes with the header's metadata in key order.
+
+    The writer orders the metadata as a hash map iterates, which differs from call to call; the same
+    weights and metadata should give the same file. Tensor offsets count from the end of the header,
+    so the header may be written anew.
+    """
+    n = int.from_bytes(data[:_HEADER_LEN_BYTES], "little")
+    header = json.loads(data[_HEADER_LEN_BYTES : _HEADER_LEN_BYTES + n])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % _HEADER_ALIGN)
+    return len(text).to_bytes(_HEADER_LEN_BYTES, "little") + text + data[_HEADER_LEN_BYTES + n :]
+
+
 def write_checkpoint(
     path: str | os.PathLike,
     tensors: Any,
@@ -265,11 +355,16 @@ def write_checkpoint(
     variables tree it is. The weights are written as given, for every framework alike: their values
     are checked where they are converted or loaded (``bad_values``), not here. Every format records a
     sha256 of the tensors. ``check`` gets the written file under its temporary name and may raise to
-    keep it from ever reaching ``path`` (see ``atomic_write``).
+    keep it from ever reaching ``path`` (see ``atomic_write``). An object that is not the weights
+    ``framework`` names (a state dict for "linen", say) raises TypeError saying what was expected,
+    before anything is written.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file name (str or os.PathLike), got {type(path).__name__}")
     path = Path(path)
     fmt = file_format(path)
-    framework = framework_name(framework)
+    given, framework = framework, framework_name(framework)
+    _check_weights(path, tensors, framework, given)
     if framework == NNX:
         from .nnx import nnx_variables  # flax.nnx only when asked for
 
@@ -281,8 +376,13 @@ def write_checkpoint(
     try:
         if fmt == SAFETENSORS:
             flat = _flat_flax(tensors) if framework == LINEN else {k: t.contiguous() for k, t in tensors.items()}
-            meta = {**(metadata or {}), "framework": framework, "sha256": tensors_digest(flat)}
-            data = safetensors.torch.save(flat, meta)
+            meta = {
+                **(metadata or {}),
+                DIGEST_ENTRY: FORMAT_VERSION,
+                "framework": framework,
+                "sha256": tensors_digest(flat),
+            }
+            data = _sorted_metadata(safetensors.torch.save(flat, meta))
         else:
             # Serialised in memory first: torch.save reports a full disk as RuntimeError, os.write as OSError.
             data = _torch_pickle(tensors) if fmt == PICKLE else _flax_msgpack(tensors)

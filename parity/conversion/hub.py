@@ -25,6 +25,17 @@ from .weights import Weights
 # The weights files the hubs write, the one read first first.
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
 CONFIG_FILE = "config.json"
+# Other weights files the hubs' loaders read (sharded weights' indexes, the other frameworks'): beside new
+# weights they would describe another model.
+OTHER_WEIGHTS_FILES = (
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+    "flax_model.msgpack",
+    "tf_model.h5",
+)
+MODEL_FILES = (*WEIGHTS_FILES, *OTHER_WEIGHTS_FILES, CONFIG_FILE)
+# The Python argument that lets write_hub_dir replace a directory's model files (the command line's --overwrite).
+OVERWRITE_HINT = "overwrite=True"
 # safetensors header metadata that transformers' loaders look for in a PyTorch weights file.
 _TORCH_FORMAT = {"format": "pt"}
 
@@ -48,14 +59,24 @@ def read_hub_dir(path: str | os.PathLike) -> tuple[Checkpoint, dict[str, Any]]:
     return ckpt, config
 
 
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot remove this file of the replaced model: {e}") from e
+
+
 def write_hub_dir(
-    path: str | os.PathLike, weights: Weights, layout: str, param_dtype: Any = None
+    path: str | os.PathLike, weights: Weights, layout: str, param_dtype: Any = None, *, overwrite: bool = False
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Write ``model.safetensors`` in ``layout``'s names, and the layout's config.json where it has one.
 
     ``param_dtype`` casts the floating-point weights (default: each keeps its dtype). Returns the
-    state dict written and the bytes written. A config.json left from other weights is refused
-    rather than left beside them; each file is written to a temp name and renamed.
+    state dict written and the bytes written. A directory that already holds model files (weights
+    or a config.json, ``MODEL_FILES``) is refused unless ``overwrite``; with it, the new files replace
+    them and every model file the new ones are not (a ``pytorch_model.bin`` beside the new
+    ``model.safetensors``, a config.json that seed weights have none of) is removed, so no loader
+    finds another model's files. Other files stay. Each file is written to a temp name and renamed.
     """
     path = Path(path)
     try:
@@ -65,9 +86,16 @@ def write_hub_dir(
     state_dict = weights.to_torch(layout, param_dtype)
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path}: exists and is not a directory")
-    if config is None and (path / CONFIG_FILE).exists():
+    if not overwrite and config is None and (path / CONFIG_FILE).exists():
         raise CheckpointError(
-            f"{path}: holds a {CONFIG_FILE} that would not describe {layout} weights; remove it or write elsewhere"
+            f"{path}: holds a {CONFIG_FILE} that would not describe {layout} weights; remove it, write elsewhere "
+            f"or replace the directory's model files ({OVERWRITE_HINT})"
+        )
+    existing = [name for name in MODEL_FILES if (path / name).exists()]
+    if existing and not overwrite:
+        raise CheckpointError(
+            f"{path}: already holds model files ({', '.join(existing)}); write elsewhere or replace them "
+            f"({OVERWRITE_HINT})"
         )
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -86,4 +114,8 @@ def write_hub_dir(
             size += atomic_write(path / CONFIG_FILE, write)
         except OSError as e:
             raise CheckpointError(f"{path / CONFIG_FILE}: cannot write: {e}") from e
+    written = {WEIGHTS_FILES[0], *([CONFIG_FILE] if config is not None else [])}
+    for name in existing:
+        if name not in written:
+            _remove(path / name)
     return state_dict, size

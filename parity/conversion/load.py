@@ -14,7 +14,7 @@ from .convert import check_flax_variables, check_state_dict
 from .files import TORCH, framework_name, read_checkpoint
 from .hub import read_hub_dir
 from .rules import PARAMS
-from .validate import ERROR, ConversionError
+from .validate import ERROR, ConversionError, builder_options
 from .weights import Weights
 
 
@@ -51,12 +51,13 @@ def load_checkpoint(
     directory is what transformers' ``save_pretrained`` or timm's ``save_for_hf`` leaves
     (``model.safetensors`` or ``pytorch_model.bin``, and ``config.json``). The architecture is read
     from the weights (and checked against the config); ``model_kwargs`` go to the model (e.g.
-    ``dtype``, the computation dtype, and ``precision`` for Flax). ``bad_values`` as in
-    ``torch_to_flax``. Errors name the file.
+    ``dtype``, the computation dtype, and ``precision`` for Flax); ``num_classes`` or ``small_stem``
+    among them must be the weights' own. ``bad_values`` as in ``torch_to_flax``. Errors name the file.
     """
     framework = framework_name(framework)
     weights = read_weights(path, bad_values=bad_values, stacklevel=2)
     try:
+        model_kwargs = builder_options(weights.spec, model_kwargs)
         if framework == TORCH:
             with torch.device("meta"):
                 model = weights.spec.torch_model(**model_kwargs)

@@ -16,6 +16,9 @@ import collections
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import torch
 from flax import nnx, traverse_util
 
@@ -26,8 +29,8 @@ from .arch import ArchSpec
 from .convert import check_flax_variables, check_state_dict
 from .names import SEED
 from .rules import BATCH_STATS, PARAMS
-from .validate import ERROR, check_names_and_shapes
-from .weights import Variables, Weights
+from .validate import ERROR, ConversionError, builder_options, check_names_and_shapes
+from .weights import Variables, Weights, param_cast
 
 # The Variable types of an NNX ResNet and the linen collections they are.
 VARIABLE_COLLECTIONS: dict[type[nnx.Variable], str] = {nnx.Param: PARAMS, nnx.BatchStat: BATCH_STATS}
@@ -62,10 +65,19 @@ def _flat_state(model: nnx.Module) -> dict[tuple[str, ...], nnx.Variable]:
 
 
 def nnx_variables(model: nnx.Module) -> Variables:
-    """An NNX model's state as the linen variables tree it is, by the Variable types alone: nothing checked."""
+    """An NNX model's state as the linen variables tree it is, by the Variable types alone: nothing checked
+    but that it holds values (ConversionError for an abstract model, from ``nnx.eval_shape``)."""
     if not isinstance(model, nnx.Module):
         raise TypeError(f"expected an NNX module, got {type(model).__name__}")
-    return traverse_util.unflatten_dict({path: v.get_value() for path, v in _flat_state(model).items()})
+    values = {path: v.get_value() for path, v in _flat_state(model).items()}
+    abstract = ["/".join(path) for path, x in values.items() if isinstance(x, jax.ShapeDtypeStruct)]
+    if abstract:
+        raise ConversionError(
+            f"the {type(model).__name__} is abstract (built with nnx.eval_shape): its {len(abstract)} Variables "
+            f"(e.g. {abstract[0]}) hold shapes and dtypes, no values to convert; fill it first (e.g. torch_to_nnx("
+            "state_dict, target=model))"
+        )
+    return traverse_util.unflatten_dict(values)
 
 
 def check_nnx(model: flax_nnx.ResNet, *, bad_values: str = ERROR, stacklevel: int = 1) -> Weights:
@@ -89,12 +101,32 @@ def _fill(model: flax_nnx.ResNet, variables: Mapping[str, Any]) -> None:
     nnx.update(model, traverse_util.unflatten_dict({path[1:]: x for path, x in flat.items()}))
 
 
+def _check_target_param_dtype(target: flax_nnx.ResNet, param_dtype: Any) -> None:
+    """ValueError when ``param_dtype`` is not the dtype of a target's parameters: a target keeps its dtypes."""
+    cast = param_cast(param_dtype)
+    params = {np.dtype(v.get_value().dtype) for p, v in _flat_state(target).items() if p[0] == PARAMS}
+    if cast is not None and params != {cast}:
+        raise ValueError(
+            f"param_dtype={cast.name}, but the target's parameters are {', '.join(sorted(d.name for d in params))}: "
+            "a target is filled in its own dtypes (leave param_dtype out)"
+        )
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    return bool(jnp.issubdtype(dtype, jnp.floating))
+
+
 def _fill_target(target: flax_nnx.ResNet, variables: Mapping[str, Any]) -> flax_nnx.ResNet:
-    """Put ``variables`` into a given model's Variables, after checking every path and shape against it."""
-    expected = {"/".join(p): tuple(v.get_value().shape) for p, v in _flat_state(target).items()}
-    got = {"/".join(p): tuple(x.shape) for p, x in traverse_util.flatten_dict(dict(variables)).items()}
+    """Put ``variables`` into a given model's Variables, after checking every path and shape against it;
+    floating-point leaves are cast to the dtype of the Variable they fill."""
+    state = _flat_state(target)
+    expected = {"/".join(p): tuple(v.get_value().shape) for p, v in state.items()}
+    flat = traverse_util.flatten_dict(dict(variables))
+    got = {"/".join(p): tuple(x.shape) for p, x in flat.items()}
     check_names_and_shapes(got, expected, f"the target {type(target).__name__}", lambda key, shape: key)
-    _fill(target, variables)
+    dtypes = {p: np.dtype(v.get_value().dtype) for p, v in state.items()}
+    cast = {p: x.astype(dtypes[p]) if _is_float(x.dtype) and x.dtype != dtypes[p] else x for p, x in flat.items()}
+    _fill(target, traverse_util.unflatten_dict(cast))
     return target
 
 
@@ -103,18 +135,22 @@ def weights_to_nnx(
 ) -> flax_nnx.ResNet:
     """Checked weights (``check_state_dict``, ``check_flax_variables``) -> a ``resnet_flax.nnx.ResNet``.
 
-    ``param_dtype`` casts the floating-point weights (default: each keeps its dtype). Without
-    ``target`` the model is built abstractly for the weights' architecture, with ``options`` for the
-    builder (``dtype``: its computation dtype, ``precision``; its ``param_dtype`` is the weights'),
-    and comes back in eval mode. A ``target`` (e.g. from ``nnx.eval_shape``) keeps its own options,
-    is checked path by path and filled in place, and keeps its mode.
+    Without ``target`` the model is built abstractly for the weights' architecture, with ``options``
+    for the builder (``dtype``: its computation dtype, ``precision``; its ``param_dtype`` is the
+    weights'), and comes back in eval mode; ``param_dtype`` casts the floating-point weights (default:
+    each keeps its dtype). A ``target`` (e.g. from ``nnx.eval_shape``) keeps its own options, its
+    mode and its dtypes: it is checked path by path and filled in place, each floating-point weight
+    cast to the dtype of the Variable it fills (float32 weights in a target of bfloat16 parameters
+    become bfloat16 there); ``param_dtype``, if given, must be the target's parameters' dtype.
     """
-    variables = weights.to_flax(param_dtype)
     if target is not None:
         if options:
             raise ValueError(f"builder options ({', '.join(options)}) are for a new model; a target keeps its own")
-        return _fill_target(target, variables)
+        _check_target_param_dtype(target, param_dtype)
+        return _fill_target(target, weights.to_flax())
+    variables = weights.to_flax(param_dtype)
     # Built from the weights' own architecture: its paths and shapes are the variables', as checked.
+    options = builder_options(weights.spec, options)
     model = nnx_model(weights.spec, **{**options, "param_dtype": variables[PARAMS][HEAD]["kernel"].dtype})
     _fill(model, variables)
     model.eval()
@@ -153,8 +189,10 @@ def torch_to_nnx(
     layout of ``parity.conversion.names``), checked the same way, ``bad_values`` included. Without
     ``target`` the model is built abstractly for the architecture the keys describe and comes back
     in eval mode; a ``target`` (e.g. ``nnx.eval_shape(lambda: resnet_flax.nnx.resnet50(num_classes=1000,
-    rngs=nnx.Rngs(0)))``) is checked against its own architecture and filled in place. ``param_dtype``
-    and ``options`` (e.g. ``dtype``, the computation dtype) as in ``weights_to_nnx``.
+    rngs=nnx.Rngs(0)))``) is checked against its own architecture and filled in place, in its own
+    dtypes: the weights are cast to them (``torch_to_flax``'s linen ``target``, a module without
+    arrays, gives the architecture only). ``param_dtype`` and ``options`` (e.g. ``dtype``, the
+    computation dtype) as in ``weights_to_nnx``.
     """
     # Checked in torch's names against the linen model of the target's architecture, then against the target.
     flax_target = None if target is None else nnx_spec(target).flax_model()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,11 +26,29 @@ Shapes = Mapping[str, tuple[int, ...]]
 ERROR, WARN = "error", "warn"
 # What NaN/inf weights and a negative or fractional BatchNorm counter get: an error or a warning.
 BAD_VALUES = (ERROR, WARN)
+# The argument that converts them anyway, as the messages name it (the command line's --bad-values warn).
+BAD_VALUES_HINT = f"bad_values={WARN!r}"
 _COUNTER_RANGE = (int(np.iinfo(COUNTER_DTYPE).min), int(np.iinfo(COUNTER_DTYPE).max))
 
 
 class ConversionError(ValueError):
     """A checkpoint does not fit the model: every missing, unexpected or misshapen key is named."""
+
+
+def builder_options(spec: ArchSpec, options: Mapping[str, Any]) -> dict[str, Any]:
+    """A model builder's options without those the weights fix (``num_classes``, ``small_stem``).
+
+    The same value as the weights' is taken; another raises ConversionError naming both.
+    """
+    fixed = spec.model_kwargs()
+    conflicts = [
+        f"{k}={options[k]!r} where the weights have {v!r}" for k, v in fixed.items() if k in options and options[k] != v
+    ]
+    if conflicts:
+        raise ConversionError(
+            f"{'; '.join(conflicts)}: the architecture comes from the weights (leave {', '.join(fixed)} out)"
+        )
+    return {k: v for k, v in options.items() if k not in fixed}
 
 
 def check_bad_values(bad_values: str) -> None:
@@ -131,7 +150,7 @@ def check_values(
     )
     found = {"NaN/inf": nonfinite, "negative or fractional counter": odd}
     if bad_values == ERROR:
-        raise_listed("checkpoint holds values no trained network has:", found, "  (bad_values='warn' converts them)")
+        raise_listed("checkpoint holds values no trained network has:", found, f"  ({BAD_VALUES_HINT} converts them)")
     elif nonfinite or odd:
         lines = "; ".join(f"{head}: {', '.join(items)}" for head, items in found.items() if items)
         warnings.warn(f"converting values no trained network has: {lines}", stacklevel=stacklevel + 1)
