@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from resnet_arch import BN_COUNTER, DTYPES
-from resnet_flax.layers import COUNTER_DTYPE
+from resnet_flax.ops import COUNTER_DTYPE
 
 from .arch import ArchSpec, infer_arch
 from .arrays import one_torch_thread

@@ -22,7 +22,7 @@ import torch
 from flax import traverse_util
 
 from resnet_arch import DTYPES, LINEN
-from resnet_flax.layers import COUNTER_DTYPE
+from resnet_flax.ops import COUNTER_DTYPE
 
 from .arch import ArchSpec
 from .arrays import aligned_empty, numpy_dtype, numpy_to_torch, one_torch_thread, permuted_copy, to_jax, torch_dtype
