@@ -6,6 +6,10 @@ import argparse
 
 from ..conversion.files import FRAMEWORK_ALIASES
 
+# The exit status of a command that could not do its job for bad input (flags, files, a place it cannot
+# write), as argparse exits on usage errors.
+EXIT_BAD_INPUT = 2
+
 
 def positive_int(text: str) -> int:
     """argparse type: an integer of at least 1, with a message that says so."""

@@ -21,12 +21,11 @@ from ..checks.precision import (
 from ..checks.report import format_error, format_result, header, versions, write_json
 from ..checks.run import run_checks
 from ..conversion.atomic import is_stream
-from .args import positive_int
+from .args import EXIT_BAD_INPUT, positive_int
 
 DEFAULT_SIZE = (97, 131)  # odd and non-square: 'SAME' and symmetric padding differ at every stride
 DEFAULT_BATCH = 2
 EXIT_FAILED = 1  # some check exceeded its tolerance or raised
-EXIT_BAD_INPUT = 2  # the run could not start (e.g. no GPU) or its --json file cannot be written, as usage errors
 # The Flax model that --api and --fused-bn check, as the table's heading and the JSON report name it.
 FLAX_MODELS = {
     (LINEN, False): "ResNet",

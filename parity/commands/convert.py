@@ -15,7 +15,7 @@ from ..conversion.hub import OVERWRITE_HINT, WEIGHTS_FILES, write_hub_dir
 from ..conversion.load import read_weights
 from ..conversion.names import LAYOUTS, SEED
 from ..conversion.validate import BAD_VALUES, BAD_VALUES_HINT, ERROR, WARN, ConversionError
-from .args import framework_arg
+from .args import EXIT_BAD_INPUT, framework_arg
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -125,7 +125,7 @@ def _convert(args: argparse.Namespace) -> int:
             arrays = jax.tree_util.tree_leaves(variables)
     except (CheckpointError, ConversionError) as e:
         print(f"resnet-parity convert: error: {_cli_message(e)}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     layout = f", {args.layout} names" if target == TORCH else ""
     written = f"{args.output}/{WEIGHTS_FILES[0]}" if target == TORCH and _is_dir(args.output) else args.output
     print(f"{args.input} ({source}) -> {written} ({target}{layout})")

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..conversion.convert import ConversionError
 from ..conversion.files import CheckpointError
 from ..export import FORMAT_DTYPES, FORMATS, FP32, ExportError, export, format_of
-from .args import positive_int
+from .args import EXIT_BAD_INPUT, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         done = export(args.model, args.output, fmt, dtype=args.dtype, image_size=args.image_size)
     except (CheckpointError, ConversionError, ExportError, OSError) as e:
         print(f"resnet-parity export: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     print(f"{args.model} -> {done.path} ({fmt}, {args.dtype}, {done.size:,} bytes)")
     if done.metadata_path is not None:
         print(f"  class names and input: {done.metadata_path}")
