@@ -350,6 +350,5 @@ def fit(config: TrainConfig) -> dict[str, Any]:
                 f"lost its connection ({str(e).splitlines()[0]}); resume the run from its last checkpoint"
             ) from e
         finally:
-            run.checkpoints.wait()
             run.checkpoints.close()
         return finish(run, state, progress, started)

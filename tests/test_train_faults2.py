@@ -1,0 +1,44 @@
+"""Training under faults, continued: every exit finishes, the run directory's files are checked before use."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+from orbax.checkpoint._src.futures import future as orbax_futures
+from test_train import REPO
+from test_train_faults import ONE_EPOCH_FLAGS, TINY_FLAGS, _summary, keep_logging  # noqa: F401
+
+from resnet_train.main import main
+
+# Flags shared by the runs here: one epoch of the TINY program, compiled once per session.
+RUN_FLAGS = [*TINY_FLAGS, *ONE_EPOCH_FLAGS, "--no-export"]
+# Below orbax's 300 s wait for a signal a failed save never sends: a run that hangs there fails the test.
+EXIT_SECONDS = 250
+
+
+def _orbax_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if isinstance(t, orbax_futures._SignalingThread) and t.is_alive()]
+
+
+def test_a_failed_checkpoint_save_exits_with_its_sentence(tmp_path) -> None:
+    (tmp_path / "checkpoints").write_text("x")
+    proc = subprocess.run(
+        [sys.executable, "-m", "resnet_train.main", *RUN_FLAGS, "--run-dir", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=EXIT_SECONDS,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "cannot finish saving a checkpoint" in _summary(proc.stdout)["error"]
+    assert "Traceback" not in proc.stderr and "never awaited" not in proc.stderr, proc.stderr
+
+
+def test_a_failed_save_on_resume_leaves_no_orbax_thread_waiting(tmp_path, capsys, keep_logging) -> None:  # noqa: F811
+    (tmp_path / "checkpoints").write_text("x")
+    assert main([*RUN_FLAGS, "--resume", "--run-dir", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert "cannot finish saving a checkpoint" in _summary(out)["error"] and "Traceback" not in err
+    assert _orbax_threads() == []
