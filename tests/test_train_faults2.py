@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
 
+import pytest
 from orbax.checkpoint._src.futures import future as orbax_futures
 from test_train import REPO
 from test_train_faults import ONE_EPOCH_FLAGS, TINY_FLAGS, _summary, keep_logging  # noqa: F401
 
+from resnet_train import runlog
 from resnet_train.main import main
 
 # Flags shared by the runs here: one epoch of the TINY program, compiled once per session.
@@ -42,3 +45,16 @@ def test_a_failed_save_on_resume_leaves_no_orbax_thread_waiting(tmp_path, capsys
     out, err = capsys.readouterr()
     assert "cannot finish saving a checkpoint" in _summary(out)["error"] and "Traceback" not in err
     assert _orbax_threads() == []
+
+
+@pytest.mark.parametrize("kind", ["symlink", "folder", "fifo"])
+def test_a_lock_that_is_not_a_regular_file_is_refused_untouched(tmp_path, kind) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lock = run_dir / runlog.LOCK_FILE
+    {"symlink": lambda: lock.symlink_to(victim), "folder": lock.mkdir, "fifo": lambda: os.mkfifo(lock)}[kind]()
+    with pytest.raises(ValueError, match=f"{lock} is not a regular file"), runlog.locked(run_dir):
+        pass
+    assert victim.read_text() == "precious"
