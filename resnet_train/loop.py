@@ -57,7 +57,13 @@ def _check_run_dir(run_dir: Path, config: TrainConfig, checkpoints: Checkpoints,
                 f"{run_dir} already holds a run (checkpoint at step {checkpoints.latest_step()}): "
                 "pass --resume to continue it, or --run-dir for a new run"
             )
-    elif saved_path.exists():
+    elif not saved_path.exists():
+        if checkpoints.latest_step() is not None:
+            raise ValueError(
+                f"--resume: {saved_path} is missing, so this run's settings cannot be checked against the ones "
+                "its checkpoints were trained with; put it back, or start a new run in another --run-dir"
+            )
+    else:
         saved = saved_config(saved_path.read_text())
         ours = dataclasses.asdict(config)
         changed = sorted(k for k in ours if k not in RESUMABLE_CHANGES and saved.get(k) != ours[k])

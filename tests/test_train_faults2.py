@@ -10,7 +10,7 @@ import threading
 import pytest
 from orbax.checkpoint._src.futures import future as orbax_futures
 from test_train import REPO
-from test_train_faults import ONE_EPOCH_FLAGS, TINY_FLAGS, _summary, keep_logging  # noqa: F401
+from test_train_faults import ONE_EPOCH_FLAGS, TINY_FLAGS, _summary, keep_logging  # noqa: F401 (keep_logging: a fixture)
 
 from resnet_train import runlog
 from resnet_train.main import main
