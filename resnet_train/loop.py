@@ -64,7 +64,7 @@ def _check_run_dir(run_dir: Path, config: TrainConfig, checkpoints: Checkpoints,
                 "its checkpoints were trained with; put it back, or start a new run in another --run-dir"
             )
     else:
-        saved = saved_config(saved_path.read_text())
+        saved = saved_config(saved_path)
         ours = dataclasses.asdict(config)
         changed = sorted(k for k in ours if k not in RESUMABLE_CHANGES and saved.get(k) != ours[k])
         if changed:

@@ -74,12 +74,25 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def _read(path: Path) -> tuple[list[dict[str, Any]], bool]:
-    """The complete JSON lines of a metrics file, and whether text follows the last newline: a torn
-    line, which a crash in the middle of its write can leave."""
+    """The JSON lines of a metrics file, and whether its last line was torn (text after the last newline, or a
+    last line that is not JSON): a crash in the middle of its write can leave one. Any other line that is not
+    a JSON object is a ValueError naming the file and the line."""
     if not path.exists():
         return [], False
     *lines, tail = path.read_bytes().decode(errors="replace").split("\n")
-    return [json.loads(line) for line in lines if line.strip()], bool(tail.strip())
+    numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+    records: list[dict[str, Any]] = []
+    for number, line in numbered:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == numbered[-1][0] and not tail.strip():
+                return records, True
+            raise ValueError(f"{path}, line {number}: not JSON ({e.msg}); each line holds one metrics record") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {number}: a JSON {type(record).__name__}, not a metrics record (an object)")
+        records.append(record)
+    return records, bool(tail.strip())
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from test_train import REPO
 from test_train_faults import ONE_EPOCH_FLAGS, TINY_FLAGS, _summary, keep_logging  # noqa: F401 (keep_logging: a fixture)
 
 from resnet_train import runlog
+from resnet_train.config import saved_config
 from resnet_train.main import main
 
 # Flags shared by the runs here: one epoch of the TINY program, compiled once per session.
@@ -58,3 +60,42 @@ def test_a_lock_that_is_not_a_regular_file_is_refused_untouched(tmp_path, kind) 
     with pytest.raises(ValueError, match=f"{lock} is not a regular file"), runlog.locked(run_dir):
         pass
     assert victim.read_text() == "precious"
+
+
+# --- the run directory's files, damaged ---------------------------------------------------------------
+
+WHOLE = '{"step": 10, "loss": 1.0}\n{"epoch": 1, "step": 12}\n'
+
+
+@pytest.mark.parametrize("torn", ['{"step": 2', '{"step": 2\n', '{"step": 20}', '{"st\x00\x00\n'])
+def test_a_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, caplog, torn) -> None:
+    (tmp_path / runlog.METRICS_FILE).write_text(WHOLE + torn)
+    assert runlog.read_metrics(tmp_path) == [{"step": 10, "loss": 1.0}, {"epoch": 1, "step": 12}]
+    with caplog.at_level(logging.WARNING):
+        runlog.keep_metrics_until(tmp_path, 12)
+    assert "dropped a torn last line" in caplog.text
+    assert (tmp_path / runlog.METRICS_FILE).read_text() == '{"loss": 1.0, "step": 10}\n{"epoch": 1, "step": 12}\n'
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"step": 1}\n{"st\n' + WHOLE, r"metrics.jsonl, line 2: not JSON"),
+        ('{"step": 1}\n[1, 2]\n', r"metrics.jsonl, line 2: a JSON list, not a metrics record"),
+        ('"text"\n', r"metrics.jsonl, line 1: a JSON str, not a metrics record"),
+    ],
+)
+def test_other_damage_to_metrics_names_the_file_and_line(tmp_path, text, message) -> None:
+    (tmp_path / runlog.METRICS_FILE).write_text(text)
+    with pytest.raises(ValueError, match=message):
+        runlog.keep_metrics_until(tmp_path, 12)
+
+
+@pytest.mark.parametrize(
+    "text, message", [("garbage", "not JSON"), ("[1, 2]", "a JSON list, not the run's settings"), (b"\xff", "not JSON")]
+)
+def test_a_config_json_that_is_not_an_object_is_a_sentence_naming_it(tmp_path, text, message) -> None:
+    path = tmp_path / runlog.CONFIG_FILE
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ValueError, match=f"{path}: {message}"):
+        saved_config(path)
