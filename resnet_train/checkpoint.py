@@ -7,8 +7,11 @@ run saves its data iterators' positions as a second item beside the train state.
 
 from __future__ import annotations
 
+import inspect
 import logging
+import os
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +20,7 @@ from typing import Any, TypeVar
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src.futures import future as orbax_futures
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
 from parity.conversion.atomic import arrays_digest
@@ -24,6 +28,7 @@ from parity.conversion.atomic import arrays_digest
 from .api import TrainStateLike
 
 log = logging.getLogger(__name__)
+ABSL_LOGGER = logging.getLogger("absl")  # orbax logs through absl
 
 S = TypeVar("S", bound=TrainStateLike)  # a train state of either API
 
@@ -84,6 +89,13 @@ def _quiet_late_orbax_reads() -> None:
     logging.getLogger("asyncio").addFilter(_LateReadFilter())
 
 
+class _FailedSaveFilter(logging.Filter):
+    """Drops orbax's tracebacks of a failed background save: wait() raises CheckpointSaveError with its reason."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and f"{os.sep}orbax{os.sep}checkpoint{os.sep}" in record.pathname)
+
+
 class _LateReadFilter(logging.Filter):
     """Drops asyncio's report of a read future whose error the failed restore no longer retrieves."""
 
@@ -104,6 +116,8 @@ def _verified(path: Path, tree: Any) -> Any:
 # The train state's folder in a step folder: orbax names a lone item "default"; beside other items
 # (a streamed run's data-iterator state) it is "state". orbax tells the two kinds apart by "default".
 LONE_ITEM, STATE_ITEM = "default", "state"
+# How long a failed save's woken orbax threads get to end (each fails at its first write).
+ABANDON_SECONDS = 30
 
 
 class Checkpoints:
@@ -119,6 +133,8 @@ class Checkpoints:
                 ),
             ]
         )
+        if not any(isinstance(f, _FailedSaveFilter) for f in ABSL_LOGGER.filters):
+            ABSL_LOGGER.addFilter(_FailedSaveFilter())
         self.manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(preservation_policy=policy, create=True)
         )
@@ -216,7 +232,45 @@ class Checkpoints:
             raise CheckpointSaveError(f"{self.directory}: cannot finish saving a checkpoint: {e}") from e
 
     def close(self) -> None:
+        """Wait for background saves, then close the manager. After a failed save (CheckpointSaveError) no
+        orbax thread is left waiting: the interpreter joins such threads at exit, for minutes."""
+        try:
+            self.wait()
+        except CheckpointSaveError:
+            _abandon_waiting_commits()
+            raise
         self.manager.close()
+
+
+def _abandon_waiting_commits() -> None:
+    """Cancel orbax's background commit threads and wake those waiting for a signal that a failed step will
+    never send (e.g. that its folder was created): a cancelled thread ends without running its commit, whose
+    coroutines are closed unstarted (else each warns "never awaited" when collected)."""
+    waiting = [t for t in threading.enumerate() if isinstance(t, orbax_futures._SignalingThread)]
+    for thread in waiting:
+        thread.cancel()
+        orbax_futures.set_signals(thread._receive_signals, operation_id=thread._operation_id)
+    for thread in waiting:
+        threading.Thread.join(thread, timeout=ABANDON_SECONDS)
+        _close_unstarted(thread._target, set())
+
+
+def _close_unstarted(obj: Any, seen: set[int]) -> None:
+    """Close the coroutines that a function's closure, a coroutine's arguments or a sequence hold, unstarted."""
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if inspect.iscoroutine(obj):
+        if inspect.getcoroutinestate(obj) == inspect.CORO_CREATED and obj.cr_frame is not None:
+            for value in obj.cr_frame.f_locals.values():  # its arguments, unawaited too
+                _close_unstarted(value, seen)
+            obj.close()
+    elif inspect.isfunction(obj):
+        for cell in obj.__closure__ or ():
+            _close_unstarted(cell.cell_contents, seen)
+    elif isinstance(obj, list | tuple):
+        for value in obj:
+            _close_unstarted(value, seen)
 
 
 def load_variables(checkpoint_dir: str | Path) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import math
 import sys
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from resnet_arch import APIS, DEPTHS, LINEN
@@ -210,9 +211,16 @@ LATER_FIELDS = {"fused_bn": False, "api": LINEN}
 RENAMED_VALUES = {"dtype": {"float32": "fp32", "bfloat16": "bf16"}}
 
 
-def saved_config(text: str) -> dict[str, Any]:
-    """A run's config.json as today's field values (later fields filled in, renamed values updated)."""
-    saved = {**LATER_FIELDS, **json.loads(text)}
+def saved_config(path: Path) -> dict[str, Any]:
+    """A run's config.json as today's field values (later fields filled in, renamed values updated); a file that
+    is not a JSON object is a ValueError naming it."""
+    try:
+        loaded = json.loads(path.read_bytes())
+    except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path}: not JSON ({e}); a run's config.json holds its settings as one JSON object") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: a JSON {type(loaded).__name__}, not the run's settings (a JSON object)")
+    saved = {**LATER_FIELDS, **loaded}
     for name, renames in RENAMED_VALUES.items():
         value = saved.get(name)
         saved[name] = renames.get(value, value) if isinstance(value, str) else value

@@ -57,8 +57,14 @@ def _check_run_dir(run_dir: Path, config: TrainConfig, checkpoints: Checkpoints,
                 f"{run_dir} already holds a run (checkpoint at step {checkpoints.latest_step()}): "
                 "pass --resume to continue it, or --run-dir for a new run"
             )
-    elif saved_path.exists():
-        saved = saved_config(saved_path.read_text())
+    elif not saved_path.exists():
+        if checkpoints.latest_step() is not None:
+            raise ValueError(
+                f"--resume: {saved_path} is missing, so this run's settings cannot be checked against the ones "
+                "its checkpoints were trained with; put it back, or start a new run in another --run-dir"
+            )
+    else:
+        saved = saved_config(saved_path)
         ours = dataclasses.asdict(config)
         changed = sorted(k for k in ours if k not in RESUMABLE_CHANGES and saved.get(k) != ours[k])
         if changed:
@@ -350,6 +356,5 @@ def fit(config: TrainConfig) -> dict[str, Any]:
                 f"lost its connection ({str(e).splitlines()[0]}); resume the run from its last checkpoint"
             ) from e
         finally:
-            run.checkpoints.wait()
             run.checkpoints.close()
         return finish(run, state, progress, started)

@@ -9,6 +9,7 @@ import fcntl
 import json
 import logging
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,13 +28,31 @@ class RunDirBusyError(ValueError):
     """Another process holds the run directory's lock."""
 
 
+def _open_lock(path: Path) -> int:
+    """A descriptor of the lock file, created if missing; never through a symlink, never of another kind of file."""
+    not_regular = ValueError(f"{path} is not a regular file (a symlink?); remove it or choose another --run-dir")
+    try:
+        # O_NONBLOCK: opening a fifo would wait for a writer.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EISDIR):  # a symlink; a folder
+            raise not_regular from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise not_regular
+    return fd
+
+
 @contextlib.contextmanager
 def locked(run_dir: Path) -> Iterator[None]:
     """Hold an exclusive flock on run_dir/lock while inside; the kernel drops it when the process ends, however.
 
-    A second run in the same folder fails at once with RunDirBusyError naming the holder's process id.
+    A second run in the same folder fails at once with RunDirBusyError naming the holder's process id. A lock
+    that is not a regular file (a symlink, whose target the process id would overwrite; a folder, a fifo) is
+    refused with a ValueError.
     """
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = _open_lock(run_dir / LOCK_FILE)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -55,12 +74,25 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def _read(path: Path) -> tuple[list[dict[str, Any]], bool]:
-    """The complete JSON lines of a metrics file, and whether text follows the last newline: a torn
-    line, which a crash in the middle of its write can leave."""
+    """The JSON lines of a metrics file, and whether its last line was torn (text after the last newline, or a
+    last line that is not JSON): a crash in the middle of its write can leave one. Any other line that is not
+    a JSON object is a ValueError naming the file and the line."""
     if not path.exists():
         return [], False
     *lines, tail = path.read_bytes().decode(errors="replace").split("\n")
-    return [json.loads(line) for line in lines if line.strip()], bool(tail.strip())
+    numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+    records: list[dict[str, Any]] = []
+    for number, line in numbered:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == numbered[-1][0] and not tail.strip():
+                return records, True
+            raise ValueError(f"{path}, line {number}: not JSON ({e.msg}); each line holds one metrics record") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {number}: a JSON {type(record).__name__}, not a metrics record (an object)")
+        records.append(record)
+    return records, bool(tail.strip())
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

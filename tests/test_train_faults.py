@@ -256,6 +256,14 @@ def test_a_failed_resume_leaves_the_run_as_it_was(two_checkpoints, tmp_path) -> 
     assert _epochs(run_dir) == [1, 2]
 
 
+def test_a_resume_without_config_json_is_refused_and_writes_none(two_checkpoints, tmp_path) -> None:
+    run_dir = _copy(two_checkpoints, tmp_path)
+    (run_dir / runlog.CONFIG_FILE).unlink()
+    with pytest.raises(ValueError, match="config.json is missing, so this run's settings cannot be checked"):
+        _resume(run_dir, lr=0.5)
+    assert not (run_dir / runlog.CONFIG_FILE).exists()
+
+
 KILL_DURING_FIRST_SAVE = textwrap.dedent(
     """
     import os, signal, sys
