@@ -72,6 +72,25 @@ def stdout_for_json_only() -> Iterator[TextIO]:
         os.close(real)
 
 
+@contextlib.contextmanager
+def logging_to_stderr() -> Iterator[None]:
+    """Our messages at INFO on stderr, other loggers at WARNING (orbax and absl log every save step at INFO);
+    the logging set-up the caller had is back afterwards, so a run called in-process leaves no handler
+    on a stream that may close."""
+    root, ours = logging.getLogger(), logging.getLogger("resnet_train")
+    saved = (root.handlers, root.level, ours.level)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root.handlers, root.level = [handler], logging.WARNING
+    ours.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.handlers, root.level = saved[:2]
+        ours.setLevel(saved[2])
+        handler.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, train, and print the summary as the last line of stdout; returns the exit code."""
     started = time.perf_counter()
@@ -84,10 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .export import ExportMismatchError
         from .loop import NonFiniteLossError, ProcessLostError, fit
 
-        # Our messages at INFO; orbax and absl log every save step at INFO, so other loggers stay at WARNING.
-        logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
-        logging.getLogger("resnet_train").setLevel(logging.INFO)
-        with stdout_for_json_only() as stdout:
+        with logging_to_stderr(), stdout_for_json_only() as stdout:
             try:
                 result = fit(config)
             except (NonFiniteLossError, ExportMismatchError, ProcessLostError) as e:

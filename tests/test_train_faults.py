@@ -45,17 +45,6 @@ def _epochs(run_dir: Path) -> list[int]:
     return [r["epoch"] for r in read_metrics(run_dir) if "epoch" in r]
 
 
-@pytest.fixture
-def keep_logging():
-    """main() configures logging for a process; put pytest's back afterwards."""
-    root, ours = logging.getLogger(), logging.getLogger("resnet_train")
-    saved = (root.handlers[:], root.level, ours.level)
-    yield
-    root.handlers[:], _, _ = saved
-    root.setLevel(saved[1])
-    ours.setLevel(saved[2])
-
-
 def _summary(out: str) -> dict:
     """The JSON line `resnet-train` prints last."""
     return json.loads(out.strip().splitlines()[-1])
@@ -92,7 +81,7 @@ def test_options_out_of_range_or_of_the_wrong_type_are_refused(field: str, value
         TrainConfig(**{field: value})
 
 
-def test_a_nan_flag_exits_2_with_the_json_line(capsys, keep_logging) -> None:
+def test_a_nan_flag_exits_2_with_the_json_line(capsys) -> None:
     assert main(["--lr", "nan"]) == 2
     out, err = capsys.readouterr()
     assert "lr must be a finite number" in err and "lr must be a finite number" in _summary(out)["error"]
@@ -113,7 +102,7 @@ def test_a_non_finite_stop_names_the_checkpoint_that_holds_the_run(tmp_path) -> 
         fit(_config(tmp_path, epochs=2, inject_nan_at_step=13, export=False))
 
 
-def test_a_non_finite_stop_exits_1_with_the_json_line(tmp_path, capsys, keep_logging) -> None:
+def test_a_non_finite_stop_exits_1_with_the_json_line(tmp_path, capsys) -> None:
     # Step 3, as in test_train.py's NaN tests: the same program.
     assert main([*TINY_FLAGS, "--run-dir", str(tmp_path), "--inject-nan-at-step", "3"]) == 1
     out, err = capsys.readouterr()
@@ -210,7 +199,8 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(two_checkpoint
     assert (result["steps"], result["epochs"]) == (24, 2)
     assert f"{run_dir / 'checkpoints' / '24'} cannot be restored" in caplog.messages[0]
     assert "moved the damaged checkpoint of step 24" in caplog.messages[1]
-    assert "metrics.jsonl: dropped 2 lines past step 12"  # step 20 (--log-every 10) and epoch 2 in caplog.messages[2]
+    # step 20 (--log-every 10) and epoch 2
+    assert "metrics.jsonl: dropped 2 lines past step 12" in caplog.messages[2]
     assert len(caplog.messages) == 3 and "Traceback" not in capfd.readouterr().err
     assert [p.name.split(".")[0] for p in (run_dir / "checkpoints-damaged").iterdir()] == ["24"]
     assert _epochs(run_dir) == [1, 2]
@@ -300,7 +290,7 @@ def test_sigkill_during_the_first_checkpoint_resumes_from_step_0_saying_so(tmp_p
 # --- signals before the loop and during the export check ----------------------------------------------
 
 
-def test_sigterm_before_the_loop_exits_cleanly_with_the_json_line(tmp_path, monkeypatch, capsys, keep_logging) -> None:
+def test_sigterm_before_the_loop_exits_cleanly_with_the_json_line(tmp_path, monkeypatch, capsys) -> None:
     real = loop.open_feed
 
     def signalled(config, mesh):
@@ -358,7 +348,7 @@ def _no_space(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def test_a_full_disk_under_the_run_dir_is_a_sentence(tmp_path, monkeypatch, capsys, keep_logging) -> None:
+def test_a_full_disk_under_the_run_dir_is_a_sentence(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(os, "fsync", _no_space)
     assert main([*TINY_FLAGS, "--run-dir", str(tmp_path)]) == 2
     out, err = capsys.readouterr()
@@ -367,14 +357,14 @@ def test_a_full_disk_under_the_run_dir_is_a_sentence(tmp_path, monkeypatch, caps
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["lock"]
 
 
-def test_a_checkpoint_that_cannot_be_saved_is_a_sentence(tmp_path, monkeypatch, capsys, keep_logging) -> None:
+def test_a_checkpoint_that_cannot_be_saved_is_a_sentence(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(ocp.CheckpointManager, "save", _no_space)
     assert main([*TINY_FLAGS, *ONE_EPOCH_FLAGS, "--no-export", "--run-dir", str(tmp_path)]) == 2
     out, err = capsys.readouterr()
     assert "checkpoints/12: cannot save the checkpoint" in _summary(out)["error"] and "Traceback" not in err
 
 
-def test_a_run_dir_that_is_a_file_or_read_only_is_a_sentence(tmp_path, monkeypatch, capsys, keep_logging) -> None:
+def test_a_run_dir_that_is_a_file_or_read_only_is_a_sentence(tmp_path, monkeypatch, capsys) -> None:
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("mine")
     assert main([*TINY_FLAGS, "--run-dir", str(not_a_dir)]) == 2
@@ -403,7 +393,7 @@ def test_a_run_dir_that_is_a_file_or_read_only_is_a_sentence(tmp_path, monkeypat
         (["--train-limit", "8"], "batch size 16 is larger than the 8 training images"),
     ],
 )
-def test_a_dataset_too_small_is_refused_before_training(tmp_path, capsys, keep_logging, flags, message) -> None:
+def test_a_dataset_too_small_is_refused_before_training(tmp_path, capsys, flags, message) -> None:
     assert main([*TINY_FLAGS, *flags, "--run-dir", str(tmp_path)]) == 2
     out, err = capsys.readouterr()
     assert message in _summary(out)["error"] and "Traceback" not in err

@@ -11,7 +11,7 @@ import threading
 import pytest
 from orbax.checkpoint._src.futures import future as orbax_futures
 from test_train import REPO
-from test_train_faults import ONE_EPOCH_FLAGS, TINY_FLAGS, _summary, keep_logging  # noqa: F401 (keep_logging: a fixture)
+from test_train_faults import ONE_EPOCH_FLAGS, TINY_FLAGS, _summary
 
 from resnet_train import runlog
 from resnet_train.config import saved_config
@@ -41,7 +41,7 @@ def test_a_failed_checkpoint_save_exits_with_its_sentence(tmp_path) -> None:
     assert "Traceback" not in proc.stderr and "never awaited" not in proc.stderr, proc.stderr
 
 
-def test_a_failed_save_on_resume_leaves_no_orbax_thread_waiting(tmp_path, capsys, keep_logging) -> None:  # noqa: F811
+def test_a_failed_save_on_resume_leaves_no_orbax_thread_waiting(tmp_path, capsys) -> None:
     (tmp_path / "checkpoints").write_text("x")
     assert main([*RUN_FLAGS, "--resume", "--run-dir", str(tmp_path)]) == 2
     out, err = capsys.readouterr()
