@@ -7,6 +7,7 @@ import atexit
 import os
 import shutil
 import tempfile
+from typing import Any
 
 # Before jax is imported, here and in every process a test starts (they inherit the environment): the
 # tests compile the same small models again and again (dozens of resnet-train runs), and XLA's
@@ -25,6 +26,21 @@ import torch  # noqa: E402
 
 # Make JAX strict, as Equinox's tests do: implicit rank promotion is an error.
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+# A small digits run (8x8, 192 training images): seconds on the CPU, and enough to learn and export.
+TINY_RUN = dict(image_size=8, train_limit=192, batch_size=16, lr=0.02, progress=False)
+
+
+@pytest.fixture(scope="session")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, dict]:
+    """Four epochs of TINY_RUN in one go, exported to PyTorch: (its TrainConfig, fit's result), shared by the
+    training and export tests."""
+    from resnet_train.config import TrainConfig
+    from resnet_train.loop import fit
+
+    config = TrainConfig(**{**TINY_RUN, "run_dir": str(tmp_path_factory.mktemp("straight")), "epochs": 4})
+    return config, fit(config)
 
 
 def gpu_available() -> bool:

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_RUN
 from safetensors.torch import load_file
 
 import parity
@@ -31,23 +32,14 @@ from resnet_train.runlog import PLOT_FILE, read_metrics
 from resnet_train.steps import build_model, create_train_state, train_step
 
 REPO = Path(__file__).resolve().parents[1]
-# digits at their native 8x8 keep every run here to seconds; the default run uses 32x32.
-TINY = dict(image_size=8, train_limit=192, batch_size=16, lr=0.02, progress=False)
 
 
 def _config(tmp: Path, **kw) -> TrainConfig:
-    return TrainConfig(**{**TINY, "run_dir": str(tmp), **kw})
+    return TrainConfig(**{**TINY_RUN, "run_dir": str(tmp), **kw})
 
 
 def _leaves(variables: dict) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(variables)]
-
-
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory) -> tuple[TrainConfig, dict]:
-    """Four epochs in one go, exported to PyTorch."""
-    config = _config(tmp_path_factory.mktemp("straight"), epochs=4)
-    return config, fit(config)
 
 
 def test_short_run_learns_and_records(straight):
