@@ -70,7 +70,11 @@ class StepFunctions(Protocol):
 
 
 def step_functions(api: str) -> StepFunctions:
-    """The step module of a config's ``api`` (linen or NNX)."""
-    from . import nnx_steps, steps
+    """The step module of a config's ``api`` (linen or NNX); only that one is imported (flax.nnx costs a second)."""
+    if api == NNX:
+        from . import nnx_steps
 
-    return nnx_steps if api == NNX else steps
+        return nnx_steps
+    from . import steps
+
+    return steps

@@ -42,7 +42,7 @@ DIGEST_KEY = "sha256"
 DAMAGED_SUFFIX = "-damaged"
 
 
-class CheckpointError(ValueError):
+class DamagedCheckpointError(ValueError):
     """A train-state checkpoint is damaged (its arrays differ from their digest) or none of a run's restores;
     the message names the folder."""
 
@@ -107,9 +107,9 @@ def _verified(path: Path, tree: Any) -> Any:
     """tree, once its arrays match the sha256 recorded when the step folder `path` was saved (none: a notice)."""
     recorded = (ocp.metadata.get_step_metadata(path).custom_metadata or {}).get(DIGEST_KEY)
     if recorded is None:
-        log.warning("%s: no digest recorded (saved by an older version): it cannot be verified", path)
+        log.warning("%s: no digest recorded (saved without one): it cannot be verified", path)
     elif state_digest(tree) != recorded:
-        raise CheckpointError(f"{path}: corrupted: the arrays differ from the sha256 recorded at save time")
+        raise DamagedCheckpointError(f"{path}: corrupted: the arrays differ from the sha256 recorded at save time")
     return tree
 
 
@@ -179,7 +179,7 @@ class Checkpoints:
             if missing:
                 raise IncompatibleCheckpointError(
                     f"{self.path(step)}: no {', '.join(missing)} saved there; this run's data needs them to resume "
-                    "(a run saved by an older version that held its images in memory cannot continue as a stream)"
+                    "(a run that held its images in memory cannot continue as a stream)"
                 )
             restored = self.manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: tree}, **items))[STATE_ITEM]
         else:
@@ -192,7 +192,7 @@ class Checkpoints:
         A newer one that fails while an older one restores is damaged: one warning names it and it
         is moved to ``<checkpoints>-damaged/`` (kept, and its step can be saved again). When none
         restores (a damaged disk, or checkpoints of another program version) nothing is moved and
-        CheckpointError gives the newest one's reason.
+        DamagedCheckpointError gives the newest one's reason.
         """
         failed: list[tuple[int, str]] = []
         _quiet_late_orbax_reads()
@@ -211,7 +211,9 @@ class Checkpoints:
             return state
         if failed:
             step, reason = failed[0]
-            raise CheckpointError(f"{self.path(step)}: no checkpoint of this run can be restored; the newest: {reason}")
+            raise DamagedCheckpointError(
+                f"{self.path(step)}: no checkpoint of this run can be restored; the newest: {reason}"
+            )
         return None
 
     def _move_aside(self, steps: list[int]) -> None:

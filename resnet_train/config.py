@@ -212,8 +212,8 @@ RENAMED_VALUES = {"dtype": {"float32": "fp32", "bfloat16": "bf16"}}
 
 
 def saved_config(path: Path) -> dict[str, Any]:
-    """A run's config.json as today's field values (later fields filled in, renamed values updated); a file that
-    is not a JSON object is a ValueError naming it."""
+    """A run's config.json in this version's fields (a missing one takes its ``LATER_FIELDS`` value, a value in
+    ``RENAMED_VALUES`` is mapped); a file that is not a JSON object is a ValueError naming it."""
     try:
         loaded = json.loads(path.read_bytes())
     except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError

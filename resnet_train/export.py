@@ -31,7 +31,7 @@ EXPORT_FILE = "model.safetensors"
 # CPU fp32 eval-logit tolerance (relative, ||a-b||/||b||) from the project's tolerance table.
 EXPORT_RTOL = 1e-5
 # Batch size of the verification pass (memory only; results do not depend on it).
-VERIFY_BATCH = 128
+VERIFY_CHUNK = 128
 
 
 class ExportMismatchError(RuntimeError):
@@ -90,10 +90,10 @@ def verify_export(
     torch_model = parity.load_checkpoint(path, "torch")
     apply = jax.jit(lambda v, x: forward(v, normalize(x, mean, std)))
     flax_logits, torch_logits = [], []
-    for start in range(0, len(images_nhwc_u8), VERIFY_BATCH):
+    for start in range(0, len(images_nhwc_u8), VERIFY_CHUNK):
         if cancelled is not None and cancelled():
             raise ExportCancelled(f"{path}: the export check was interrupted")
-        batch = images_nhwc_u8[start : start + VERIFY_BATCH]
+        batch = images_nhwc_u8[start : start + VERIFY_CHUNK]
         flax_logits.append(np.asarray(apply(variables, jnp.asarray(batch)), np.float64))
         x_nchw = torch.from_numpy(np.array(normalize(jnp.asarray(batch), mean, std))).permute(0, 3, 1, 2)
         with torch.no_grad():

@@ -160,20 +160,20 @@ def test_flax_is_read_as_linen_wherever_a_framework_comes_in(
     with safe_open(path, framework="pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     assert meta["framework"] == "linen"
-    older = tmp_path / "older.safetensors"
-    safetensors.torch.save_file(tensors, older, {**meta, "framework": "flax"})
-    ckpt = parity.read_checkpoint(older)
+    aliased = tmp_path / "aliased.safetensors"
+    safetensors.torch.save_file(tensors, aliased, {**meta, "framework": "flax"})
+    ckpt = parity.read_checkpoint(aliased)
     assert ckpt.framework == "linen" and _same_tree(ckpt.tensors, variables)
-    assert _same_tree(parity.load_checkpoint(older, "flax")[1], variables)
-    safetensors.torch.save_file(tensors, older, {**meta, "framework": "keras"})
+    assert _same_tree(parity.load_checkpoint(aliased, "flax")[1], variables)
+    safetensors.torch.save_file(tensors, aliased, {**meta, "framework": "keras"})
     with pytest.raises(parity.CheckpointError, match=r"must be one of torch, linen \(flax for linen\), got 'keras'"):
-        parity.read_checkpoint(older)
+        parity.read_checkpoint(aliased)
     with pytest.raises(ValueError, match="framework must be one of torch, linen, nnx, got 'keras'"):
         parity.write_checkpoint(path, variables, "keras")
     with pytest.raises(ValueError, match="framework must be one of torch, linen, nnx, got 'jax'"):
         parity.load_checkpoint(path, "jax")
     out = tmp_path / "out.safetensors"
-    assert main(["convert", str(tmp_path / "older.safetensors"), str(out), "--to", "flax"]) == 2  # keras, refused
+    assert main(["convert", str(tmp_path / "aliased.safetensors"), str(out), "--to", "flax"]) == 2  # keras, refused
     assert main(["convert", str(path), str(out), "--to", "flax"]) == 0
     assert "(linen) -> " in capsys.readouterr().out and parity.read_checkpoint(out).framework == "linen"
     with pytest.raises(SystemExit):

@@ -24,7 +24,7 @@ import pytest
 from test_train import REPO, TINY, _config, _leaves
 
 from resnet_train import export, loop, runlog
-from resnet_train.checkpoint import CheckpointError, load_variables
+from resnet_train.checkpoint import DamagedCheckpointError, load_variables
 from resnet_train.config import TrainConfig
 from resnet_train.export import EXPORT_FILE
 from resnet_train.loop import NonFiniteLossError, fit
@@ -215,7 +215,7 @@ def test_changed_checkpoint_arrays_are_refused_by_their_digest(two_checkpoints, 
     shutil.rmtree(item)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(item, tree)
-    with pytest.raises(CheckpointError, match="checkpoints/24: corrupted: the arrays differ from the sha256"):
+    with pytest.raises(DamagedCheckpointError, match="checkpoints/24: corrupted: the arrays differ from the sha256"):
         load_variables(item.parent)
     with caplog.at_level(logging.WARNING):
         assert _resume(run_dir, stop_after_epoch=1)["steps"] == 12
