@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from test_train import REPO, TINY, _config, _leaves
+from conftest import TINY_RUN
+from test_train import REPO, _config, _leaves
 
 from resnet_train import export, loop, runlog
 from resnet_train.checkpoint import DamagedCheckpointError, load_variables
@@ -31,7 +32,7 @@ from resnet_train.loop import NonFiniteLossError, fit
 from resnet_train.main import main
 from resnet_train.runlog import RunDirBusyError, read_metrics
 
-# Flags of the TINY config for `resnet-train` itself.
+# Flags of the TINY_RUN config for `resnet-train` itself.
 TINY_FLAGS = ["--image-size", "8", "--train-limit", "192", "--batch-size", "16", "--no-progress"]
 STEPS_PER_EPOCH = 192 // 16
 # The runs here train one program wherever they can (a run's epochs set its schedule, so they keep the
@@ -171,7 +172,7 @@ def _copy(run_dir: Path, tmp_path: Path) -> Path:
 
 def _resume(run_dir: str | Path, **kw) -> dict:
     """Resume up to the end of epoch 2 of 2: from step 24, setup and restore only."""
-    config = TrainConfig(**{**TINY, "run_dir": str(run_dir), "epochs": 2, "export": False})
+    config = TrainConfig(**{**TINY_RUN, "run_dir": str(run_dir), "epochs": 2, "export": False})
     return fit(dataclasses.replace(config, resume=True, **kw))
 
 
@@ -279,7 +280,7 @@ def test_sigkill_during_the_first_checkpoint_resumes_from_step_0_saying_so(tmp_p
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert _epochs(tmp_path) == [1]  # recorded just before the checkpoint
-    config = TrainConfig(**{**TINY, **ONE_EPOCH, "run_dir": str(tmp_path), "export": False})
+    config = TrainConfig(**{**TINY_RUN, **ONE_EPOCH, "run_dir": str(tmp_path), "export": False})
     with caplog.at_level(logging.WARNING):
         result = fit(dataclasses.replace(config, resume=True))
     assert any("no complete checkpoint" in m and "starting from step 0" in m for m in caplog.messages)

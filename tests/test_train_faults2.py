@@ -17,7 +17,7 @@ from resnet_train import runlog
 from resnet_train.config import saved_config
 from resnet_train.main import main
 
-# Flags shared by the runs here: one epoch of the TINY program, compiled once per session.
+# Flags shared by the runs here: one epoch of the TINY_RUN program, compiled once per session.
 RUN_FLAGS = [*TINY_FLAGS, *ONE_EPOCH_FLAGS, "--no-export"]
 # Below orbax's 300 s wait for a signal a failed save never sends: a run that hangs there fails the test.
 EXIT_SECONDS = 250
