@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -97,10 +98,17 @@ class _FailedSaveFilter(logging.Filter):
 
 
 class _LateReadFilter(logging.Filter):
-    """Drops asyncio's report of a read future whose error the failed restore no longer retrieves."""
+    """Drops asyncio's report of an orbax read (a future or a task) whose error a failed restore no longer
+    retrieves; the restore has said why it failed. Such reports come when the read is garbage-collected,
+    which can be during a later run in the same process."""
+
+    UNRETRIEVED = ("Future exception was never retrieved", "Task exception was never retrieved")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Future exception was never retrieved")
+        if not str(record.msg).startswith(self.UNRETRIEVED):
+            return True
+        tb = record.exc_info[2] if record.exc_info else None
+        return tb is not None and not any("orbax" in frame.filename for frame in traceback.extract_tb(tb))
 
 
 def _verified(path: Path, tree: Any) -> Any:
