@@ -4,15 +4,17 @@ linen, ``nnx_steps`` for NNX), and the module a config's ``--api`` picks."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jax
 import optax
-from typing_extensions import Self
 
 from resnet_arch import NNX
 
 from .config import TrainConfig
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+; the project runs on 3.10
+    from typing_extensions import Self
 
 Array = jax.Array
 
