@@ -20,6 +20,8 @@ import jax
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from parity.conversion.atomic import stale_temporaries
+
 from . import runlog, sharding
 from .api import TrainStateLike, step_functions
 from .checkpoint import Checkpoints
@@ -144,6 +146,9 @@ def setup(config: TrainConfig, cleanup: contextlib.ExitStack) -> tuple[Run, Trai
     _prepare_run_dir(run_dir)
     if lead:
         cleanup.enter_context(runlog.locked(run_dir))
+        for stale in stale_temporaries(run_dir):  # a write a killed run never finished; the lock says it is ours
+            log.warning("%s: removing the unfinished file a stopped run left", stale)
+            stale.unlink()
     ds = cleanup.enter_context(contextlib.closing(open_feed(config, mesh)))
     per_epoch = steps_per_epoch(ds.train_size, config.batch_size)
     checkpoints = Checkpoints(run_dir / CHECKPOINT_DIR, config.keep_checkpoints)

@@ -520,3 +520,20 @@ def test_cli_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["convert", str(bad), str(tmp_path / "out.safetensors")]) == 2
     assert "bad.pth" in capsys.readouterr().err
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_stale_temporaries_are_the_names_atomic_write_uses(tmp_path, monkeypatch) -> None:
+    from parity.conversion import atomic
+
+    seen = []
+    real = atomic._replace
+
+    def spy(target, write, check):
+        seen.append(atomic._temporary(target).name)
+        return real(target, write, check)
+
+    monkeypatch.setattr(atomic, "_replace", spy)
+    atomic_write(tmp_path / "model.safetensors", lambda f: f.write(b"x"))
+    (tmp_path / seen[0]).write_bytes(b"left by a kill")
+    (tmp_path / ".x.tmp.json").write_text("not ours")
+    assert [p.name for p in atomic.stale_temporaries(tmp_path)] == [seen[0]]

@@ -99,3 +99,13 @@ def test_a_config_json_that_is_not_an_object_is_a_sentence_naming_it(tmp_path, t
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(ValueError, match=f"{path}: {message}"):
         saved_config(path)
+
+
+def test_a_killed_writes_temporary_file_is_removed_when_the_next_run_starts(tmp_path, capsys) -> None:
+    stale = tmp_path / ".model.0123456789ab.tmp.safetensors"  # what atomic_write leaves when killed mid-write
+    stale.write_bytes(b"half an export")
+    (tmp_path / ".notes.tmp.txt").write_text("the user's")  # not a name atomic_write makes: stays
+    assert main([*RUN_FLAGS, "--run-dir", str(tmp_path)]) == 0
+    assert not stale.exists() and (tmp_path / ".notes.tmp.txt").exists()
+    assert f"{stale}: removing the unfinished file a stopped run left" in capsys.readouterr().err
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name and p.name != ".notes.tmp.txt"]

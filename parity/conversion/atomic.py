@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import secrets
 import stat
 import sys
@@ -19,6 +20,7 @@ from typing import IO, Any
 import numpy as np
 
 _MAX_SYMLINKS = 40  # as the kernel's own limit on a path's symlinks
+_TOKEN_BYTES = 6  # random bytes in a temporary file's name: two writers of one file never collide
 
 
 def _own_descriptor(path: Path) -> int | None:
@@ -52,11 +54,22 @@ def _write_through(path: Path, descriptor: int | None, write: Callable[[IO[bytes
     return len(data)
 
 
+def _temporary(target: Path) -> Path:
+    """The name a replacement of target is written under: hidden, beside it, ending in its suffix."""
+    return target.with_name(f".{target.stem}.{secrets.token_hex(_TOKEN_BYTES)}.tmp{target.suffix}")
+
+
+def stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """The temporary files ``atomic_write`` leaves in folder only when its process is killed mid-write."""
+    pattern = re.compile(rf"\.(.+)\.[0-9a-f]{{{2 * _TOKEN_BYTES}}}\.tmp(\.[^.]+)?")
+    return sorted(p for p in Path(folder).iterdir() if pattern.fullmatch(p.name) and p.is_file())
+
+
 def _replace(target: Path, write: Callable[[IO[bytes]], object], check: Callable[[Path], None] | None) -> int:
     """Fill a new file beside target, fsync it, check it, rename it over target, fsync the folder."""
     old = target.stat() if target.exists() else None
     # Name ends in the target's suffix so that check() can read it as that format.
-    tmp = target.with_name(f".{target.stem}.{secrets.token_hex(6)}.tmp{target.suffix}")
+    tmp = _temporary(target)
     # O_EXCL with mode 0o666: the kernel applies the umask, as for any new file (mkstemp would give 0600).
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
