@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from pathlib import Path
 
@@ -123,4 +124,12 @@ def image_folder(data_dir: str | Path, test_fraction: float) -> ImageFolder:
     if test_root is not None and train_root != root:
         return ImageFolder(train, list_files(test_root, classes, every_class=False), tuple(classes))
     test = held_out(train.labels, test_fraction)
+    if not test.any():
+        least = int(np.bincount(train.labels).min())
+        needed = next(n for n in itertools.count(1) if round(n * test_fraction) >= 1)  # as held_out() rounds
+        raise ValueError(
+            f"{root}: the held-out split is empty: a test fraction of {test_fraction:g} of {least} image(s) per class "
+            f"rounds to none; each class needs at least {needed} images, or give the folder "
+            f"{TRAIN_SPLIT}/ and {TEST_SPLITS[0]}/ subfolders"
+        )
     return ImageFolder(train.subset(~test), train.subset(test), tuple(classes))

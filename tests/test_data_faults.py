@@ -109,3 +109,18 @@ def test_an_image_that_would_explode_when_resized_is_refused_before_the_resize(t
 def test_ordinary_thin_images_still_resize(tmp_path):
     Image.new("RGB", (10, 300)).save(tmp_path / "thin.png")
     assert eval_crop(read_rgb(tmp_path / "thin.png"), 224).shape == (224, 224, 3)
+
+
+def test_one_image_per_class_in_a_single_folder_is_a_sentence(tmp_path):
+    from resnet_data.folders import image_folder
+
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        _png(tmp_path / name / "only.png")
+    with pytest.raises(ValueError, match=r"the held-out split is empty: a test fraction of 0\.2 of 1 image\(s\) per"):
+        image_folder(tmp_path, 0.2)
+    for name in ("cat", "dog"):  # three each: round(0.6) = 1 held out per class
+        for i in range(2):
+            _png(tmp_path / name / f"more{i}.png")
+    folder = image_folder(tmp_path, 0.2)
+    assert len(folder.test) == 2 and len(folder.train) == 4
