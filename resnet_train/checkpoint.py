@@ -124,8 +124,16 @@ def _verified(path: Path, tree: Any) -> Any:
 # The train state's folder in a step folder: orbax names a lone item "default"; beside other items
 # (a streamed run's data-iterator state) it is "state". orbax tells the two kinds apart by "default".
 LONE_ITEM, STATE_ITEM = "default", "state"
+# Where TensorStore's errors start a JSON dump of the storage specification (hundreds of characters).
+TENSORSTORE_SPEC = " [tensorstore_spec"
 # How long a failed save's woken orbax threads get to end (each fails at its first write).
 ABANDON_SECONDS = 30
+
+
+def _reason(e: BaseException) -> str:
+    """A restore error in one line: its first line, without the storage specification TensorStore appends."""
+    first = (str(e).strip() or type(e).__name__).splitlines()[0]
+    return first.split(TENSORSTORE_SPEC, 1)[0].rstrip()
 
 
 class Checkpoints:
@@ -210,7 +218,7 @@ class Checkpoints:
             except IncompatibleCheckpointError:
                 raise
             except Exception as e:  # orbax and tensorstore raise many kinds; the first line says which
-                reason = (str(e).strip() or type(e).__name__).splitlines()[0]
+                reason = _reason(e)
                 log.warning("%s cannot be restored (%s); trying the one before", self.path(step), reason)
                 failed.append((step, reason))
                 continue

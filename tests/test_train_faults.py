@@ -199,6 +199,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(two_checkpoint
         result = _resume(run_dir)  # from step 12: epoch 2 again, saved at step 24 again
     assert (result["steps"], result["epochs"]) == (24, 2)
     assert f"{run_dir / 'checkpoints' / '24'} cannot be restored" in caplog.messages[0]
+    assert "tensorstore_spec" not in caplog.messages[0]  # one sentence, not the storage's JSON
     assert "moved the damaged checkpoint of step 24" in caplog.messages[1]
     # step 20 (--log-every 10) and epoch 2
     assert "metrics.jsonl: dropped 2 lines past step 12" in caplog.messages[2]
