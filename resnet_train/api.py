@@ -49,7 +49,8 @@ class TrainStateLike(Protocol):
 
 
 class StepFunctions(Protocol):
-    """A step module: its fresh state, its pure train and eval steps (the loop jits them), its eval forward."""
+    """A step module: its fresh state (from given variables, if any), its pure train and eval steps (the loop jits
+    them), its eval forward."""
 
     def create_train_state(
         self,
@@ -58,6 +59,7 @@ class StepFunctions(Protocol):
         tx: optax.GradientTransformation,
         mean: tuple[float, ...],
         std: tuple[float, ...],
+        init: dict[str, Any] | None = None,
     ) -> Any: ...
 
     def train_step(

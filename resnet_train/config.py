@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from parity.conversion.names import LAYOUTS
 from resnet_arch import APIS, DEPTHS, LINEN
 
 from .presets import PRESETS, preset_values
@@ -25,6 +26,11 @@ OPTIMIZERS = ("sgd", "adamw")
 # Computation dtypes training offers (names from resnet_arch.DTYPES); parameters stay float32.
 DTYPES = ("fp32", "bf16")
 ON_NONFINITE = ("stop", "skip")
+# What --freeze keeps fixed: nothing; every BatchNorm (scale, bias and running statistics); all but the classifier.
+FREEZE_NONE, FREEZE_BN, FREEZE_BACKBONE = "none", "bn", "backbone"
+FREEZES = (FREEZE_NONE, FREEZE_BN, FREEZE_BACKBONE)
+# The architecture a run trains unless --arch, --small-stem, a preset or --init-from's weights say otherwise.
+DEFAULT_ARCH = {"arch": "resnet18", "small_stem": True}
 # Largest float32: the step computes in float32, where a larger option value would become inf.
 FLOAT32_MAX = 3.4028234663852886e38
 # Random-crop padding for 32x32-class images, as in the usual CIFAR recipe.
@@ -37,6 +43,8 @@ CHOICES = {
     "on_nonfinite": ON_NONFINITE,
     "arch": tuple(DEPTHS),
     "api": APIS,
+    "freeze": FREEZES,
+    "export_layout": LAYOUTS,
 }
 
 
@@ -69,14 +77,34 @@ class TrainConfig:
     hflip: bool | None = _field(None, "random horizontal flips (default: on, except for digits)")
     workers: int = _field(-1, "Grain worker processes decoding an image folder (-1: one per CPU core; 0: none)")
     # model
-    arch: str = _field("resnet18", "depth: " + ", ".join(DEPTHS))
-    small_stem: bool = _field(True, "3x3/1 stem without max-pool, for small images like 32x32")
+    arch: str = _field(DEFAULT_ARCH["arch"], "depth: " + ", ".join(DEPTHS) + " (with --init-from: the weights')")
+    small_stem: bool = _field(
+        DEFAULT_ARCH["small_stem"],
+        "3x3/1 stem without max-pool, for small images like 32x32 (with --init-from: the weights')",
+    )
     zero_init_residual: bool = _field(False, "start each block's last BatchNorm scale at zero")
     dtype: str = _field("fp32", "computation dtype (params stay float32): fp32 or bf16")
     fused_bn: bool = _field(
         True, "train-mode BatchNorm with one-pass statistics and a closed-form backward (same function, faster)"
     )
     api: str = _field(LINEN, "Flax API of the model: linen (resnet_flax) or nnx (resnet_flax.nnx, nnx.Optimizer)")
+    # fine-tuning
+    init_from: str = _field(
+        "",
+        "start from these weights: a .pth/.safetensors/.msgpack file or a model-hub directory in any layout (seed, "
+        "torchvision, timm, transformers); a classifier for another number of classes is replaced by a fresh one",
+    )
+    freeze: str = _field(
+        FREEZE_NONE,
+        "what stays fixed: none; bn (every BatchNorm runs on its running statistics, its scale and bias fixed); "
+        "backbone (only the classifier trains, BatchNorm as with bn)",
+    )
+    backbone_lr_scale: float = _field(1.0, "the backbone's learning rate as a multiple of the classifier's")
+    export_layout: str | None = _field(
+        None,
+        "key names of the export: seed, torchvision, timm or transformers (a model-hub directory; timm too when "
+        "--init-from was one) (None: --init-from's layout, else seed)",
+    )
     # optimization
     epochs: int = _field(2, "epochs; the learning-rate schedule spans all of them")
     batch_size: int = _field(32, "global batch size, split over every device")
@@ -133,6 +161,11 @@ class TrainConfig:
         augmentation happens on the CPU, and synthetic images are measured as they are)."""
         return (self.crop, self.flip) if self.dataset in IN_MEMORY else (0, False)
 
+    @property
+    def running_bn(self) -> bool:
+        """Whether training runs BatchNorm on its running statistics (eval mode, statistics never updated)."""
+        return self.freeze != FREEZE_NONE
+
     def to_json(self, **extra: Any) -> str:
         """Every field as a JSON object, with `extra` keys beside them (config.json adds the class names)."""
         return json.dumps({**dataclasses.asdict(self), **extra}, sort_keys=True)
@@ -166,7 +199,7 @@ def _range_problems(c: TrainConfig) -> list[str]:
     problems = [
         f"{name} must be one of {', '.join(allowed)}, got {getattr(c, name)!r}"
         for name, allowed in CHOICES.items()
-        if getattr(c, name) not in allowed
+        if getattr(c, name) not in (*allowed, None)
     ]
     bounds = {
         "epochs": (c.epochs >= 1, ">= 1"),
@@ -189,12 +222,21 @@ def _range_problems(c: TrainConfig) -> list[str]:
         "stop_after_epoch": (0 <= c.stop_after_epoch <= c.epochs, "in [0, epochs]"),
         "num_processes": (c.num_processes >= 0, ">= 0 (0: detect)"),
         "process_id": (c.process_id >= -1, ">= -1 (-1: detect)"),
+        "backbone_lr_scale": (c.backbone_lr_scale > 0, "> 0 (--freeze backbone keeps the backbone fixed)"),
     }
     problems += [f"{name} must be {rule}, got {getattr(c, name)}" for name, (ok, rule) in bounds.items() if not ok]
     if c.dataset in ("cifar10", "imagefolder") and not c.data_dir:
         problems.append(f"dataset {c.dataset} needs --data-dir")
     if c.dataset not in IN_MEMORY and c.crop_padding:
         problems.append(f"crop_padding applies to {' and '.join(IN_MEMORY)}; {c.dataset} crops on the CPU")
+    if c.freeze != FREEZE_NONE and not c.init_from:
+        problems.append(f"--freeze {c.freeze} keeps pretrained weights fixed: it needs --init-from")
+    if c.freeze == FREEZE_BACKBONE and c.backbone_lr_scale != 1.0:
+        problems.append("--backbone-lr-scale has no backbone to scale under --freeze backbone")
+    if c.export_layout == "transformers" and c.small_stem:
+        problems.append(
+            "--export-layout transformers needs the 7x7 stem: transformers' ResNet has no small stem (--no-small-stem)"
+        )
     return problems
 
 
@@ -206,7 +248,14 @@ RESUMABLE_CHANGES = frozenset(
     | {"distributed", "coordinator_address", "num_processes", "process_id", "heartbeat_timeout"}
 )
 # Fields added after runs were saved, with the value that reproduces a run whose config.json lacks them.
-LATER_FIELDS = {"fused_bn": False, "api": LINEN}
+LATER_FIELDS = {
+    "fused_bn": False,
+    "api": LINEN,
+    "init_from": "",
+    "freeze": FREEZE_NONE,
+    "backbone_lr_scale": 1.0,
+    "export_layout": None,
+}
 # Values renamed after runs were saved: field -> {old value: new value}.
 RENAMED_VALUES = {"dtype": {"float32": "fp32", "bfloat16": "bf16"}}
 
@@ -274,13 +323,26 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     """
     p = parser()
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe: defaults for the fields it sets")
+    p.set_defaults(**dict.fromkeys(DEFAULT_ARCH))  # None: not given, so --init-from's weights may decide
     preset = p.parse_known_args(argv)[0].preset
     if preset:
         p.set_defaults(**PRESETS[preset], lr=None)
     values = vars(p.parse_args(argv))
     del values["preset"]
     try:
+        values.update(_architecture(values))
         return TrainConfig(**(preset_values(preset, **values) if preset else values))
     except ValueError as e:
         p.error(str(e))
         raise
+
+
+def _architecture(values: dict[str, Any]) -> dict[str, Any]:
+    """arch and small_stem: as given, else --init-from's weights' (which a given value must equal), else the
+    defaults."""
+    given = {name: values[name] for name in DEFAULT_ARCH if values[name] is not None}
+    if not values["init_from"]:
+        return {**DEFAULT_ARCH, **given}
+    from .finetune import source_architecture  # reads the weights: torch and the converter, only when asked
+
+    return source_architecture(values["init_from"], given, Path(values["run_dir"]) if values["resume"] else None)

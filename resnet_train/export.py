@@ -1,7 +1,11 @@
-"""Trained Flax weights -> a PyTorch safetensors checkpoint, verified against resnet_torch.
+"""Trained Flax weights -> a PyTorch checkpoint in a layout's key names, verified against resnet_torch.
 
-torch and parity's torch-using modules are imported only when an export is written, so a run
-without one (``--no-export``) needs no torch.
+The export is ``model.safetensors`` in the run directory, or, for transformers (and timm when the run
+started from a timm model-hub directory), a model-hub directory ``model/`` that the layout's own loader
+reads (``ResNetForImageClassification.from_pretrained``, ``timm.create_model("local-dir:...")``), its
+config.json naming the classes. The safetensors metadata records the architecture, the layout, the
+evaluation transform and the class names in every case. torch and parity's torch-using modules are
+imported only when an export is written, so a run without one (``--no-export``) needs no torch.
 """
 
 from __future__ import annotations
@@ -9,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import secrets
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,16 +23,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from parity.conversion.names import SEED, TIMM, TRANSFORMERS
+from resnet_data.transforms import eval_resize_side
 from resnet_flax.preprocess import normalize
 
 from .api import TrainStateLike, step_functions
-from .config import TrainConfig
+from .config import IN_MEMORY, TrainConfig
 from .feeds import Feed
+from .finetune import SourceRecord
 from .signals import StopRequest
 
 log = logging.getLogger(__name__)
 
 EXPORT_FILE = "model.safetensors"
+EXPORT_DIR = "model"  # a model-hub directory export: config.json and model.safetensors
+HUB_CONFIG_FILE = "config.json"
+# safetensors metadata transformers' loader requires of a PyTorch weights file.
+TORCH_FORMAT = {"format": "pt"}
 
 # CPU fp32 eval-logit tolerance (relative, ||a-b||/||b||) from the project's tolerance table.
 EXPORT_RTOL = 1e-5
@@ -55,17 +68,84 @@ class ExportCheck:
         return self.rel_err <= EXPORT_RTOL and self.mismatched_predictions == 0
 
 
-def export_torch(
-    variables: dict[str, Any], path: str | Path, metadata: dict[str, Any], check: Callable[[Path], None] | None = None
-) -> Path:
-    """Write the seed-layout state dict as safetensors (atomically, with a checksum); metadata as JSON strings.
+@dataclasses.dataclass(frozen=True)
+class ExportTarget:
+    """Where and in which key names a run's export goes."""
 
-    ``check`` gets the written file under its temporary name; if it raises, ``path`` is never written.
-    """
+    layout: str
+    hub_dir: bool  # a model-hub directory rather than a file
+
+    def path(self, run_dir: Path) -> Path:
+        return run_dir / (EXPORT_DIR if self.hub_dir else EXPORT_FILE)
+
+
+def export_target(config: TrainConfig, source: SourceRecord | None) -> ExportTarget:
+    """--export-layout, else the source weights' layout, else the seed's; a directory for transformers, and for
+    timm when the source was a timm directory. ValueError for a network the layout's loader cannot build."""
+    layout = config.export_layout or (source.layout if source is not None else SEED)
+    hub_dir = layout == TRANSFORMERS or (layout == TIMM and source is not None and source.hub_dir)
+    if hub_dir and config.small_stem:
+        raise ValueError(f"a {layout} model directory needs the 7x7 stem: {layout} has no small stem")
+    return ExportTarget(layout, hub_dir)
+
+
+def _labelled(config: dict[str, Any], layout: str, class_names: Sequence[str]) -> dict[str, Any]:
+    """A hub config.json naming the classes: transformers' id2label/label2id, timm's label_names."""
+    if layout == TRANSFORMERS:
+        return {
+            **config,
+            "id2label": {str(i): name for i, name in enumerate(class_names)},
+            "label2id": {name: i for i, name in enumerate(class_names)},
+        }
+    return {**config, "label_names": list(class_names)}
+
+
+def _write_hub_dir(
+    path: Path, state_dict: Any, hub_config: dict[str, Any], metadata: dict[str, str], check: Callable[[Path], None]
+) -> None:
+    """Write a model-hub directory beside ``path``, check it, then rename it into place (replacing ``path``):
+    a directory that fails the check never reaches ``path``."""
     import parity
 
-    state_dict = parity.flax_to_torch(jax.device_get(variables), layout="seed")
-    parity.write_checkpoint(path, state_dict, "torch", {k: json.dumps(v) for k, v in metadata.items()}, check)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        temporary.mkdir()
+        parity.write_checkpoint(temporary / EXPORT_FILE, state_dict, "torch", metadata)
+        (temporary / HUB_CONFIG_FILE).write_text(json.dumps(hub_config, indent=2))
+        check(temporary)
+        if path.exists():
+            old = path.with_name(f".{path.name}.{secrets.token_hex(8)}.old")
+            path.rename(old)
+            shutil.rmtree(old)
+        temporary.rename(path)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def export_torch(
+    variables: dict[str, Any],
+    path: str | Path,
+    metadata: dict[str, Any],
+    check: Callable[[Path], None] | None = None,
+    target: ExportTarget = ExportTarget(SEED, False),
+) -> Path:
+    """Write the state dict in ``target``'s layout as safetensors (atomically, with a checksum), or as a model-hub
+    directory; metadata as JSON strings.
+
+    ``check`` gets the written file (or directory) under its temporary name; if it raises, ``path`` is never
+    written.
+    """
+    import parity
+    from parity.conversion.convert import check_flax_variables
+
+    weights = check_flax_variables(jax.device_get(variables))
+    state_dict = weights.to_torch(target.layout)
+    header = {**TORCH_FORMAT, **{k: json.dumps(v) for k, v in metadata.items()}}
+    if target.hub_dir:
+        hub_config = _labelled(weights.spec.hub_config(target.layout) or {}, target.layout, metadata["class_names"])
+        _write_hub_dir(Path(path), state_dict, hub_config, header, check or (lambda written: None))
+    else:
+        parity.write_checkpoint(path, state_dict, "torch", header, check)
     return Path(path)
 
 
@@ -104,25 +184,39 @@ def verify_export(
     return ExportCheck(rel, mismatched, len(a))
 
 
+def eval_resize(config: TrainConfig) -> int:
+    """The shorter side an image is resized to before the centre crop in evaluation: an image folder's is
+    torchvision's (256 for 224); in-memory datasets' images are used whole, at the image size."""
+    return config.image_size if config.dataset in IN_MEMORY else eval_resize_side(config.image_size)
+
+
 def export_run(
-    config: TrainConfig, state: TrainStateLike, ds: Feed, run_dir: Path, stop: StopRequest
+    config: TrainConfig,
+    state: TrainStateLike,
+    ds: Feed,
+    run_dir: Path,
+    stop: StopRequest,
+    source: SourceRecord | None = None,
 ) -> dict[str, Any]:
-    """Write the run's PyTorch checkpoint, verified on the test set against the float32 Flax model before it is in
-    place; returns the summary's export keys.
+    """Write the run's PyTorch checkpoint (in the layout ``export_target`` picks), verified on the test set
+    against the float32 Flax model before it is in place; returns the summary's export keys.
 
     A file that fails the check, or whose check a stop signal interrupts, never reaches its path.
     """
     variables = jax.device_get(state.variables())
+    target = export_target(config, source)
     meta = {
         "arch": config.arch,
         "small_stem": config.small_stem,
+        "layout": target.layout,
         "image_size": config.image_size,
+        "resize": eval_resize(config),
         "mean": list(ds.mean),
         "std": list(ds.std),
-        "input": "NCHW RGB, x / 255 normalised by mean/std",
+        "input": "NCHW RGB, x / 255 normalised by mean/std; images resized (shorter side) and centre-cropped",
         "class_names": list(ds.class_names),
     }
-    path = run_dir / EXPORT_FILE
+    path = target.path(run_dir)
     # Verify the float32 weights at full precision (no TF32 on GPUs), whatever dtype trained them.
     forward = step_functions(config.api).eval_forward(config, ds.num_classes, jnp.float32, jax.lax.Precision.HIGHEST)
     checks: list[ExportCheck] = []
@@ -140,7 +234,7 @@ def export_run(
         checks.append(check)
 
     try:
-        export_torch(variables, path, meta, verify)
+        export_torch(variables, path, meta, verify, target)
     except ExportCancelled:
         log.warning("%s: export check interrupted by %s; the file was not written", path, stop.signal_name)
         return {"export": None}

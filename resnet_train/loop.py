@@ -22,13 +22,14 @@ from tqdm import tqdm
 
 from parity.conversion.atomic import stale_temporaries
 
-from . import runlog, sharding
+from . import finetune, runlog, sharding
 from .api import TrainStateLike, step_functions
 from .checkpoint import Checkpoints
 from .config import RESUMABLE_CHANGES, TrainConfig, saved_config
 from .data import steps_per_epoch
-from .export import export_run
+from .export import export_run, export_target
 from .feeds import Feed, open_feed
+from .finetune import SourceRecord
 from .optim import make_optimizer, schedule
 from .signals import StopRequest, catch_stop_signals
 from .tallies import Tally
@@ -82,17 +83,27 @@ def _prepare_run_dir(run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _restore(config: TrainConfig, checkpoints: Checkpoints, state: TrainStateLike, ds: Feed) -> TrainStateLike:
-    """With --resume, the newest intact checkpoint's state (and the data's position); without one, the fresh
-    state, saying so."""
-    if not config.resume:
-        return state
-    restored = checkpoints.restore_latest_good(state, ds.restore_items())
-    if restored is None:
-        log.warning("--resume: no complete checkpoint in %s; starting from step 0", checkpoints.directory)
-        return state
-    log.info("resumed from step %d (%s)", int(restored.step), checkpoints.path(int(restored.step)))
-    return restored
+def _initial_state(run: Run, tx: Any) -> tuple[TrainStateLike, SourceRecord | None]:
+    """With --resume, the newest intact checkpoint's state (and the data's position) and the run's record of
+    its source weights; otherwise (or with no intact checkpoint, saying so) the state at step 0: fresh, or from
+    --init-from's weights, read now."""
+    config, fns = run.config, step_functions(run.config.api)
+
+    def fresh(init: dict[str, Any] | None = None) -> TrainStateLike:
+        state = fns.create_train_state(config, run.ds.num_classes, tx, run.ds.mean, run.ds.std, init)
+        return sharding.replicate(state, run.mesh)
+
+    if config.resume and run.checkpoints.latest_step() is not None:
+        restored = run.checkpoints.restore_latest_good(fresh(), run.ds.restore_items())
+        if restored is not None:
+            log.info("resumed from step %d (%s)", int(restored.step), run.checkpoints.path(int(restored.step)))
+            return restored, finetune.saved_record(run.run_dir)
+    if config.resume:
+        log.warning("--resume: no complete checkpoint in %s; starting from step 0", run.checkpoints.directory)
+    if not config.init_from:
+        return fresh(), None
+    init, record = finetune.read_source(config.init_from, config.arch, config.small_stem, run.ds.num_classes)
+    return fresh(init), record
 
 
 def evaluate(
@@ -121,6 +132,7 @@ class Run:
     checkpoints: Checkpoints
     train_fn: Callable[..., tuple[TrainStateLike, Metrics]]
     eval_fn: Callable[..., Metrics]
+    source: SourceRecord | None = None  # --init-from's weights, as the run recorded them
 
 
 @dataclasses.dataclass
@@ -154,20 +166,21 @@ def setup(config: TrainConfig, cleanup: contextlib.ExitStack) -> tuple[Run, Trai
     checkpoints = Checkpoints(run_dir / CHECKPOINT_DIR, config.keep_checkpoints)
     _check_run_dir(run_dir, config, checkpoints, ds.class_names)
 
-    tx = make_optimizer(config, per_epoch)
     fns = step_functions(config.api)
-    state = sharding.replicate(fns.create_train_state(config, ds.num_classes, tx, ds.mean, ds.std), mesh)
-    state = _restore(config, checkpoints, state, ds)
-    if lead:  # only now: a failed resume leaves the run's record as it was
-        runlog.keep_metrics_until(run_dir, int(jax.device_get(state.step)))
-        runlog.write_atomic(run_dir / runlog.CONFIG_FILE, config.to_json(class_names=list(ds.class_names)).encode())
     rep = sharding.replicated(mesh)
     donate = () if jax.default_backend() in NO_DONATION_BACKENDS else (0,)
     train_fn = jax.jit(
         functools.partial(fns.train_step, config=config), out_shardings=(rep, rep), donate_argnums=donate
     )
     eval_fn = jax.jit(fns.eval_step, out_shardings=rep)
-    return Run(config, lead, mesh, ds, per_epoch, run_dir, checkpoints, train_fn, eval_fn), state
+    run = Run(config, lead, mesh, ds, per_epoch, run_dir, checkpoints, train_fn, eval_fn)
+    state, run.source = _initial_state(run, make_optimizer(config, per_epoch))
+    export_target(config, run.source)  # a layout the weights cannot be written in is refused before training
+    if lead:  # only now: a failed resume leaves the run's record as it was
+        runlog.keep_metrics_until(run_dir, int(jax.device_get(state.step)))
+        record = config.to_json(class_names=list(ds.class_names), **finetune.record_json(run.source))
+        runlog.write_atomic(run_dir / runlog.CONFIG_FILE, record.encode())
+    return run, state
 
 
 def train_epoch(run: Run, state: TrainStateLike, epoch: int, progress: Progress, stop: StopRequest) -> TrainStateLike:
@@ -313,7 +326,7 @@ def finish(run: Run, state: TrainStateLike, progress: Progress, started: float) 
         result["checkpoint"] = str(checkpoints.path(latest))
     if progress.stopped is None and run.lead and config.export:
         with catch_stop_signals() as stop:  # the one fit holds: a signal cancels the export check
-            result.update(export_run(config, state, run.ds, run.run_dir, stop))
+            result.update(export_run(config, state, run.ds, run.run_dir, stop, run.source))
         progress.stopped = stop.signal_name
     plot = runlog.plot_curves(run.run_dir) if run.lead else None
     result.update(

@@ -23,6 +23,8 @@ from resnet_flax.model import init_key
 from resnet_flax.preprocess import normalize
 
 from .config import TrainConfig
+from .finetune import with_init
+from .optim import keep_frozen, trainable
 from .steps import (
     INIT_STREAM,
     eval_metrics,
@@ -72,10 +74,18 @@ def create_train_state(
     tx: optax.GradientTransformation,
     mean: tuple[float, ...],
     std: tuple[float, ...],
+    init: dict[str, Any] | None = None,
 ) -> NnxTrainState:
-    """A fresh state: the model initialised (under nnx.jit) from (seed, INIT_STREAM), float32 params, step 0."""
+    """A fresh state at step 0: the model initialised (under nnx.jit) from (seed, INIT_STREAM), float32 params,
+    then every module ``init`` (variables from ``--init-from``) holds taken from it."""
     key = jax.random.fold_in(init_key(config.seed), INIT_STREAM)
     model = nnx.jit(lambda k: build_model(config, num_classes, rngs=nnx.Rngs(k)))(key)
+    if init is not None:
+        _, params, batch_stats = _split(model)
+        variables = with_init({"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(batch_stats)}, init)
+        nnx.replace_by_pure_dict(params, variables["params"])
+        nnx.replace_by_pure_dict(batch_stats, variables["batch_stats"])
+        nnx.update(model, params, batch_stats)
     return state_of(model, tx, mean, std)
 
 
@@ -115,9 +125,12 @@ def train_step(
     state: NnxTrainState, images_u8: Array, labels: Array, config: TrainConfig
 ) -> tuple[NnxTrainState, dict[str, Array]]:
     """One optimizer step, as ``steps.train_step``: the model updates its BatchNorm statistics in place in
-    its train-mode call, ``nnx.Optimizer.update`` its parameters; a non-finite update is not applied."""
+    its train-mode call (under ``--freeze`` it runs in eval mode), ``nnx.Optimizer.update`` its parameters
+    (frozen ones kept as they were); a non-finite update is not applied."""
     x = train_inputs(state, images_u8, config)
     model = state.model()
+    if config.running_bn:  # --freeze: BatchNorm on its running statistics, which stay as they are
+        model.eval()
     optimizer = nnx.merge(state.optimizer_def, state.opt_state)
 
     def loss_fn(model: flax_nnx.ResNet) -> tuple[Array, Array]:
@@ -127,8 +140,10 @@ def train_step(
     (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     optimizer.update(model, grads)
     _, param_state, stats_state = _split(model)
-    params, batch_stats = nnx.to_pure_dict(param_state), nnx.to_pure_dict(stats_state)
+    params = keep_frozen(config, nnx.to_pure_dict(param_state), state.params)
+    batch_stats = nnx.to_pure_dict(stats_state)
     opt_state = nnx.as_pure(nnx.state(optimizer))
+    grads = trainable(config, nnx.to_pure_dict(grads))
     new_state, finite = guarded_update(state, loss, grads, params, batch_stats, opt_state)
     return new_state, train_metrics(loss, logits, labels, finite)
 

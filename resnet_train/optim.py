@@ -1,4 +1,5 @@
-"""The optax optimizer a TrainConfig describes: SGD or AdamW, weight decay by rule, warm-up + cosine."""
+"""The optax optimizer a TrainConfig describes: SGD or AdamW, weight decay by rule, warm-up + cosine, and for
+fine-tuning, frozen parameters and a scaled learning rate for the backbone (``optax.multi_transform``)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import jax
 import optax
 
 from parity.checks.optim import torch_sgd
+from resnet_arch import HEAD
 
-from .config import TrainConfig
+from .config import FREEZE_BACKBONE, FREEZE_BN, FREEZE_NONE, TrainConfig
+
+# The parameter groups of a fine-tuning run: the classifier, the rest of the network, and what stays fixed.
+HEAD_GROUP, BACKBONE_GROUP, FROZEN_GROUP = "head", "backbone", "frozen"
 
 
 def schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
@@ -24,10 +29,64 @@ def decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    """The optimizer over `params`; decay applies to every param or, by default, only to kernels."""
-    lr = schedule(config, steps_per_epoch)
+def _first_key(path: tuple[Any, ...]) -> str:
+    """The top-level module a leaf's tree path starts with (linen dicts and NNX states alike)."""
+    entry = path[0]
+    return str(getattr(entry, "key", getattr(entry, "name", entry)))
+
+
+def param_groups(config: TrainConfig) -> Any:
+    """params -> the group of each leaf: the classifier's, the backbone's, or frozen (``--freeze``: every
+    BatchNorm scale and bias, or the whole backbone). A BatchNorm parameter is a 1-d one outside the classifier."""
+
+    def group(path: tuple[Any, ...], p: Any) -> str:
+        if _first_key(path) == HEAD:
+            return HEAD_GROUP
+        if config.freeze == FREEZE_BACKBONE or (config.freeze == FREEZE_BN and p.ndim == 1):
+            return FROZEN_GROUP
+        return BACKBONE_GROUP
+
+    return lambda params: jax.tree_util.tree_map_with_path(group, params)
+
+
+def keep_frozen(config: TrainConfig, new: Any, old: Any) -> Any:
+    """``new`` parameters with every frozen leaf ``old``'s own array, so frozen weights stay bit for bit."""
+    if config.freeze == FREEZE_NONE:
+        return new
+    groups = param_groups(config)(old)
+    return jax.tree.map(lambda g, n, o: o if g == FROZEN_GROUP else n, groups, new, old)
+
+
+def trainable(config: TrainConfig, grads: Any) -> Any:
+    """``grads`` without the frozen parameters' leaves (None in their place): what the step's finiteness check
+    looks at, so the frozen part's backward pass is never computed."""
+    if config.freeze == FREEZE_NONE:
+        return grads
+    groups = param_groups(config)(grads)
+    return jax.tree.map(lambda g, x: None if g == FROZEN_GROUP else x, groups, grads)
+
+
+def _base(config: TrainConfig, lr: optax.Schedule) -> optax.GradientTransformation:
     mask = None if config.decay_bn_bias else decay_mask
     if config.optimizer == "adamw":
         return optax.adamw(lr, b1=config.momentum, weight_decay=config.weight_decay, mask=mask)
     return torch_sgd(lr, config.momentum, config.weight_decay, nesterov=config.nesterov, decay_mask=mask)
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    """The optimizer over `params`; decay applies to every param or, by default, only to kernels.
+
+    With ``--freeze`` or ``--backbone-lr-scale``, one optimizer per parameter group: the classifier's at the
+    schedule, the backbone's at ``backbone_lr_scale`` times it, and none for frozen parameters
+    (``optax.set_to_zero``: no state, no decay, no change).
+    """
+    lr = schedule(config, steps_per_epoch)
+    if config.freeze == FREEZE_NONE and config.backbone_lr_scale == 1.0:
+        return _base(config, lr)
+    scale = config.backbone_lr_scale
+    transforms = {
+        HEAD_GROUP: _base(config, lr),
+        BACKBONE_GROUP: _base(config, lambda step: scale * lr(step)),
+        FROZEN_GROUP: optax.set_to_zero(),
+    }
+    return optax.multi_transform(transforms, param_groups(config))

@@ -18,6 +18,8 @@ from resnet_flax.preprocess import normalize
 
 from .augment import augment
 from .config import TrainConfig
+from .finetune import with_init
+from .optim import keep_frozen, trainable
 
 Array = jax.Array
 # Keys for the two random streams, folded into the seed so they never overlap.
@@ -68,13 +70,15 @@ def create_train_state(
     tx: optax.GradientTransformation,
     mean: tuple[float, ...],
     std: tuple[float, ...],
+    init: dict[str, Any] | None = None,
 ) -> TrainState:
-    """A fresh state: the model initialised from (seed, INIT_STREAM), float32 params, step 0."""
+    """A fresh state at step 0: the model initialised from (seed, INIT_STREAM), float32 params, then every
+    module ``init`` (variables from ``--init-from``) holds taken from it."""
     model = build_model(config, num_classes)
     key = jax.random.fold_in(init_key(config.seed), INIT_STREAM)
     probe = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
     variables = jax.jit(lambda k: model.init(k, probe, train=False))(key)
-    return state_of(model, variables, tx, mean, std)
+    return state_of(model, variables if init is None else with_init(variables, init), tx, mean, std)
 
 
 def state_of(
@@ -153,7 +157,8 @@ def train_metrics(loss: Array, logits: Array, labels: Array, finite: Array) -> d
 def train_step(
     state: TrainState, images_u8: Array, labels: Array, config: TrainConfig
 ) -> tuple[TrainState, dict[str, Array]]:
-    """One optimizer step on a uint8 NHWC batch: augment, normalise, forward in train mode, update.
+    """One optimizer step on a uint8 NHWC batch: augment, normalise, forward in train mode (BatchNorm in eval
+    mode under ``--freeze``), update (frozen parameters kept as they are).
 
     An update whose loss, gradients, new BatchNorm statistics, new parameters or new optimizer
     state are not all finite is not applied (the step counter still advances and ``skipped``
@@ -162,15 +167,17 @@ def train_step(
     x = train_inputs(state, images_u8, config)
 
     def loss_fn(params: Any) -> tuple[Array, tuple[Array, Any]]:
-        logits, updates = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats}, x, train=True, mutable=["batch_stats"]
-        )
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        if config.running_bn:  # --freeze: BatchNorm on its running statistics, which stay as they are
+            logits = state.apply_fn(variables, x, train=False)
+            return train_loss(logits, labels, state.step, config), (logits, state.batch_stats)
+        logits, updates = state.apply_fn(variables, x, train=True, mutable=["batch_stats"])
         return train_loss(logits, labels, state.step, config), (logits, updates["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state, finite = guarded_update(state, loss, grads, params, batch_stats, opt_state)
+    params = keep_frozen(config, optax.apply_updates(state.params, updates), state.params)
+    new_state, finite = guarded_update(state, loss, trainable(config, grads), params, batch_stats, opt_state)
     return new_state, train_metrics(loss, logits, labels, finite)
 
 

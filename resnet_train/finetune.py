@@ -1,0 +1,200 @@
+"""Starting a run from pretrained weights (``--init-from``): the architecture they fix, the variables a run
+starts from (the classifier replaced when its class count is not the dataset's), and what the run records
+about them.
+
+The weights are read with the converter (``parity.conversion``), so every file and layout it reads is a
+source: ``.pth``/``.safetensors``/``.msgpack`` files and model-hub directories, in the seed's, torchvision's,
+timm's or transformers' key names, with or without ``module.``/``_orig_mod.`` prefixes. torch and the
+converter are imported only when a source is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from resnet_arch import HEAD
+
+log = logging.getLogger(__name__)
+
+# config.json's record of the source (beside the --init-from field): enough to trace the run to its weights
+# and to export in their layout without reading them again.
+SOURCE_ENTRY = "init_from_source"
+_HASH_CHUNK = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceRecord:
+    """What a run records about its source weights."""
+
+    sha256: str  # of the file read (a hub directory's weights file)
+    file: str  # that file's path
+    layout: str  # the key names the weights came in (parity.conversion.names.LAYOUTS)
+    hub_dir: bool  # a model-hub directory (config.json beside the weights)
+    arch: str  # the weights' architecture, described
+    classes: int  # the weights' classifier's class count
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: Any) -> SourceRecord | None:
+        """The record a run's config.json holds, or None when it holds none (or a damaged one)."""
+        try:
+            return cls(**saved)
+        except TypeError:
+            return None
+
+
+def _flag_value(name: str, value: Any) -> str:
+    """How a field's value is written on the command line (``--no-small-stem``, ``--arch resnet50``)."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    return f"{flag} {value}"
+
+
+def check_architecture(source: str, found: dict[str, Any], given: dict[str, Any], described: str) -> None:
+    """ValueError naming both when a given arch or small_stem disagrees with the source weights'."""
+    for name, value in given.items():
+        if value != found[name]:
+            raise ValueError(
+                f"--init-from {source} holds {described}, which is {_flag_value(name, found[name])}: "
+                f"{_flag_value(name, value)} disagrees (leave it out: the architecture comes from the weights)"
+            )
+
+
+def _saved_run(run_dir: Path) -> dict[str, Any] | None:
+    """A run directory's config.json, if it has a readable one."""
+    from .config import saved_config
+    from .runlog import CONFIG_FILE
+
+    try:
+        return saved_config(run_dir / CONFIG_FILE) if (run_dir / CONFIG_FILE).is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def source_architecture(source: str, given: dict[str, Any], resume_dir: Path | None) -> dict[str, Any]:
+    """arch and small_stem of the weights at ``source``; a ``given`` value that disagrees is a ValueError
+    naming both. Resuming a run started from the same source (``resume_dir``), they are the run's own and
+    the weights are not read again."""
+    saved = _saved_run(resume_dir) if resume_dir is not None else None
+    if saved is not None and saved.get("init_from") == source and {"arch", "small_stem"} <= set(saved):
+        found = {"arch": saved["arch"], "small_stem": saved["small_stem"]}
+        described = f"{saved['arch']} (as the run in {resume_dir} recorded)"
+    else:
+        from parity.conversion.load import read_weights
+
+        spec = read_weights(source).spec
+        if spec.name is None:
+            raise ValueError(f"--init-from {source}: {spec.describe()} is none of the depths resnet-train trains")
+        found, described = {"arch": spec.name, "small_stem": spec.small_stem}, spec.describe()
+    check_architecture(source, found, given, described)
+    return found
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _layout(framework: str, tensors: Any, hub_config: dict[str, Any]) -> str:
+    """The layout the source's keys are in; torchvision's names beside a timm config.json are timm's."""
+    from parity.conversion.files import TORCH
+    from parity.conversion.names import SEED, TIMM, TORCHVISION, WRAPPER_PREFIXES, recognise
+
+    if framework != TORCH:  # a Flax file: its paths are the seed's module paths
+        return SEED
+    keys = list(tensors)
+    for prefix in WRAPPER_PREFIXES:
+        if keys and all(k.startswith(prefix) for k in keys):
+            keys = [k.removeprefix(prefix) for k in keys]
+    layout = recognise(keys)[0]
+    return TIMM if layout == TORCHVISION and isinstance(hub_config.get("architecture"), str) else layout
+
+
+def read_source(source: str, arch: str, small_stem: bool, num_classes: int) -> tuple[dict[str, Any], SourceRecord]:
+    """The float32 variables a run starts from and the record of where they came from.
+
+    The weights must be ``arch`` with ``small_stem`` (ValueError naming both otherwise). Their classifier is
+    left out of the variables when its class count is not ``num_classes`` (the run initialises a fresh one);
+    one log line says which.
+    """
+    import jax.numpy as jnp
+
+    from parity.conversion.convert import check_flax_variables, check_state_dict
+    from parity.conversion.files import TORCH, read_checkpoint
+    from parity.conversion.hub import WEIGHTS_FILES, read_hub_dir
+    from parity.conversion.validate import ConversionError
+
+    path = Path(source)
+    ckpt, hub_config = read_hub_dir(path) if path.is_dir() else (read_checkpoint(path), {})
+    try:
+        if ckpt.framework == TORCH:
+            weights = check_state_dict(ckpt.tensors, config=hub_config)
+        else:
+            weights = check_flax_variables(ckpt.tensors)
+    except ConversionError as e:
+        raise ConversionError(f"{path}: {e}") from None
+    spec = weights.spec
+    check_architecture(
+        source,
+        {"arch": spec.name, "small_stem": spec.small_stem},
+        {"arch": arch, "small_stem": small_stem},
+        spec.describe(),
+    )
+    variables = weights.to_flax(jnp.float32)
+    read = next(path / name for name in WEIGHTS_FILES if (path / name).is_file()) if path.is_dir() else path
+    record = SourceRecord(
+        file_sha256(read),
+        str(read),
+        _layout(ckpt.framework, ckpt.tensors, hub_config),
+        path.is_dir(),
+        spec.describe(),
+        spec.num_classes,
+    )
+    if spec.num_classes == num_classes:
+        log.info(
+            "--init-from %s: %s, %s layout; classifier kept (%d classes)",
+            source,
+            record.arch,
+            record.layout,
+            num_classes,
+        )
+    else:
+        variables["params"] = {k: v for k, v in variables["params"].items() if k != HEAD}
+        log.info(
+            "--init-from %s: %s, %s layout; classifier replaced: the weights' %d classes -> a freshly initialised "
+            "one for the dataset's %d",
+            source,
+            record.arch,
+            record.layout,
+            spec.num_classes,
+            num_classes,
+        )
+    return variables, record
+
+
+def with_init(fresh: dict[str, Any], init: dict[str, Any]) -> dict[str, Any]:
+    """``fresh`` variables with every top-level module ``init`` holds replaced by ``init``'s (the classifier
+    stays fresh where ``init`` has none)."""
+    return {collection: {**tree, **init.get(collection, {})} for collection, tree in fresh.items()}
+
+
+def saved_record(run_dir: Path) -> SourceRecord | None:
+    """The source record a run directory's config.json holds, if any."""
+    saved = _saved_run(run_dir)
+    return SourceRecord.from_dict(saved.get(SOURCE_ENTRY)) if saved is not None else None
+
+
+def record_json(record: SourceRecord | None) -> dict[str, Any]:
+    """config.json's extra entry for a run's source (nothing without one)."""
+    return {} if record is None else {SOURCE_ENTRY: record.to_dict()}
