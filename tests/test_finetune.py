@@ -188,3 +188,15 @@ def test_transformers_directory_round_trip_with_frozen_batchnorm(hub_run):
     with torch.no_grad():
         hf_logits = hf(torch.from_numpy(x).permute(0, 3, 1, 2)).logits.numpy()
     assert np.linalg.norm(hf_logits - flax_logits) <= 1e-5 * np.linalg.norm(flax_logits)
+
+
+def test_predict_names_the_colour_from_the_run_and_from_its_transformers_directory(probe, hub_run, tmp_path, capsys):
+    from parity.cli import main as parity_main
+
+    rng = np.random.default_rng(5)
+    for name in CLASSES:
+        colour_image(COLOURS[name], rng).resize((31, 24)).save(tmp_path / f"{name}.jpg")
+    for model in (probe[1], hub_run[1] / "model"):
+        assert parity_main(["predict", str(model), str(tmp_path), "--json", "--top-k", "1"]) == 0
+        predictions = json.loads(capsys.readouterr().out)["predictions"]
+        assert [p["top_k"][0]["class"] for p in predictions] == CLASSES, model

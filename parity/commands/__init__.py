@@ -1,5 +1,5 @@
 """Subcommands of resnet-parity: each module has add_parser(subparsers) that sets ``run``."""
 
-from . import check, convert, export, summary
+from . import check, convert, export, predict, summary
 
-COMMANDS = (summary, convert, check, export)
+COMMANDS = (summary, convert, check, export, predict)
