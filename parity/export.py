@@ -56,6 +56,7 @@ TOLERANCES = {FP32: 1e-5, FP16: 1e-2, BF16: 3e-2}
 VERIFY_BATCH, VERIFY_SEED = 3, 0
 DEFAULT_IMAGE_SIZE = 224
 RUN_EXPORT = "model.safetensors"  # the PyTorch file resnet-train leaves in its run directory
+RUN_HUB_EXPORT = "model"  # or, exporting in a model hub's layout, the hub directory it leaves there
 RUN_MARKER = "metrics.jsonl"  # what tells a run directory from a hub directory
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 NORMALISATION = "x / 255, then (x - mean) / std per RGB channel"
@@ -114,6 +115,8 @@ def _check_writable(out: Path) -> None:
 def _weights_path(model: Path) -> Path:
     """A run directory's exported file, else the path itself (a checkpoint file or a hub directory)."""
     if model.is_dir() and (model / RUN_MARKER).exists():
+        if (model / RUN_HUB_EXPORT).is_dir():
+            return model / RUN_HUB_EXPORT
         if not (model / RUN_EXPORT).is_file():
             raise CheckpointError(f"{model}: a training run without {RUN_EXPORT} (trained with --no-export?)")
         return model / RUN_EXPORT
@@ -142,12 +145,13 @@ def serving_of(model: Path, weights_path: Path, num_classes: int, image_size: in
     """Class names and normalisation from the file's metadata (resnet-train writes them) or a hub config;
     otherwise class indices and the ImageNet statistics."""
     metadata: Mapping[str, str] = {}
-    if weights_path.suffix == ".safetensors":
-        with safetensors.safe_open(str(weights_path), "np") as f:
+    metadata_file = weights_path / RUN_EXPORT if weights_path.is_dir() else weights_path  # a hub directory's weights
+    if metadata_file.suffix == ".safetensors" and metadata_file.is_file():
+        with safetensors.safe_open(str(metadata_file), "np") as f:
             metadata = f.metadata() or {}
     names = _json_list(metadata, "class_names")
-    if names is None and weights_path == model and model.is_dir():  # a hub directory: its config names classes
-        names = _hub_class_names(json.loads((model / CONFIG_FILE).read_text()), num_classes)
+    if names is None and weights_path.is_dir():  # a hub directory: its config names classes
+        names = _hub_class_names(json.loads((weights_path / CONFIG_FILE).read_text()), num_classes)
     mean, std = _json_list(metadata, "mean") or IMAGENET_MEAN, _json_list(metadata, "std") or IMAGENET_STD
     saved_size = metadata.get("image_size")
     size = image_size or (int(saved_size) if saved_size and saved_size.isdigit() else DEFAULT_IMAGE_SIZE)
