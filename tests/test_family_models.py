@@ -4,6 +4,7 @@ Flax mirrors against the torch model."""
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -23,6 +24,8 @@ from parity.checks.pairs import randomize_batchnorm
 from parity.conversion import rules
 from resnet_arch import ARCH_NAMES, DEPTHS, VARIANTS, make_divisible, resolve_arch, se_width
 from resnet_flax import nnx as flax_nnx
+from resnet_flax.fold import fold as linen_fold
+from resnet_flax.fused import fused
 from resnet_flax.model import init_key
 
 ODD = (33, 35)  # odd sizes: the ceil-mode average pool's last window is partial here
@@ -222,14 +225,20 @@ def _linen_forward(model: resnet_flax.ResNet, variables: dict[str, Any], x: jax.
     return run(variables)
 
 
-def _nnx_forward(model: flax_nnx.ResNet, variables: dict[str, Any], x: jax.Array) -> tuple[Any, Any, Any]:
-    """``_linen_forward`` of an NNX model given ``variables`` (the statistics as a linen tree)."""
+def _load(model: flax_nnx.ResNet, variables: dict[str, Any]) -> flax_nnx.ResNet:
+    """Put linen ``variables`` (the same paths) into an NNX model; the model."""
     state = nnx.state(model)
     merged = traverse_util.unflatten_dict(
         {**traverse_util.flatten_dict(variables["params"]), **traverse_util.flatten_dict(variables["batch_stats"])}
     )
     nnx.replace_by_pure_dict(state, merged)
     nnx.update(model, state)
+    return model
+
+
+def _nnx_forward(model: flax_nnx.ResNet, variables: dict[str, Any], x: jax.Array) -> tuple[Any, Any, Any]:
+    """``_linen_forward`` of an NNX model given ``variables`` (the statistics as a linen tree)."""
+    _load(model, variables)
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -291,8 +300,10 @@ def test_linen_equals_torch_fp64(case: str) -> None:
     assert _rel([by_key[k] for k in want["grads"]], list(want["grads"].values())) < FP64_BAR
 
 
-def test_nnx_is_bit_identical_to_linen_with_every_option() -> None:
-    """Eval logits, train-mode logits and updated statistics of one model with every family option."""
+def test_nnx_is_bit_identical_to_linen_and_both_fold_every_option() -> None:
+    """One model with every family option: NNX gives linen's eval logits, train-mode logits and updated
+    statistics bit for bit; folding the deep stem's, the grouped and the average-pool shortcut's conv-BN
+    pairs keeps the eval logits (SE's biased convolutions stay as they are), and both APIs fold alike."""
     options = dict(groups=2, width_per_group=32, stem="deep", avg_down=True, se=True)
     variables = _flax_variables(_torch_model("BottleNeck", options).state_dict())
     x = _batch()[0]
@@ -300,10 +311,103 @@ def test_nnx_is_bit_identical_to_linen_with_every_option() -> None:
         variables = jax.tree.map(jnp.asarray, variables)
         linen = resnet_flax.ResNet(resnet_flax.BottleNeck, (1, 1, 1, 1), **_fp64(options))
         eval_logits, logits, stats = _linen_forward(linen, variables, _nhwc(x))
+        folded, folded_variables = linen_fold(linen, variables)
+        folded_logits = jax.jit(lambda v: folded.apply(v, _nhwc(x)))(folded_variables)
         model = flax_nnx.ResNet(flax_nnx.BottleNeck, (1, 1, 1, 1), **_fp64(options), rngs=nnx.Rngs(init_key(0)))
+        nnx_folded = flax_nnx.fold(_load(model, variables))
         nnx_eval, nnx_logits, nnx_stats = _nnx_forward(model, variables, _nhwc(x))
     np.testing.assert_array_equal(np.asarray(nnx_eval), np.asarray(eval_logits))
     np.testing.assert_array_equal(np.asarray(nnx_logits), np.asarray(logits))
     linen_stats, flat_nnx = traverse_util.flatten_dict(stats), traverse_util.flatten_dict(nnx_stats)
     assert flat_nnx.keys() == linen_stats.keys()
     assert all(np.array_equal(flat_nnx[k], linen_stats[k]) for k in linen_stats)
+
+    assert _rel([folded_logits], [eval_logits]) < FP64_BAR
+    params = traverse_util.flatten_dict(folded_variables["params"], sep="/")
+    for path in ("conv1/6/bias", "conv2_x/0/shortcut/1/bias", "conv2_x/0/residual_function/3/bias"):
+        assert path in params
+    assert not any(p.startswith("conv1/7/") for p in params)
+    se_bias = variables["params"]["conv2_x"]["0"]["se"]["fc1"]["bias"]
+    np.testing.assert_array_equal(params["conv2_x/0/se/fc1/bias"], se_bias)
+    nnx_params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(nnx_folded, nnx.Param)), sep="/")
+    assert nnx_params.keys() == params.keys()
+    assert all(np.array_equal(nnx_params[k], params[k]) for k in params)
+    assert fused(linen).se and flax_nnx.is_fused(flax_nnx.fused(model))
+
+
+def test_flax_trees_have_the_torch_models_shapes() -> None:
+    """linen and NNX trees, by the name rule, hold the torch state dict's keys and shapes: every option."""
+    options = dict(num_classes=NUM_CLASSES, groups=2, width_per_group=32, stem="deep", avg_down=True, se=True)
+    with torch.device("meta"):
+        want = shapes(resnet_torch.ResNet(resnet_torch.BottleNeck, [2, 1, 1, 1], **options).state_dict())
+    probe = jax.ShapeDtypeStruct((1, *ODD, 3), jnp.float32)
+    linen = resnet_flax.ResNet(resnet_flax.BottleNeck, (2, 1, 1, 1), **options)
+    variables = jax.eval_shape(lambda x: linen.init(jax.random.key(0), x), probe)
+    model = nnx.eval_shape(lambda: flax_nnx.ResNet(flax_nnx.BottleNeck, (2, 1, 1, 1), **options, rngs=nnx.Rngs(0)))
+    state = nnx.to_pure_dict(nnx.state(model))
+    for tree in (variables, {c: state for c in rules.COLLECTIONS}):
+        leaves = rules.flax_leaves(tree)[0]
+        got = {k: rule.torch_shape(tuple(x.shape)) for k, (rule, x) in leaves.items() if k in want or "." in k}
+        assert {k: got[k] for k in want} == want
+    flat = traverse_util.flatten_dict(variables["params"], sep="/")
+    assert flat["conv2_x/0/residual_function/3/kernel"].shape == (3, 3, 32, 64)  # grouped: in / groups
+    assert flat["conv2_x/0/se/fc1/bias"].shape == (se_width(256),)
+    assert "conv2_x/1/shortcut/1/kernel" not in flat and "conv3_x/0/shortcut/0/kernel" not in flat
+
+
+@pytest.mark.parametrize("init_weights", [True, False])
+def test_squeeze_excite_init_follows_the_seed_and_torch(init_weights: bool) -> None:
+    """Seed init: kaiming fan_out kernels and zero biases; init_weights=False: torch's default bounds.
+    The Flax side is NNX, built eagerly (no compile); linen draws from the same initializers."""
+    torch_model = resnet_torch.ResNet(resnet_torch.BasicBlock, [1, 1, 1, 1], se=True, init_weights=init_weights)
+    model = flax_nnx.ResNet(
+        flax_nnx.BasicBlock, (1, 1, 1, 1), se=True, init_weights=init_weights, rngs=nnx.Rngs(init_key(0))
+    )
+    se = model.conv5_x[0].se
+    for side, fc1_w, fc1_b, fc2_b in (
+        ("torch", *(t.detach().numpy() for t in (torch_model.conv5_x[0].se.fc1.weight, *_biases(torch_model)))),
+        (
+            "flax",
+            np.asarray(se.fc1.kernel[...]).transpose(3, 2, 0, 1),
+            np.asarray(se.fc1.bias[...]),
+            np.asarray(se.fc2.bias[...]),
+        ),
+    ):
+        assert fc1_w.shape == (32, 512, 1, 1), side
+        if init_weights:
+            assert abs(fc1_w.std() / np.sqrt(2 / 32) - 1) < 0.05 and not fc1_b.any() and not fc2_b.any(), side
+        else:
+            assert np.abs(fc1_w).max() <= 1 / np.sqrt(512) and 0 < np.abs(fc1_b).max() <= 1 / np.sqrt(512), side
+            assert 1 / np.sqrt(32) * 0.5 < np.abs(fc2_b).max() <= 1 / np.sqrt(32), side
+
+
+def _biases(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    se = model.conv5_x[0].se
+    return se.fc1.bias, se.fc2.bias
+
+
+# ---------------------------------------------------------------- compiled programs
+
+
+def test_grouped_conv_and_squeeze_excite_compile_to_one_op_each() -> None:
+    """A ResNeXt block with SE in eval mode: the grouped 3x3 is one convolution (feature_group_count),
+    not one per group, and SE's squeeze is the block's only reduction; no loops."""
+    groups = 8
+    block = resnet_flax.BottleNeck(
+        256,
+        64,
+        groups=groups,
+        width_per_group=8,
+        se=True,
+        norm=functools.partial(resnet_flax.layers.BatchNorm2d, use_running_average=True),
+    )
+    x = jnp.zeros((2, 9, 9, 256))
+    variables = jax.eval_shape(lambda: block.init(jax.random.key(0), x))
+    text = jax.jit(block.apply).lower(variables, x).as_text()
+    convolutions = re.findall(r"stablehlo\.convolution\(.*", text)
+    grouped = [c for c in convolutions if f"feature_group_count = {groups} " in c]
+    assert len(grouped) == 1, convolutions
+    # 1x1 convolutions may lower to matrix products: five convolution layers, five ops in all.
+    assert len(convolutions) + text.count("stablehlo.dot_general") == 5
+    assert text.count("stablehlo.reduce(") == 1
+    assert "stablehlo.while" not in text
