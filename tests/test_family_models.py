@@ -5,6 +5,7 @@ Flax mirrors against the torch model."""
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 from typing import Any
 
@@ -22,7 +23,7 @@ import resnet_flax
 import resnet_torch
 from parity.checks.pairs import randomize_batchnorm
 from parity.conversion import rules
-from resnet_arch import ARCH_NAMES, DEPTHS, VARIANTS, make_divisible, resolve_arch, se_width
+from resnet_arch import ARCH_NAMES, DEPTHS, FAMILY_OPTIONS, VARIANTS, make_divisible, resolve_arch, se_width
 from resnet_flax import nnx as flax_nnx
 from resnet_flax.fold import fold as linen_fold
 from resnet_flax.fused import fused
@@ -68,7 +69,12 @@ def shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
 def test_every_name_builds_and_the_rows_are_the_libraries() -> None:
     assert ARCH_NAMES == (*DEPTHS, *VARIANTS) and len(set(ARCH_NAMES)) == len(ARCH_NAMES) == 18
     for name in ARCH_NAMES:
-        assert getattr(resnet_torch, name).__name__ == name
+        depth, row = VARIANTS.get(name, (name, {}))
+        assert getattr(resnet_torch, name).__name__ == getattr(flax_nnx, name).__name__ == name
+        assert name in resnet_torch.__all__ and name in resnet_flax.__all__
+        linen = getattr(resnet_flax, name)(num_classes=3)
+        assert (linen.block.__name__, linen.num_block) == DEPTHS[depth]
+        assert {k: getattr(linen, k) for k in FAMILY_OPTIONS} == {**FAMILY_OPTIONS, **row}
     assert resolve_arch("resnext101_64x4d", {"num_classes": 3}) == (
         "BottleNeck",
         (3, 4, 23, 3),
@@ -102,8 +108,25 @@ def test_se_width_is_timms() -> None:
     ],
 )
 def test_bad_family_options_are_refused_with_a_sentence(options: dict[str, Any], match: str) -> None:
-    with pytest.raises(ValueError, match=re.escape(match)):
-        resnet_torch.build("resnet18", **options)
+    for build in (resnet_torch.build, resnet_flax.build, functools.partial(flax_nnx.build, rngs=nnx.Rngs(0))):
+        with pytest.raises(ValueError, match=re.escape(match)):
+            build("resnet18", **options)
+    if match.startswith("BasicBlock"):  # a BasicBlock built on its own refuses them too, as torchvision's does
+        for block in (
+            functools.partial(resnet_torch.BasicBlock, 64, 64),
+            lambda **o: resnet_flax.BasicBlock(64, 64, **o),
+            functools.partial(flax_nnx.BasicBlock, 64, 64, rngs=nnx.Rngs(0)),
+        ):
+            with pytest.raises(ValueError, match=re.escape(match)):
+                block(**options)
+
+
+def test_the_family_options_have_the_same_defaults_on_every_side() -> None:
+    """Every side's ResNet takes the family's options by keyword, with FAMILY_OPTIONS' defaults."""
+    for init in (resnet_torch.ResNet, resnet_flax.ResNet, flax_nnx.ResNet.__init__):
+        params = inspect.signature(init).parameters
+        assert {k: params[k].default for k in FAMILY_OPTIONS} == FAMILY_OPTIONS
+        assert all(params[k].kind is inspect.Parameter.KEYWORD_ONLY for k in FAMILY_OPTIONS)
 
 
 # ---------------------------------------------------------------- torch against torchvision and timm
