@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from resnet_arch import APIS, DEPTHS, LINEN
+from resnet_arch import APIS, ARCH_NAMES, LINEN
 
 from .presets import PRESETS, preset_values
 
@@ -35,7 +35,7 @@ CHOICES = {
     "optimizer": OPTIMIZERS,
     "dtype": DTYPES,
     "on_nonfinite": ON_NONFINITE,
-    "arch": tuple(DEPTHS),
+    "arch": ARCH_NAMES,
     "api": APIS,
 }
 
@@ -69,7 +69,7 @@ class TrainConfig:
     hflip: bool | None = _field(None, "random horizontal flips (default: on, except for digits)")
     workers: int = _field(-1, "Grain worker processes decoding an image folder (-1: one per CPU core; 0: none)")
     # model
-    arch: str = _field("resnet18", "depth: " + ", ".join(DEPTHS))
+    arch: str = _field("resnet18", "builder name: " + ", ".join(ARCH_NAMES))
     small_stem: bool = _field(True, "3x3/1 stem without max-pool, for small images like 32x32")
     zero_init_residual: bool = _field(False, "start each block's last BatchNorm scale at zero")
     dtype: str = _field("fp32", "computation dtype (params stay float32): fp32 or bf16")
