@@ -1,18 +1,58 @@
-"""The seed tutorial's PyTorch ResNet, at every depth, with the seed's state-dict keys."""
+"""The seed tutorial's PyTorch ResNet, at every depth and in every variant, with the seed's state-dict keys."""
 
-from resnet_arch import DEPTHS
+from resnet_arch import ARCH_NAMES, DEPTHS, VARIANTS
 
-from .model import BasicBlock, BottleNeck, ResNet, build, resnet18, resnet34, resnet50, resnet101, resnet152
+from .model import (
+    BasicBlock,
+    BottleNeck,
+    ResNet,
+    SqueezeExcite,
+    build,
+    resnet18,
+    resnet18d,
+    resnet34,
+    resnet34d,
+    resnet50,
+    resnet50d,
+    resnet101,
+    resnet101d,
+    resnet152,
+    resnet152d,
+    resnext50_32x4d,
+    resnext101_32x8d,
+    resnext101_64x4d,
+    seresnet50,
+    seresnet101,
+    seresnet152,
+    wide_resnet50_2,
+    wide_resnet101_2,
+)
 
 __all__ = [
+    "ARCH_NAMES",
     "DEPTHS",
+    "VARIANTS",
     "BasicBlock",
     "BottleNeck",
     "ResNet",
+    "SqueezeExcite",
     "build",
     "resnet18",
     "resnet34",
     "resnet50",
     "resnet101",
     "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+    "resnet18d",
+    "resnet34d",
+    "resnet50d",
+    "resnet101d",
+    "resnet152d",
+    "seresnet50",
+    "seresnet101",
+    "seresnet152",
 ]

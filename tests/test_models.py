@@ -135,7 +135,13 @@ def test_options_are_keyword_only_with_the_same_names_and_defaults() -> None:
     torch_options = _keyword_options(resnet_torch.ResNet)
     linen_options = {k: v for k, v in _keyword_options(resnet_flax.ResNet).items() if k not in ("parent", "name")}
     nnx_options = _keyword_options(flax_nnx.ResNet.__init__)  # NNX's metaclass hides the class's own signature
-    assert set(torch_options) == {"num_classes", "init_weights", "zero_init_residual", "small_stem"}
+    assert set(torch_options) == {"num_classes", "init_weights", "zero_init_residual", "small_stem"} | {
+        "groups",
+        "width_per_group",
+        "stem",
+        "avg_down",
+        "se",
+    }
     # linen's layer kinds are options (an immutable module); NNX's fused/fold change the built layers.
     assert set(linen_options) - set(nnx_options) == {"conv", "norm"}
     assert set(nnx_options) - set(linen_options) == {"rngs"}
