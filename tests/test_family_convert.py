@@ -36,7 +36,9 @@ ODD_SIZE = (33, 35)  # odd: the ceil-mode average pool and 'SAME' padding differ
 TINY = [1, 1, 1, 1]
 # One model of each option, as the library's own class builds it, one block per stage.
 OPTIONS = {
-    "grouped (torchvision)": lambda: TvResNet(TvBottleneck, TINY, groups=32, width_per_group=4, num_classes=NUM_CLASSES),
+    "grouped (torchvision)": lambda: TvResNet(
+        TvBottleneck, TINY, groups=32, width_per_group=4, num_classes=NUM_CLASSES
+    ),
     "wide (torchvision)": lambda: TvResNet(TvBottleneck, TINY, width_per_group=128, num_classes=NUM_CLASSES),
     "deep stem + avg_down (timm)": lambda: TimmResNet(
         TimmBottleneck, TINY, stem_type="deep", stem_width=32, avg_down=True, num_classes=NUM_CLASSES
@@ -108,13 +110,13 @@ def test_a_variant_has_no_transformers_layout_reading_or_writing() -> None:
 def test_every_missing_unexpected_and_misshapen_key_is_named_at_once() -> None:
     sd = dict(_random(OPTIONS["se (timm)"]).state_dict())
     del sd["layer2.0.se.fc2.bias"]
-    sd["layer3.0.se.fc3.weight"] = torch.zeros(1)
+    sd["layer3.0.downsample.5.weight"] = torch.zeros(1)
     sd["layer1.0.se.fc1.weight"] = torch.zeros(8, 256, 1, 1)  # timm's width is make_divisible(256 / 16, 8) = 16
     with pytest.raises(parity.ConversionError) as e:
         parity.torch_to_flax(sd)
     message = str(e.value)
     assert "missing (1): layer2.0.se.fc2.bias" in message
-    assert "unexpected (1): layer3.0.se.fc3.weight" in message
+    assert "unexpected (1): layer3.0.downsample.5.weight" in message
     assert "layer1.0.se.fc1.weight: got (8, 256, 1, 1), expected (16, 256, 1, 1)" in message
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from resnet_arch import APIS, BN_STATS, LINEN, NNX
+from resnet_arch import APIS, BN_STATS, HEAD, LINEN, NNX
 
 from .compare import CheckResult, errors
 from .linen import LinenSide
@@ -115,7 +116,8 @@ def make_batch(pair: Pair, size: tuple[int, int], batch: int, seed: int) -> Batc
     """A fresh random batch (standard normal images, uniform labels) for both frameworks."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, *size, generator=g, dtype=torch.float64).to(pair.mode.torch_dtype)
-    y = torch.randint(0, pair.torch_model.fc.out_features, (batch,), generator=g)
+    head = typing.cast(torch.nn.Linear, pair.torch_model.get_submodule(HEAD))  # in every reference model
+    y = torch.randint(0, head.out_features, (batch,), generator=g)
     x_jax = jnp.asarray(x.numpy().transpose(TO_NHWC), dtype=pair.mode.jax_param_dtype)
     dev = torch_device(pair.device)
     return Batch(x.to(dev), y.to(dev), x_jax, jnp.asarray(y.numpy()))

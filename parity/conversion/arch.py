@@ -305,8 +305,9 @@ def _bottleneck_options(shapes: Mapping[str, Sequence[int]]) -> tuple[int, int]:
 def not_this_architecture(features: Sequence[str]) -> NotThisArchitecture:
     """The error for a checkpoint whose features (phrases) this model does not have."""
     return NotThisArchitecture(
-        f"{' and '.join(features)}: not this architecture (a plain ResNet: one stem convolution, "
-        "convolution + BatchNorm blocks with the stride on the 3x3 convolution, 1x1 projection shortcuts)"
+        f"{' and '.join(features)}: not this architecture (the ResNet family: a 7x7, 3x3 or deep 3x3 stem, "
+        "convolution + BatchNorm blocks with the stride on the 3x3 convolution, 1x1 projection shortcuts behind "
+        "an optional average pool, optional squeeze-and-excitation)"
     )
 
 
