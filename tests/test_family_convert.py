@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -69,7 +70,7 @@ def _same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> boo
 def _same_tree(a: dict, b: dict) -> bool:
     fa, fb = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
     return fa.keys() == fb.keys() and all(
-        fa[k].dtype == fb[k].dtype and bool((torch.as_tensor(fa[k].tolist()) == torch.as_tensor(fb[k].tolist())).all())
+        np.asarray(fa[k]).dtype == np.asarray(fb[k]).dtype and np.array_equal(np.asarray(fa[k]), np.asarray(fb[k]))
         for k in fa
     )
 
