@@ -43,7 +43,8 @@ Array = jax.Array
 
 
 class Conv2d(nn.Module):
-    """torch.nn.Conv2d on NHWC input with an HWIO ``kernel``, and a ``bias`` only when ``use_bias``."""
+    """torch.nn.Conv2d on NHWC input with an HWIO ``kernel`` ((k, k, in / groups, out)), and a ``bias``
+    only when ``use_bias``."""
 
     in_channels: int
     out_channels: int
@@ -51,23 +52,25 @@ class Conv2d(nn.Module):
     stride: int = 1
     padding: int = 0
     _: dataclasses.KW_ONLY
-    # The seed's convolutions have none; a convolution with its BatchNorm folded in has one (fold.py).
+    groups: int = 1
+    # The seed's convolutions have none; squeeze-and-excitation's have one, and so does a convolution
+    # with its BatchNorm folded in (fold.py).
     use_bias: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     precision: Any = None
     kernel_init: Initializer = kaiming_normal_fan_out
+    bias_init: Initializer = nn.initializers.zeros
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         check_last_axis(x, self.in_channels, "Conv2d", "input channels (NHWC)")
         k = self.kernel_size
-        kernel = self.param("kernel", self.kernel_init, (k, k, self.in_channels, self.out_channels), self.param_dtype)
-        bias = (
-            self.param("bias", nn.initializers.zeros, (self.out_channels,), self.param_dtype) if self.use_bias else None
-        )
+        shape = (k, k, self.in_channels // self.groups, self.out_channels)
+        kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.out_channels,), self.param_dtype) if self.use_bias else None
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        return conv2d(x, kernel, bias, self.stride, self.padding, self.precision)
+        return conv2d(x, kernel, bias, self.stride, self.padding, self.precision, self.groups)
 
 
 class BatchNorm2d(nn.Module):

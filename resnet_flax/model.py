@@ -2,7 +2,8 @@
 
 Input is NHWC (N, H, W, 3). Parameter paths mirror the torch state-dict keys one to one
 (``conv2_x/0/residual_function/0/kernel`` is ``conv2_x.0.residual_function.0.weight``), so the
-converter in ``parity`` is a rule over names.
+converter in ``parity`` is a rule over names. The family's options (ResNeXt, Wide ResNet, ResNet-D,
+SE-ResNet) are torch's, with the same module tree.
 """
 
 from __future__ import annotations
@@ -16,19 +17,41 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from resnet_arch import DEPTHS, HEAD, IN_CHANNELS, STAGES, STEM, STEM_WIDTH, check_options
+from resnet_arch import (
+    AVG_DOWN_KERNEL,
+    BASE_WIDTH,
+    DEEP_STEM,
+    DEEP_STEM_CONVS,
+    DEFAULT_STEM,
+    HEAD,
+    IN_CHANNELS,
+    STAGES,
+    STEM,
+    STEM_WIDTH,
+    VARIANTS,
+    bottleneck_width,
+    check_block_options,
+    check_options,
+    resolve_arch,
+    se_width,
+)
 
 from .layers import BatchNorm2d, Conv2d, Linear, Sequential
 from .ops import (
     Dtype,
     Initializer,
+    avg_pool2d,
     check_input,
+    excite,
+    identity,
     kaiming_normal_fan_out,
     max_pool2d,
     relu,
     seed_linear_init,
+    squeeze,
     torch_default_bias_init,
     torch_default_weight_init,
+    zero_bias_init,
 )
 
 Array = jax.Array
@@ -42,84 +65,123 @@ def init_key(seed: int) -> Array:
     return jax.random.key(seed, impl=INIT_PRNG)
 
 
-def _shortcut(in_channels: int, out_channels: int, stride: int, conv: Any, norm: Any) -> Sequential | None:
-    """Projection (1x1 conv + BN) when the shape changes, else None (the identity)."""
-    if stride != 1 or in_channels != out_channels:
-        return Sequential(
-            (functools.partial(conv, in_channels, out_channels, 1, stride), functools.partial(norm, out_channels)),
-            name="shortcut",
-        )
-    return None
+def _shortcut(
+    in_channels: int, out_channels: int, stride: int, avg_down: bool, conv: Any, norm: Any
+) -> Sequential | None:
+    """Projection (1x1 conv + BN) when the shape changes, else None (the identity); with ``avg_down`` a
+    ceil-mode average pool (the identity at stride 1) carries the stride before a stride-1 projection."""
+    if stride == 1 and in_channels == out_channels:
+        return None
+    bn = functools.partial(norm, out_channels)
+    if avg_down:
+        pool = functools.partial(avg_pool2d, kernel_size=AVG_DOWN_KERNEL, stride=stride) if stride != 1 else identity
+        return Sequential((pool, functools.partial(conv, in_channels, out_channels, 1), bn), name="shortcut")
+    return Sequential((functools.partial(conv, in_channels, out_channels, 1, stride), bn), name="shortcut")
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions (ResNet-18/34)."""
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation (timm's SEModule): the channels' spatial mean through ``fc1`` (1x1 conv with
+    bias), ReLU, ``fc2`` (1x1 conv with bias) and a sigmoid scales each channel of the input.
+
+    ``bias_init`` maps a convolution's fan-in to its bias initializer.
+    """
+
+    channels: int
+    _: dataclasses.KW_ONLY
+    conv: Any = Conv2d
+    bias_init: Callable[[int], Initializer] = zero_bias_init
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c, reduced = self.channels, se_width(self.channels)
+        fc1 = self.conv(c, reduced, 1, use_bias=True, bias_init=self.bias_init(c), name="fc1")
+        fc2 = self.conv(reduced, c, 1, use_bias=True, bias_init=self.bias_init(reduced), name="fc2")
+        return excite(x, fc2(relu(fc1(squeeze(x)))))
+
+
+class _Block(nn.Module):
+    """What both blocks share: their options, ``residual_function`` (``_layers``), the optional ``se``,
+    the shortcut and the sum."""
 
     in_channels: int
     out_channels: int
     stride: int = 1
     _: dataclasses.KW_ONLY
+    groups: int = 1
+    width_per_group: int = BASE_WIDTH
+    avg_down: bool = False
+    se: bool = False
     conv: Any = Conv2d
     norm: Any = BatchNorm2d
     last_norm_scale_init: Any = nn.initializers.ones
+    se_bias_init: Callable[[int], Initializer] = zero_bias_init
+
+    expansion: ClassVar[int]
+
+    def _layers(self) -> tuple[Callable[..., Any], ...]:
+        raise NotImplementedError
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        out_channels = self.out_channels * self.expansion
+        out = Sequential(self._layers(), name="residual_function")(x)
+        if self.se:
+            out = SqueezeExcite(out_channels, conv=self.conv, bias_init=self.se_bias_init, name="se")(out)
+        shortcut = _shortcut(self.in_channels, out_channels, self.stride, self.avg_down, self.conv, self.norm)
+        return relu(out + (x if shortcut is None else shortcut(x)))
+
+
+class BasicBlock(_Block):
+    """Two 3x3 convolutions (ResNet-18/34); no groups or widths other than torchvision's defaults."""
 
     expansion: ClassVar[int] = 1
 
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __post_init__(self) -> None:
+        check_block_options("BasicBlock", self.groups, self.width_per_group)
+        super().__post_init__()
+
+    def _layers(self) -> tuple[Callable[..., Any], ...]:
         c, n = self.conv, self.norm
-        out = Sequential(
-            (
-                functools.partial(c, self.in_channels, self.out_channels, 3, self.stride, 1),
-                functools.partial(n, self.out_channels),
-                relu,
-                functools.partial(c, self.out_channels, self.out_channels, 3, 1, 1),
-                functools.partial(n, self.out_channels, scale_init=self.last_norm_scale_init),
-            ),
-            name="residual_function",
-        )(x)
-        shortcut = _shortcut(self.in_channels, self.out_channels * self.expansion, self.stride, c, n)
-        return relu(out + (x if shortcut is None else shortcut(x)))
+        return (
+            functools.partial(c, self.in_channels, self.out_channels, 3, self.stride, 1),
+            functools.partial(n, self.out_channels),
+            relu,
+            functools.partial(c, self.out_channels, self.out_channels, 3, 1, 1),
+            functools.partial(n, self.out_channels, scale_init=self.last_norm_scale_init),
+        )
 
 
-class BottleNeck(nn.Module):
-    """1x1 -> 3x3 -> 1x1 convolutions (ResNet-50/101/152), the stride on the 3x3 ("ResNet v1.5")."""
-
-    in_channels: int
-    out_channels: int
-    stride: int = 1
-    _: dataclasses.KW_ONLY
-    conv: Any = Conv2d
-    norm: Any = BatchNorm2d
-    last_norm_scale_init: Any = nn.initializers.ones
+class BottleNeck(_Block):
+    """1x1 -> 3x3 -> 1x1 convolutions (ResNet-50/101/152), the stride on the 3x3 ("ResNet v1.5"); so do
+    ``groups`` (ResNeXt). The inner width is torchvision's ``bottleneck_width`` (Wide ResNet, ResNeXt)."""
 
     expansion: ClassVar[int] = 4
 
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def _layers(self) -> tuple[Callable[..., Any], ...]:
         c, n = self.conv, self.norm
-        width, out_channels = self.out_channels, self.out_channels * self.expansion
-        out = Sequential(
-            (
-                functools.partial(c, self.in_channels, width, 1),
-                functools.partial(n, width),
-                relu,
-                functools.partial(c, width, width, 3, self.stride, 1),
-                functools.partial(n, width),
-                relu,
-                functools.partial(c, width, out_channels, 1),
-                functools.partial(n, out_channels, scale_init=self.last_norm_scale_init),
-            ),
-            name="residual_function",
-        )(x)
-        shortcut = _shortcut(self.in_channels, out_channels, self.stride, c, n)
-        return relu(out + (x if shortcut is None else shortcut(x)))
+        width = bottleneck_width(self.out_channels, self.groups, self.width_per_group)
+        out_channels = self.out_channels * self.expansion
+        return (
+            functools.partial(c, self.in_channels, width, 1),
+            functools.partial(n, width),
+            relu,
+            functools.partial(c, width, width, 3, self.stride, 1, groups=self.groups),
+            functools.partial(n, width),
+            relu,
+            functools.partial(c, width, out_channels, 1),
+            functools.partial(n, out_channels, scale_init=self.last_norm_scale_init),
+        )
 
 
 BLOCKS: dict[str, type[BasicBlock] | type[BottleNeck]] = {
     "BasicBlock": BasicBlock,
     "BottleNeck": BottleNeck,
 }
+
+
+def _block_options(model: ResNet) -> dict[str, Any]:
+    """The family's options of a ResNet that every block takes (a function: linen wraps a module's methods)."""
+    return dict(groups=model.groups, width_per_group=model.width_per_group, avg_down=model.avg_down, se=model.se)
 
 
 class ResNet(nn.Module):
@@ -137,6 +199,11 @@ class ResNet(nn.Module):
     init_weights: bool = True
     zero_init_residual: bool = False
     small_stem: bool = False
+    groups: int = 1
+    width_per_group: int = BASE_WIDTH
+    stem: str = DEFAULT_STEM
+    avg_down: bool = False
+    se: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Any = None
@@ -147,7 +214,15 @@ class ResNet(nn.Module):
     norm: Callable[..., nn.Module] = BatchNorm2d
 
     def __post_init__(self) -> None:
-        check_options(self.block, self.num_block, self.num_classes, BLOCKS)
+        check_options(
+            self.block,
+            self.num_block,
+            self.num_classes,
+            BLOCKS,
+            stem=self.stem,
+            small_stem=self.small_stem,
+            **_block_options(self),
+        )
         # A list (the seed writes [3, 4, 6, 3]) would make the module unhashable, so no static jit arg.
         object.__setattr__(self, "num_block", tuple(self.num_block))
         super().__post_init__()
@@ -174,7 +249,18 @@ class ResNet(nn.Module):
         last_norm_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
 
         stem: tuple[Callable[..., Any], ...]
-        if self.small_stem:
+        if self.stem == DEEP_STEM:
+            stem = tuple(
+                layer
+                for in_channels, out_channels, stride in DEEP_STEM_CONVS
+                for layer in (
+                    functools.partial(conv, in_channels, out_channels, 3, stride, 1),
+                    functools.partial(norm, out_channels),
+                    relu,
+                )
+            )
+            stem += (functools.partial(max_pool2d, kernel_size=3, stride=2, padding=1),)
+        elif self.small_stem:
             stem = (
                 functools.partial(conv, IN_CHANNELS, STEM_WIDTH, 3, 1, 1),
                 functools.partial(norm, STEM_WIDTH),
@@ -191,7 +277,16 @@ class ResNet(nn.Module):
         x, in_channels = outputs[STEM], STEM_WIDTH
         for (name, width, stride), blocks in zip(STAGES, self.num_block, strict=True):
             layer, in_channels = self._make_layer(
-                in_channels, width, blocks, stride, name, conv=conv, norm=norm, last_norm_scale_init=last_norm_init
+                in_channels,
+                width,
+                blocks,
+                stride,
+                name,
+                conv=conv,
+                norm=norm,
+                last_norm_scale_init=last_norm_init,
+                se_bias_init=zero_bias_init if self.init_weights else torch_default_bias_init,
+                **_block_options(self),
             )
             x = outputs[name] = layer(x)
 
@@ -216,10 +311,8 @@ class ResNet(nn.Module):
 
 
 def build(arch: str, **options: Any) -> ResNet:
-    """A ResNet by depth name ("resnet18" .. "resnet152"), with ResNet's keyword options."""
-    if arch not in DEPTHS:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(DEPTHS)}")
-    block_name, num_block = DEPTHS[arch]
+    """A ResNet by builder name (``ARCH_NAMES``: a depth or a variant), with ResNet's keyword options."""
+    block_name, num_block, options = resolve_arch(arch, options)
     return ResNet(BLOCKS[block_name], num_block, **options)
 
 
@@ -246,3 +339,31 @@ def resnet101(**options: Any) -> ResNet:
 def resnet152(**options: Any) -> ResNet:
     """ResNet-152: BottleNeck, [3, 8, 36, 3]."""
     return build("resnet152", **options)
+
+
+def _variant(name: str) -> Callable[..., ResNet]:
+    """The builder of one ``VARIANTS`` row, ``build(name, **options)``, documented by its row."""
+
+    def builder(**options: Any) -> ResNet:
+        return build(name, **options)
+
+    depth, row = VARIANTS[name]
+    settings = ", ".join(f"{k}={v!r}" for k, v in row.items())
+    builder.__name__ = builder.__qualname__ = name
+    builder.__doc__ = f"{name}: {depth} with {settings}."
+    return builder
+
+
+resnext50_32x4d = _variant("resnext50_32x4d")
+resnext101_32x8d = _variant("resnext101_32x8d")
+resnext101_64x4d = _variant("resnext101_64x4d")
+wide_resnet50_2 = _variant("wide_resnet50_2")
+wide_resnet101_2 = _variant("wide_resnet101_2")
+resnet18d = _variant("resnet18d")
+resnet34d = _variant("resnet34d")
+resnet50d = _variant("resnet50d")
+resnet101d = _variant("resnet101d")
+resnet152d = _variant("resnet152d")
+seresnet50 = _variant("seresnet50")
+seresnet101 = _variant("seresnet101")
+seresnet152 = _variant("seresnet152")

@@ -21,11 +21,28 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from resnet_arch import DEPTHS, HEAD, IN_CHANNELS, STAGES, STEM, STEM_WIDTH, check_options
+from resnet_arch import (
+    AVG_DOWN_KERNEL,
+    BASE_WIDTH,
+    DEEP_STEM,
+    DEEP_STEM_CONVS,
+    DEFAULT_STEM,
+    HEAD,
+    IN_CHANNELS,
+    STAGES,
+    STEM,
+    STEM_WIDTH,
+    VARIANTS,
+    bottleneck_width,
+    check_block_options,
+    check_options,
+    resolve_arch,
+    se_width,
+)
 
 from .fold import fold_conv_bn
 from .fused import fused_batch_norm_train
-from .nnx_layers import BatchNorm2d, Conv2d, FoldedBatchNorm, Linear, MaxPool2d, Sequential
+from .nnx_layers import AvgPool2d, BatchNorm2d, Conv2d, FoldedBatchNorm, Linear, MaxPool2d, Sequential
 from .ops import (
     BN_BIAS,
     BN_MEAN,
@@ -34,25 +51,59 @@ from .ops import (
     Dtype,
     Initializer,
     check_input,
+    excite,
+    identity,
     kaiming_normal_fan_out,
     relu,
     seed_linear_init,
+    squeeze,
     torch_default_bias_init,
     torch_default_weight_init,
+    zero_bias_init,
 )
 
 Array = jax.Array
 
 
-def _shortcut(in_channels: int, out_channels: int, stride: int, conv: Any, norm: Any) -> Sequential | None:
-    """Projection (1x1 conv + BN) when the shape changes, else None (the identity)."""
-    if stride != 1 or in_channels != out_channels:
-        return Sequential(conv(in_channels, out_channels, 1, stride), norm(out_channels))
-    return None
+def _shortcut(
+    in_channels: int, out_channels: int, stride: int, avg_down: bool, conv: Any, norm: Any
+) -> Sequential | None:
+    """Projection (1x1 conv + BN) when the shape changes, else None (the identity); with ``avg_down`` a
+    ceil-mode average pool (the identity at stride 1) carries the stride before a stride-1 projection."""
+    if stride == 1 and in_channels == out_channels:
+        return None
+    if avg_down:
+        pool = AvgPool2d(AVG_DOWN_KERNEL, stride) if stride != 1 else identity
+        return Sequential(pool, conv(in_channels, out_channels, 1), norm(out_channels))
+    return Sequential(conv(in_channels, out_channels, 1, stride), norm(out_channels))
+
+
+class SqueezeExcite(nnx.Module):
+    """Squeeze-and-excitation (timm's SEModule): the channels' spatial mean through ``fc1`` (1x1 conv with
+    bias), ReLU, ``fc2`` (1x1 conv with bias) and a sigmoid scales each channel of the input.
+
+    ``bias_init`` maps a convolution's fan-in to its bias initializer.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        conv: Callable[..., Conv2d] = Conv2d,
+        bias_init: Callable[[int], Initializer] = zero_bias_init,
+        rngs: nnx.Rngs,
+    ) -> None:
+        reduced = se_width(channels)
+        self.fc1 = conv(channels, reduced, 1, use_bias=True, bias_init=bias_init(channels), rngs=rngs)
+        self.fc2 = conv(reduced, channels, 1, use_bias=True, bias_init=bias_init(reduced), rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        return excite(x, self.fc2(relu(self.fc1(squeeze(x)))))
 
 
 class _Block(nnx.Module):
-    """What both blocks share: ``residual_function`` (the block's layers), the shortcut and the sum."""
+    """What both blocks share: ``residual_function`` (the block's layers), the optional ``se``, the
+    shortcut and the sum."""
 
     expansion: ClassVar[int]
 
@@ -62,15 +113,23 @@ class _Block(nnx.Module):
         out_channels: int,
         stride: int = 1,
         *,
+        groups: int = 1,
+        width_per_group: int = BASE_WIDTH,
+        avg_down: bool = False,
+        se: bool = False,
         conv: Callable[..., Conv2d] = Conv2d,
         norm: Callable[..., BatchNorm2d] = BatchNorm2d,
         last_norm_scale_init: Initializer = nnx.initializers.ones,
+        se_bias_init: Callable[[int], Initializer] = zero_bias_init,
         rngs: nnx.Rngs,
     ) -> None:
         c, n = functools.partial(conv, rngs=rngs), functools.partial(norm, rngs=rngs)
+        self.groups, self.width_per_group = groups, width_per_group
         layers = self._layers(in_channels, out_channels, stride, c, n, last_norm_scale_init)
         self.residual_function = Sequential(*layers)
-        self.shortcut = _shortcut(in_channels, out_channels * self.expansion, stride, c, n)
+        expanded = out_channels * self.expansion
+        self.se = SqueezeExcite(expanded, conv=conv, bias_init=se_bias_init, rngs=rngs) if se else None
+        self.shortcut = _shortcut(in_channels, expanded, stride, avg_down, c, n)
 
     def _layers(
         self, in_channels: int, out_channels: int, stride: int, c: Any, n: Any, last_norm_scale_init: Initializer
@@ -79,17 +138,20 @@ class _Block(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         out = self.residual_function(x)
+        if self.se is not None:
+            out = self.se(out)
         return relu(out + (x if self.shortcut is None else self.shortcut(x)))
 
 
 class BasicBlock(_Block):
-    """Two 3x3 convolutions (ResNet-18/34)."""
+    """Two 3x3 convolutions (ResNet-18/34); no groups or widths other than torchvision's defaults."""
 
     expansion: ClassVar[int] = 1
 
     def _layers(
         self, in_channels: int, out_channels: int, stride: int, c: Any, n: Any, last_norm_scale_init: Initializer
     ) -> tuple[Callable[[Array], Array], ...]:
+        check_block_options("BasicBlock", self.groups, self.width_per_group)
         return (
             c(in_channels, out_channels, 3, stride, 1),
             n(out_channels),
@@ -100,19 +162,21 @@ class BasicBlock(_Block):
 
 
 class BottleNeck(_Block):
-    """1x1 -> 3x3 -> 1x1 convolutions (ResNet-50/101/152), the stride on the 3x3 ("ResNet v1.5")."""
+    """1x1 -> 3x3 -> 1x1 convolutions (ResNet-50/101/152), the stride on the 3x3 ("ResNet v1.5"); so do
+    ``groups`` (ResNeXt). The inner width is torchvision's ``bottleneck_width`` (Wide ResNet, ResNeXt)."""
 
     expansion: ClassVar[int] = 4
 
     def _layers(
         self, in_channels: int, out_channels: int, stride: int, c: Any, n: Any, last_norm_scale_init: Initializer
     ) -> tuple[Callable[[Array], Array], ...]:
-        width, expanded = out_channels, out_channels * self.expansion
+        width = bottleneck_width(out_channels, self.groups, self.width_per_group)
+        expanded = out_channels * self.expansion
         return (
             c(in_channels, width, 1),
             n(width),
             relu,
-            c(width, width, 3, stride, 1),
+            c(width, width, 3, stride, 1, groups=self.groups),
             n(width),
             relu,
             c(width, expanded, 1),
@@ -142,14 +206,22 @@ class ResNet(nnx.Module):
         init_weights: bool = True,
         zero_init_residual: bool = False,
         small_stem: bool = False,
+        groups: int = 1,
+        width_per_group: int = BASE_WIDTH,
+        stem: str = DEFAULT_STEM,
+        avg_down: bool = False,
+        se: bool = False,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
         precision: Any = None,
         rngs: nnx.Rngs,
     ) -> None:
-        check_options(block, num_block, num_classes, BLOCKS)
+        family = dict(groups=groups, width_per_group=width_per_group, avg_down=avg_down, se=se)
+        check_options(block, num_block, num_classes, BLOCKS, stem=stem, small_stem=small_stem, **family)
         self.block, self.num_block, self.num_classes = block, tuple(num_block), num_classes
         self.init_weights, self.zero_init_residual, self.small_stem = init_weights, zero_init_residual, small_stem
+        self.groups, self.width_per_group, self.stem = groups, width_per_group, stem
+        self.avg_down, self.se = avg_down, se
         self.dtype, self.param_dtype, self.precision = dtype, param_dtype, precision
         dtypes = dict(dtype=dtype, param_dtype=param_dtype)
         conv_init = kaiming_normal_fan_out if init_weights else torch_default_weight_init
@@ -158,14 +230,27 @@ class ResNet(nnx.Module):
         last_norm_init = nnx.initializers.zeros if zero_init_residual else nnx.initializers.ones
 
         c, n = functools.partial(conv, rngs=rngs), functools.partial(norm, rngs=rngs)
-        if small_stem:
+        if stem == DEEP_STEM:
+            self.conv1 = Sequential(
+                *(layer for i, o, s in DEEP_STEM_CONVS for layer in (c(i, o, 3, s, 1), n(o), relu)), MaxPool2d(3, 2, 1)
+            )
+        elif small_stem:
             self.conv1 = Sequential(c(IN_CHANNELS, STEM_WIDTH, 3, 1, 1), n(STEM_WIDTH), relu)
         else:
             self.conv1 = Sequential(c(IN_CHANNELS, STEM_WIDTH, 7, 2, 3), n(STEM_WIDTH), relu, MaxPool2d(3, 2, 1))
         in_channels = STEM_WIDTH
         for (name, width, stride), blocks in zip(STAGES, self.num_block, strict=True):
             layer, in_channels = self._make_layer(
-                in_channels, width, blocks, stride, conv=conv, norm=norm, last_norm_scale_init=last_norm_init, rngs=rngs
+                in_channels,
+                width,
+                blocks,
+                stride,
+                conv=conv,
+                norm=norm,
+                last_norm_scale_init=last_norm_init,
+                se_bias_init=zero_bias_init if init_weights else torch_default_bias_init,
+                rngs=rngs,
+                **family,
             )
             setattr(self, name, layer)
 
@@ -201,10 +286,8 @@ class ResNet(nnx.Module):
 
 
 def build(arch: str, **options: Any) -> ResNet:
-    """A ResNet by depth name ("resnet18" .. "resnet152"), with ResNet's keyword options and ``rngs``."""
-    if arch not in DEPTHS:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(DEPTHS)}")
-    block_name, num_block = DEPTHS[arch]
+    """A ResNet by builder name (``ARCH_NAMES``: a depth or a variant), with ResNet's keyword options and ``rngs``."""
+    block_name, num_block, options = resolve_arch(arch, options)
     return ResNet(BLOCKS[block_name], num_block, **options)
 
 
@@ -231,6 +314,34 @@ def resnet101(**options: Any) -> ResNet:
 def resnet152(**options: Any) -> ResNet:
     """ResNet-152: BottleNeck, [3, 8, 36, 3]."""
     return build("resnet152", **options)
+
+
+def _variant(name: str) -> Callable[..., ResNet]:
+    """The builder of one ``VARIANTS`` row, ``build(name, **options)``, documented by its row."""
+
+    def builder(**options: Any) -> ResNet:
+        return build(name, **options)
+
+    depth, row = VARIANTS[name]
+    settings = ", ".join(f"{k}={v!r}" for k, v in row.items())
+    builder.__name__ = builder.__qualname__ = name
+    builder.__doc__ = f"{name}: {depth} with {settings}."
+    return builder
+
+
+resnext50_32x4d = _variant("resnext50_32x4d")
+resnext101_32x8d = _variant("resnext101_32x8d")
+resnext101_64x4d = _variant("resnext101_64x4d")
+wide_resnet50_2 = _variant("wide_resnet50_2")
+wide_resnet101_2 = _variant("wide_resnet101_2")
+resnet18d = _variant("resnet18d")
+resnet34d = _variant("resnet34d")
+resnet50d = _variant("resnet50d")
+resnet101d = _variant("resnet101d")
+resnet152d = _variant("resnet152d")
+seresnet50 = _variant("seresnet50")
+seresnet101 = _variant("seresnet101")
+seresnet152 = _variant("seresnet152")
 
 
 def _check_unfolded(model: Any, what: str) -> None:

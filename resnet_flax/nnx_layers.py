@@ -24,6 +24,7 @@ from .ops import (
     Dtype,
     Initializer,
     TrainNorm,
+    avg_pool2d,
     batch_norm2d,
     batch_norm_train,
     check_last_axis,
@@ -39,7 +40,8 @@ Array = jax.Array
 
 
 class Conv2d(nnx.Module):
-    """torch.nn.Conv2d on NHWC input with an HWIO ``kernel``, and a ``bias`` only when ``use_bias``."""
+    """torch.nn.Conv2d on NHWC input with an HWIO ``kernel`` ((k, k, in / groups, out)), and a ``bias``
+    only when ``use_bias``."""
 
     def __init__(
         self,
@@ -49,27 +51,31 @@ class Conv2d(nnx.Module):
         stride: int = 1,
         padding: int = 0,
         *,
-        # The seed's convolutions have none; resnet_flax.nnx.fold gives each convolution one.
+        groups: int = 1,
+        # The seed's convolutions have none; squeeze-and-excitation's have one, and resnet_flax.nnx.fold
+        # gives each convolution one.
         use_bias: bool = False,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
         precision: Any = None,
         kernel_init: Initializer = kaiming_normal_fan_out,
+        bias_init: Initializer = nnx.initializers.zeros,
         rngs: nnx.Rngs,
     ) -> None:
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.kernel_size, self.stride, self.padding, self.groups = kernel_size, stride, padding, groups
         self.dtype, self.precision = dtype, precision
         k = kernel_size
-        self.kernel = nnx.Param(kernel_init(rngs.params(), (k, k, in_channels, out_channels), param_dtype))
+        shape = (k, k, in_channels // groups, out_channels)
+        self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
         # Data even when absent, so fold can add one later.
-        self.bias = nnx.data(nnx.Param(jnp.zeros((out_channels,), param_dtype)) if use_bias else None)
+        self.bias = nnx.data(nnx.Param(bias_init(rngs.params(), (out_channels,), param_dtype)) if use_bias else None)
 
     def __call__(self, x: Array) -> Array:
         check_last_axis(x, self.in_channels, "Conv2d", "input channels (NHWC)")
         x, kernel = promote_dtype((x, self.kernel[...]), dtype=self.dtype)
         bias = None if self.bias is None else self.bias[...]
-        return conv2d(x, kernel, bias, self.stride, self.padding, self.precision)
+        return conv2d(x, kernel, bias, self.stride, self.padding, self.precision, self.groups)
 
 
 class BatchNorm2d(nnx.Module):
@@ -185,6 +191,16 @@ class MaxPool2d(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         return max_pool2d(x, self.kernel_size, self.stride, self.padding)
+
+
+class AvgPool2d(nnx.Module):
+    """torch.nn.AvgPool2d(kernel_size, stride, ceil_mode=True, count_include_pad=False); no variables."""
+
+    def __init__(self, kernel_size: int, stride: int) -> None:
+        self.kernel_size, self.stride = kernel_size, stride
+
+    def __call__(self, x: Array) -> Array:
+        return avg_pool2d(x, self.kernel_size, self.stride)
 
 
 class Sequential(nnx.Module):

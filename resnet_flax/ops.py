@@ -76,6 +76,12 @@ def torch_default_bias_init(fan_in: int) -> Initializer:
     return init
 
 
+def zero_bias_init(fan_in: int) -> Initializer:
+    """The seed's convolution bias init (squeeze-and-excitation's convolutions): zeros, whatever the fan-in."""
+    del fan_in
+    return jax.nn.initializers.zeros
+
+
 # ---------------------------------------------------------------- checks
 
 
@@ -104,14 +110,18 @@ def per_channel(v: Array, ndim: int) -> Array:
     return v.reshape((1,) * (ndim - 1) + (v.shape[-1],))
 
 
-def conv2d(x: Array, kernel: Array, bias: Array | None, stride: int, padding: int, precision: Any) -> Array:
+def conv2d(
+    x: Array, kernel: Array, bias: Array | None, stride: int, padding: int, precision: Any, groups: int = 1
+) -> Array:
     """torch's Conv2d on NHWC input and an HWIO kernel, symmetric padding ``((p, p), (p, p))``, and a
     per-channel ``bias`` when there is one (x and kernel already in the compute dtype).
 
     Flax's 'SAME' would pad (0, 1) for stride 2 on even sizes, which shifts every strided layer by
     one pixel. A 1x1 convolution without padding runs as a matrix product on MATMUL_1X1_BACKENDS.
+    ``groups`` is torch's (XLA's ``feature_group_count``): one grouped convolution, the kernel
+    (H, W, in / groups, out).
     """
-    if kernel.shape[:2] == (1, 1) and padding == 0 and jax.default_backend() in MATMUL_1X1_BACKENDS:
+    if kernel.shape[:2] == (1, 1) and padding == 0 and groups == 1 and jax.default_backend() in MATMUL_1X1_BACKENDS:
         x = x[:, ::stride, ::stride, :]
         y = jnp.einsum("nhwc,co->nhwo", x, kernel[0, 0], precision=precision)
     else:
@@ -122,6 +132,7 @@ def conv2d(x: Array, kernel: Array, bias: Array | None, stride: int, padding: in
             window_strides=(stride, stride),
             padding=((p, p), (p, p)),
             dimension_numbers=CONV_DIMENSIONS,
+            feature_group_count=groups,
             precision=precision,
         )
     if bias is None:
@@ -145,6 +156,49 @@ def max_pool2d(x: Array, kernel_size: int, stride: int, padding: int) -> Array:
         (1, stride, stride, 1),
         ((0, 0), (p, p), (p, p), (0, 0)),
     )
+
+
+def avg_pool2d(x: Array, kernel_size: int, stride: int) -> Array:
+    """torch.nn.AvgPool2d(kernel_size, stride, ceil_mode=True, count_include_pad=False) on NHWC input.
+
+    Ceil mode adds a last, partial window where the input does not divide evenly (an odd size with
+    stride 2); it averages only the elements it covers, so each output is divided by its own count.
+    The counts depend only on the shape, so they are constants of the compiled program.
+    """
+    k, s = kernel_size, stride
+    pads, counts = [], []
+    for size in x.shape[1:3]:
+        out = -(-(size - k) // s) + 1
+        if (out - 1) * s >= size:  # torch's rule: the last window starts inside the input
+            out -= 1
+        starts = np.arange(out) * s
+        pads.append((0, (out - 1) * s + k - size))
+        counts.append(np.minimum(starts + k, size) - starts)
+    total = jax.lax.reduce_window(
+        x,
+        0.0,  # a Python scalar, so JAX sees an add monoid: reduce_window_sum, which it can differentiate
+        jax.lax.add,
+        (1, k, k, 1),
+        (1, s, s, 1),
+        ((0, 0), *pads, (0, 0)),
+    )
+    count = np.outer(counts[0], counts[1]).reshape(1, *total.shape[1:3], 1)
+    return total / jnp.asarray(count, x.dtype)
+
+
+def identity(x: Array) -> Array:
+    """torch.nn.Identity (the average-pool shortcut's place of its pool at stride 1)."""
+    return x
+
+
+def squeeze(x: Array) -> Array:
+    """Squeeze-and-excitation's squeeze: each channel's mean over height and width, kept as (N, 1, 1, C)."""
+    return jnp.mean(x, axis=(1, 2), keepdims=True)
+
+
+def excite(x: Array, gate_logits: Array) -> Array:
+    """Squeeze-and-excitation's excitation: x's channels scaled by the sigmoid of (N, 1, 1, C) gate logits."""
+    return x * jax.nn.sigmoid(gate_logits)
 
 
 def stats_dtype(param_dtype: Dtype) -> Any:

@@ -7,14 +7,23 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
 import timm
 import torch
 import torchvision
+from flax import nnx, traverse_util
 
+import resnet_flax
 import resnet_torch
 from parity.checks.pairs import randomize_batchnorm
+from parity.conversion import rules
 from resnet_arch import ARCH_NAMES, DEPTHS, VARIANTS, make_divisible, resolve_arch, se_width
+from resnet_flax import nnx as flax_nnx
+from resnet_flax.model import init_key
 
 ODD = (33, 35)  # odd sizes: the ceil-mode average pool's last window is partial here
 
@@ -135,3 +144,166 @@ def test_forward_equals_the_librarys_with_its_weights_fp64(name: str) -> None:
     with torch.no_grad():
         want, got = library(x), ours(x)
     assert torch.equal(got, want) or float((got - want).abs().max() / want.abs().max()) < 1e-13
+
+
+# ---------------------------------------------------------------- the Flax mirrors against the torch model
+# One model per option, one block per stage, float64 on odd sizes (33 -> 9, 5, 3 at the pooled stages):
+# linen against torch at the parity checks' float64 bar, NNX against linen bit for bit.
+
+FAMILY_CASES = {
+    "grouped": ("BottleNeck", dict(groups=4, width_per_group=8)),
+    "wide": ("BottleNeck", dict(width_per_group=96)),
+    "deep-stem-avg-down": ("BasicBlock", dict(stem="deep", avg_down=True)),
+    "se": ("BasicBlock", dict(se=True)),  # timm's SE block is the same on either block; BasicBlock compiles faster
+}
+FP64_BAR = 1e-10  # the float64 tolerance of every parity check (parity.checks.precision)
+NUM_CLASSES = 5
+
+
+def _rel(got: list[np.ndarray], want: list[np.ndarray]) -> float:
+    """||got - want|| / ||want|| over all tensors together, as the parity checks measure."""
+    g = np.concatenate([np.ravel(np.asarray(a, np.float64)) for a in got])
+    w = np.concatenate([np.ravel(np.asarray(a, np.float64)) for a in want])
+    return float(np.linalg.norm(g - w) / np.linalg.norm(w))
+
+
+def _flax_variables(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A torch state dict as Flax variables by the one name rule (parity.conversion.rules) alone."""
+    flat = {}
+    for key, value in state.items():
+        rule = rules.torch_rule(key, value.ndim)
+        assert rule is not None, key
+        a = value.numpy().copy()  # the torch train step below updates the statistics in place
+        flat[rule.flax_path(key)] = a if rule.perm is None else a.transpose(rule.perm)
+    return traverse_util.unflatten_dict(flat)
+
+
+def _torch_results(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    model.eval()
+    with torch.no_grad():
+        eval_logits = model(x)
+    model.train()
+    logits = model(x)
+    torch.nn.functional.cross_entropy(logits, y).backward()
+    state = model.state_dict()
+    return {
+        "eval": [eval_logits.numpy()],
+        "train": [logits.detach().numpy()],
+        "stats": {k: v.numpy() for k, v in state.items() if "running_" in k},
+        "grads": {k: p.grad.numpy() for k, p in model.named_parameters()},
+    }
+
+
+def _linen_results(model: resnet_flax.ResNet, variables: dict[str, Any], x: jax.Array, y: jax.Array) -> Any:
+    """(eval logits, train-mode logits, the statistics after that call, the loss's gradients), one program."""
+
+    def loss(params: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+        logits, updated = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]}, x, train=True, mutable=["batch_stats"]
+        )
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), (logits, updated["batch_stats"])
+
+    @jax.jit
+    def run(variables: Any) -> Any:
+        grads, (logits, stats) = jax.grad(loss, has_aux=True)(variables["params"])
+        return model.apply(variables, x, train=False), logits, stats, grads
+
+    return run(variables)
+
+
+def _linen_forward(model: resnet_flax.ResNet, variables: dict[str, Any], x: jax.Array) -> tuple[Any, Any, Any]:
+    """(eval logits, train-mode logits, the statistics after the train-mode call)."""
+
+    @jax.jit
+    def run(variables: Any) -> Any:
+        logits, updated = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        return model.apply(variables, x, train=False), logits, updated["batch_stats"]
+
+    return run(variables)
+
+
+def _nnx_forward(model: flax_nnx.ResNet, variables: dict[str, Any], x: jax.Array) -> tuple[Any, Any, Any]:
+    """``_linen_forward`` of an NNX model given ``variables`` (the statistics as a linen tree)."""
+    state = nnx.state(model)
+    merged = traverse_util.unflatten_dict(
+        {**traverse_util.flatten_dict(variables["params"]), **traverse_util.flatten_dict(variables["batch_stats"])}
+    )
+    nnx.replace_by_pure_dict(state, merged)
+    nnx.update(model, state)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state: Any) -> Any:
+        m = nnx.merge(graphdef, state)
+        m.eval()
+        eval_logits = m(x)
+        m.train()  # the train-mode call updates the statistics in place, so it comes second
+        return eval_logits, m(x), nnx.to_pure_dict(nnx.state(m, nnx.BatchStat))
+
+    return run(state)
+
+
+def _torch_model(block_name: str, options: dict[str, Any]) -> torch.nn.Module:
+    """A float64 torch model of one block per stage, random BatchNorms and (with se) random SE biases."""
+    torch_model = resnet_torch.ResNet(
+        resnet_torch.model.BLOCKS[block_name], [1, 1, 1, 1], num_classes=NUM_CLASSES, **options
+    )
+    randomize_batchnorm(torch_model, torch.Generator().manual_seed(4))
+    with torch.no_grad():  # the seed init zeroes the SE biases; random ones show they are converted
+        for m in torch_model.modules():
+            if isinstance(m, resnet_torch.SqueezeExcite):
+                m.fc1.bias.normal_(0, 0.1), m.fc2.bias.normal_(0, 0.1)
+    return torch_model.double()
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 3, *ODD, generator=g, dtype=torch.float64), torch.randint(0, NUM_CLASSES, (2,), generator=g)
+
+
+def _nhwc(x: torch.Tensor) -> jax.Array:
+    return jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
+
+
+def _fp64(options: dict[str, Any]) -> dict[str, Any]:
+    return dict(num_classes=NUM_CLASSES, dtype=jnp.float64, param_dtype=jnp.float64, **options)
+
+
+@pytest.mark.parametrize("case", list(FAMILY_CASES))
+def test_linen_equals_torch_fp64(case: str) -> None:
+    """Eval logits, train-mode logits, running statistics and gradients at the float64 parity bar."""
+    block_name, options = FAMILY_CASES[case]
+    torch_model = _torch_model(block_name, options)
+    x, y = _batch()
+    variables = _flax_variables(torch_model.state_dict())
+    want = _torch_results(torch_model, x, y)
+    with jax.enable_x64(True):
+        linen = resnet_flax.ResNet(resnet_flax.model.BLOCKS[block_name], (1, 1, 1, 1), **_fp64(options))
+        eval_logits, logits, stats, grads = _linen_results(
+            linen, jax.tree.map(jnp.asarray, variables), _nhwc(x), jnp.asarray(y.numpy())
+        )
+    assert _rel([eval_logits], want["eval"]) < FP64_BAR
+    assert _rel([logits], want["train"]) < FP64_BAR
+    by_key = rules.torch_layout({"batch_stats": stats})
+    assert _rel([by_key[k] for k in want["stats"]], list(want["stats"].values())) < FP64_BAR
+    by_key = rules.torch_layout({"params": grads})
+    assert by_key.keys() == want["grads"].keys()
+    assert _rel([by_key[k] for k in want["grads"]], list(want["grads"].values())) < FP64_BAR
+
+
+def test_nnx_is_bit_identical_to_linen_with_every_option() -> None:
+    """Eval logits, train-mode logits and updated statistics of one model with every family option."""
+    options = dict(groups=2, width_per_group=32, stem="deep", avg_down=True, se=True)
+    variables = _flax_variables(_torch_model("BottleNeck", options).state_dict())
+    x = _batch()[0]
+    with jax.enable_x64(True):
+        variables = jax.tree.map(jnp.asarray, variables)
+        linen = resnet_flax.ResNet(resnet_flax.BottleNeck, (1, 1, 1, 1), **_fp64(options))
+        eval_logits, logits, stats = _linen_forward(linen, variables, _nhwc(x))
+        model = flax_nnx.ResNet(flax_nnx.BottleNeck, (1, 1, 1, 1), **_fp64(options), rngs=nnx.Rngs(init_key(0)))
+        nnx_eval, nnx_logits, nnx_stats = _nnx_forward(model, variables, _nhwc(x))
+    np.testing.assert_array_equal(np.asarray(nnx_eval), np.asarray(eval_logits))
+    np.testing.assert_array_equal(np.asarray(nnx_logits), np.asarray(logits))
+    linen_stats, flat_nnx = traverse_util.flatten_dict(stats), traverse_util.flatten_dict(nnx_stats)
+    assert flat_nnx.keys() == linen_stats.keys()
+    assert all(np.array_equal(flat_nnx[k], linen_stats[k]) for k in linen_stats)
