@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from parity.conversion.names import LAYOUTS
-from resnet_arch import APIS, DEPTHS, LINEN
+from resnet_arch import APIS, ARCH_NAMES, DEEP_STEM, LINEN, VARIANTS
 
 from .presets import PRESETS, preset_values
 
@@ -41,7 +41,7 @@ CHOICES = {
     "optimizer": OPTIMIZERS,
     "dtype": DTYPES,
     "on_nonfinite": ON_NONFINITE,
-    "arch": tuple(DEPTHS),
+    "arch": ARCH_NAMES,
     "api": APIS,
     "freeze": FREEZES,
     "export_layout": LAYOUTS,
@@ -77,7 +77,9 @@ class TrainConfig:
     hflip: bool | None = _field(None, "random horizontal flips (default: on, except for digits)")
     workers: int = _field(-1, "Grain worker processes decoding an image folder (-1: one per CPU core; 0: none)")
     # model
-    arch: str = _field(DEFAULT_ARCH["arch"], "depth: " + ", ".join(DEPTHS) + " (with --init-from: the weights')")
+    arch: str = _field(
+        DEFAULT_ARCH["arch"], "builder name: " + ", ".join(ARCH_NAMES) + " (with --init-from: the weights')"
+    )
     small_stem: bool = _field(
         DEFAULT_ARCH["small_stem"],
         "3x3/1 stem without max-pool, for small images like 32x32 (with --init-from: the weights')",
@@ -342,7 +344,10 @@ def _architecture(values: dict[str, Any]) -> dict[str, Any]:
     defaults."""
     given = {name: values[name] for name in DEFAULT_ARCH if values[name] is not None}
     if not values["init_from"]:
-        return {**DEFAULT_ARCH, **given}
+        chosen = {**DEFAULT_ARCH, **given}
+        if "small_stem" not in given and VARIANTS.get(chosen["arch"], ("", {}))[1].get("stem") == DEEP_STEM:
+            chosen["small_stem"] = False  # a deep stem is its own stem: the small one cannot replace it
+        return chosen
     from .finetune import source_architecture  # reads the weights: torch and the converter, only when asked
 
     return source_architecture(values["init_from"], given, Path(values["run_dir"]) if values["resume"] else None)

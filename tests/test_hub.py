@@ -115,11 +115,7 @@ def test_torchvision_timm_and_transformers_agree_with_flax_and_resnet_torch(name
 @pytest.mark.parametrize(
     "name, feature",
     [
-        ("resnet50d", r"deep stem.*and an average-pool shortcut \(ResNet-D"),
-        ("resnet50c", r"deep stem of stacked 3x3 convolutions \(ResNet-C"),
-        ("resnext50_32x4d", r"grouped convolutions \(32 groups: ResNeXt\)"),
-        ("wide_resnet50_2", r"convolution widths 128-128-256.*where this model has 64-64-256"),
-        ("seresnet50", r"extra modules in the blocks: se \(squeeze-and-excitation"),
+        ("ecaresnet50d", r"extra modules in the blocks: se \(attention other than squeeze-and-excitation"),
         ("resnetblur50", r"timm architecture 'resnetblur50', not a plain resnet<depth>"),
         ("resnet50_gn", r"no BatchNorm running statistics at all.*GroupNorm"),
     ],

@@ -14,18 +14,19 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .compare import CheckResult
-    from .pairs import Pair, make_pair
+    from .pairs import Pair, make_pair, pair_of
     from .run import check_pair, run_checks
 
 _HOMES = {
     "CheckResult": "compare",
     "Pair": "pairs",
     "make_pair": "pairs",
+    "pair_of": "pairs",
     "check_pair": "run",
     "run_checks": "run",
 }
 
-__all__ = ["CheckResult", "Pair", "check_pair", "make_pair", "run_checks"]
+__all__ = ["CheckResult", "Pair", "check_pair", "make_pair", "pair_of", "run_checks"]
 
 
 def __getattr__(name: str) -> Any:

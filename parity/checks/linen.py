@@ -18,7 +18,7 @@ import torch
 import resnet_flax
 from resnet_flax.fused import fused
 
-from ..conversion.convert import torch_to_flax
+from ..conversion.convert import arch_of, torch_to_flax
 from .optim import torch_sgd
 from .precision import Mode, jax_device
 from .side import JIT_CACHE_SIZE, Stages, Variables
@@ -78,14 +78,11 @@ class LinenSide:
     jax_device: jax.Device
 
     @classmethod
-    def from_torch(
-        cls, torch_model: torch.nn.Module, arch: str, mode: Mode, device: str, num_classes: int, fused_bn: bool
-    ) -> LinenSide:
-        """The torch model's weights in a ``resnet_flax`` model of ``mode``'s dtypes and precision
-        (``fused_bn``: the fused train-mode BatchNorm training uses), converted by ``torch_to_flax``."""
-        model = resnet_flax.build(
-            arch,
-            num_classes=num_classes,
+    def from_torch(cls, torch_model: torch.nn.Module, mode: Mode, device: str, fused_bn: bool) -> LinenSide:
+        """The torch model's weights in a ``resnet_flax`` model of the architecture they describe, in
+        ``mode``'s dtypes and precision (``fused_bn``: the fused train-mode BatchNorm training uses),
+        converted by ``torch_to_flax``."""
+        model = arch_of(torch_model).flax_model(
             dtype=mode.jax_dtype,
             param_dtype=mode.jax_param_dtype,
             precision=mode.jax_precision,

@@ -20,7 +20,8 @@ from flax import nnx
 
 from resnet_flax import nnx as flax_nnx
 
-from ..conversion.nnx import torch_to_nnx
+from ..conversion.convert import arch_of
+from ..conversion.nnx import nnx_model, torch_to_nnx
 from .optim import torch_sgd
 from .precision import Mode, jax_device
 from .side import JIT_CACHE_SIZE, Stages, Variables
@@ -91,13 +92,12 @@ class NnxSide:
     model: flax_nnx.ResNet
 
     @classmethod
-    def from_torch(
-        cls, torch_model: torch.nn.Module, arch: str, mode: Mode, device: str, num_classes: int, fused_bn: bool
-    ) -> NnxSide:
-        """The torch model's weights in a ``resnet_flax.nnx`` model of ``mode``'s dtypes and precision
-        (``fused_bn``: the fused train-mode BatchNorm), built abstractly and filled by ``torch_to_nnx``."""
+    def from_torch(cls, torch_model: torch.nn.Module, mode: Mode, device: str, fused_bn: bool) -> NnxSide:
+        """The torch model's weights in a ``resnet_flax.nnx`` model of the architecture they describe, in
+        ``mode``'s dtypes and precision (``fused_bn``: the fused train-mode BatchNorm), built abstractly
+        and filled by ``torch_to_nnx``."""
         options = dict(dtype=mode.jax_dtype, param_dtype=mode.jax_param_dtype, precision=mode.jax_precision)
-        target = nnx.eval_shape(lambda: flax_nnx.build(arch, num_classes=num_classes, **options, rngs=nnx.Rngs(0)))
+        target = nnx_model(arch_of(torch_model), **options)
         model = torch_to_nnx(torch_model.state_dict(), target=target)
         # Committed to the run's device once, so every jitted call runs there.
         nnx.update(model, jax.device_put(nnx.state(model), jax_device(device)))

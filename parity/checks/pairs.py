@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -11,19 +12,19 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-import resnet_torch
-from resnet_arch import APIS, BN_STATS, LINEN, NNX
+from resnet_arch import APIS, BN_STATS, HEAD, LINEN, NNX
 
 from .compare import CheckResult, errors
 from .linen import LinenSide
 from .nnx import NnxSide
 from .precision import MODES, Mode, torch_device
+from .reference import RESNET_TORCH, check_reference, reference_model
 from .side import FlaxSide
 
 NUM_CLASSES = 10  # the seed's default classifier width
 # torch NCHW (batch, channels, height, width) -> Flax NHWC.
 TO_NHWC = (0, 2, 3, 1)
-# How each Flax API's side is built from the torch model: (torch_model, arch, mode, device, num_classes, fused_bn).
+# How each Flax API's side is built from the torch model: (torch_model, mode, device, fused_bn).
 SIDES: dict[str, Callable[..., FlaxSide]] = {LINEN: LinenSide.from_torch, NNX: NnxSide.from_torch}
 
 
@@ -34,7 +35,7 @@ class Pair:
     arch: str
     device: str
     mode: Mode
-    torch_model: resnet_torch.ResNet
+    torch_model: torch.nn.Module  # resnet_torch's, torchvision's or timm's ResNet
     flax: FlaxSide  # the Flax model (linen or NNX) and how the checks call it
 
 
@@ -74,28 +75,49 @@ def make_pair(
     num_classes: int = NUM_CLASSES,
     fused_bn: bool = False,
     api: str = LINEN,
+    reference: str = RESNET_TORCH,
 ) -> Pair:
-    """A randomly initialised resnet_torch model and its resnet_flax copy (call inside ``applied``).
+    """A randomly initialised torch model and its resnet_flax copy (call inside ``applied``).
 
-    ``fused_bn`` gives the Flax side the fused train-mode BatchNorm, as training uses it; ``api="nnx"``
-    makes it a ``resnet_flax.nnx`` model, converted by ``parity.torch_to_nnx``.
+    The torch model is ``reference``'s: resnet_torch's, torchvision's or timm's own (``parity.checks.
+    reference``). ``fused_bn`` gives the Flax side the fused train-mode BatchNorm, as training uses it;
+    ``api="nnx"`` makes it a ``resnet_flax.nnx`` model, converted by ``parity.torch_to_nnx``.
+    """
+    check_reference(arch, reference)
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = reference_model(arch, reference, num_classes)
+    return pair_of(model, arch, precision, device, seed, fused_bn, api)
+
+
+def pair_of(
+    model: torch.nn.Module,
+    arch: str,
+    precision: str,
+    device: str,
+    seed: int = 0,
+    fused_bn: bool = False,
+    api: str = LINEN,
+) -> Pair:
+    """A torch model (resnet_torch's, torchvision's or timm's ResNet, of any depth) and its resnet_flax copy
+    of the architecture its weights describe, named ``arch`` in the results (call inside ``applied``).
+
+    The model's BatchNorms get random statistics first (``randomize_batchnorm``); it is the pair's own.
     """
     if api not in APIS:
         raise ValueError(f"api must be one of {', '.join(APIS)}, got {api!r}")
     mode = MODES[precision]
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
-        torch.manual_seed(seed)
-        model = resnet_torch.build(arch, num_classes=num_classes)
     randomize_batchnorm(model, torch.Generator().manual_seed(seed))
     model = model.to(device=torch_device(device), dtype=mode.torch_dtype)
-    return Pair(arch, device, mode, model, SIDES[api](model, arch, mode, device, num_classes, fused_bn))
+    return Pair(arch, device, mode, model, SIDES[api](model, mode, device, fused_bn))
 
 
 def make_batch(pair: Pair, size: tuple[int, int], batch: int, seed: int) -> Batch:
     """A fresh random batch (standard normal images, uniform labels) for both frameworks."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, *size, generator=g, dtype=torch.float64).to(pair.mode.torch_dtype)
-    y = torch.randint(0, pair.torch_model.fc.out_features, (batch,), generator=g)
+    head = typing.cast(torch.nn.Linear, pair.torch_model.get_submodule(HEAD))  # in every reference model
+    y = torch.randint(0, head.out_features, (batch,), generator=g)
     x_jax = jnp.asarray(x.numpy().transpose(TO_NHWC), dtype=pair.mode.jax_param_dtype)
     dev = torch_device(pair.device)
     return Batch(x.to(dev), y.to(dev), x_jax, jnp.asarray(y.numpy()))

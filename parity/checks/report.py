@@ -23,7 +23,7 @@ COLUMNS = (
     "pass",
     "first diverging stage",
 )
-_WIDTHS = (10, 9, 14, 13, 14, 9, 13, 4, 21)
+_WIDTHS = (16, 9, 14, 13, 14, 9, 13, 4, 21)
 
 
 def _row(cells: Iterable[str]) -> str:

@@ -17,6 +17,7 @@ from resnet_arch import LINEN
 from .compare import CheckResult, numpy_of_jax, numpy_of_torch, stage_errors
 from .pairs import Batch, Pair, autocast, make_batch, make_pair, pair_result
 from .precision import EVAL, GRADIENTS, MODES, RUNNING_STATS, SGD, TRAIN_LOGITS, applied
+from .reference import RESNET_TORCH, torch_stages
 from .train import check_sgd, check_train
 
 
@@ -24,7 +25,7 @@ def check_eval(pair: Pair, batch: Batch) -> CheckResult:
     """Eval-mode logits, with every stage's output compared for the diagnosis."""
     model = pair.torch_model.eval()
     with torch.no_grad(), autocast(pair):
-        t_stages = model.forward_stages(batch.x_torch)
+        t_stages = torch_stages(model, batch.x_torch)
     f_stages = pair.flax.eval_stages(batch.x_jax)
     stages = stage_errors(t_stages, f_stages)
     logits = ([numpy_of_jax(f_stages["fc"])], [numpy_of_torch(t_stages["fc"])])
@@ -57,10 +58,12 @@ def run_checks(
     checks: Iterable[str] | None = None,
     fused_bn: bool = False,
     api: str = LINEN,
+    reference: str = RESNET_TORCH,
 ) -> list[CheckResult]:
     """Build a random model in both frameworks and run the checks of one precision mode
     (``fused_bn``: the Flax side has the fused train-mode BatchNorm training uses; ``api``: "linen"
-    checks ``resnet_flax``, "nnx" ``resnet_flax.nnx``)."""
+    checks ``resnet_flax``, "nnx" ``resnet_flax.nnx``; ``reference``: the torch model, resnet_torch's,
+    torchvision's or timm's)."""
     with applied(MODES[precision], device):
-        pair = make_pair(arch, precision, device, seed, fused_bn=fused_bn, api=api)
+        pair = make_pair(arch, precision, device, seed, fused_bn=fused_bn, api=api, reference=reference)
         return check_pair(pair, size, batch_size, seed, checks)

@@ -11,13 +11,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import resnet_torch
 from resnet_arch import BN_STATS, STAGE_OUTPUTS
 
 from ..conversion.rules import torch_layout
 from .compare import CheckResult, errors, grouped_errors, limit, numpy_of_jax, numpy_of_torch, stage_errors
 from .pairs import Batch, Pair, pair_result
 from .precision import GRADIENTS, RUNNING_STATS, SGD, TRAIN_LOGITS
+from .reference import seed_named, torch_stages
 
 # SGD hyperparameters of the optimizer check; nonzero momentum and weight decay so both are exercised.
 LEARNING_RATE = 0.05
@@ -25,29 +25,29 @@ MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4
 
 
-def _torch_train_step(model: resnet_torch.ResNet, batch: Batch, backward: bool = True) -> dict[str, torch.Tensor]:
+def _torch_train_step(model: torch.nn.Module, batch: Batch, backward: bool = True) -> dict[str, torch.Tensor]:
     """Stage outputs of one train-mode forward; with ``backward``, the loss's gradients left in ``.grad``."""
     model.zero_grad()
     with torch.set_grad_enabled(backward):
-        stages = model.forward_stages(batch.x_torch)
+        stages = torch_stages(model, batch.x_torch)
         if backward:
             F.cross_entropy(stages["fc"], batch.y_torch).backward()
     return stages
 
 
 def _bn_state(sd: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """The BatchNorm buffers of a state dict, as float64 arrays."""
-    return {k: numpy_of_torch(v) for k, v in sd.items() if k.rsplit(".", 1)[-1] in BN_STATS}
+    """The BatchNorm buffers of a state dict, as float64 arrays under the seed's keys."""
+    return {k: numpy_of_torch(v) for k, v in seed_named(sd).items() if k.rsplit(".", 1)[-1] in BN_STATS}
 
 
 def _gradients(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    """Every parameter's ``.grad`` as a float64 array, by state-dict key."""
+    """Every parameter's ``.grad`` as a float64 array, by the seed's state-dict key."""
     grads = {}
     for key, p in model.named_parameters():
         if p.grad is None:
             raise RuntimeError(f"{key} has no gradient after the backward pass")
         grads[key] = numpy_of_torch(p.grad)
-    return grads
+    return seed_named(grads)
 
 
 def _diagnosis(forward: dict[str, float], by_stage: dict[str, float], tol: float) -> tuple[dict[str, float], str]:
@@ -57,7 +57,7 @@ def _diagnosis(forward: dict[str, float], by_stage: dict[str, float], tol: float
     return dict(reversed(list(by_stage.items()))), "tensors by stage, in backpropagation order"
 
 
-def _float64_reference(pair: Pair, batch: Batch, backward: bool) -> tuple[resnet_torch.ResNet, dict[str, torch.Tensor]]:
+def _float64_reference(pair: Pair, batch: Batch, backward: bool) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """The same train-mode call by torch in float64: the answer float32 rounding is measured against."""
     model = copy.deepcopy(pair.torch_model).to(torch.float64).train()
     stages = _torch_train_step(model, dataclasses.replace(batch, x_torch=batch.x_torch.to(torch.float64)), backward)
@@ -109,13 +109,13 @@ def check_train(pair: Pair, batch: Batch, with_gradients: bool) -> list[CheckRes
     return results
 
 
-def _torch_sgd(model: resnet_torch.ResNet, batches: list[Batch]) -> dict[str, np.ndarray]:
-    """The state dict (float64 arrays) of a train-mode model after one torch.optim.SGD step per batch."""
+def _torch_sgd(model: torch.nn.Module, batches: list[Batch]) -> dict[str, np.ndarray]:
+    """The state dict (float64 arrays, seed keys) of a train-mode model after one torch.optim.SGD step per batch."""
     opt = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     for batch in batches:
         _torch_train_step(model, batch)
         opt.step()
-    return {k: numpy_of_torch(v) for k, v in model.state_dict().items()}
+    return {k: numpy_of_torch(v) for k, v in seed_named(model.state_dict()).items()}
 
 
 def check_sgd(pair: Pair, batches: list[Batch], forward: dict[str, float]) -> CheckResult:

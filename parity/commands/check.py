@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from resnet_arch import APIS, DEPTHS, LINEN, NNX
+from resnet_arch import APIS, ARCH_NAMES, DEPTHS, LINEN, NNX
 
 from ..checks.precision import (
     CHECKS,
@@ -18,6 +18,7 @@ from ..checks.precision import (
     precisions_for,
     torch_tf32_summary,
 )
+from ..checks.reference import REFERENCES, RESNET_TORCH, check_reference
 from ..checks.report import format_error, format_result, header, versions, write_json
 from ..checks.run import run_checks
 from ..conversion.atomic import is_stream
@@ -53,7 +54,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "Prints a table and exits non-zero when any check exceeds its tolerance; a failed check names "
         "the first stage (conv1, conv2_x..conv5_x, fc) whose outputs diverge.",
     )
-    p.add_argument("--arch", choices=(*DEPTHS, "all"), default="resnet18", help="depth, or all (default: resnet18)")
+    p.add_argument(
+        "--arch",
+        choices=(*ARCH_NAMES, "all"),
+        default="resnet18",
+        help="depth or family builder name, or all (the five depths) (default: resnet18)",
+    )
     p.add_argument("--device", choices=DEVICES, default="cpu", help="where both frameworks run (default: cpu)")
     p.add_argument(
         "--precision",
@@ -88,6 +94,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="the Flax model checked: linen (resnet_flax) or nnx (resnet_flax.nnx, via parity.torch_to_nnx) "
         f"(default: {LINEN})",
     )
+    p.add_argument(
+        "--reference",
+        choices=REFERENCES,
+        default=RESNET_TORCH,
+        help="the torch model the Flax model is checked against: this project's resnet_torch, or torchvision's "
+        f"or timm's own model of --arch (built locally, random weights) (default: {RESNET_TORCH})",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default: 0)")
     p.add_argument(
         "--json",
@@ -106,6 +119,7 @@ def _payload(args: argparse.Namespace, runs: list[dict[str, Any]], complete: boo
         "batch": args.batch,
         "seed": args.seed,
         "api": args.api,
+        "reference": args.reference,
         "flax_model": FLAX_MODELS[args.api, args.fused_bn],
         "complete": complete,
         "passed": passed,
@@ -131,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         precisions = precisions_for(args.device, args.precision)
         jax_device(args.device)
+        for arch in archs:
+            check_reference(arch, args.reference)
     except (ValueError, RuntimeError) as e:
         print(f"resnet-parity check: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -143,7 +159,10 @@ def run(args: argparse.Namespace) -> int:
     if rewrite and not _saved(args, runs, complete=False, passed=False):
         return EXIT_BAD_INPUT
     flax_model = FLAX_MODELS[args.api, args.fused_bn]
-    print(f"device {args.device}, input {args.batch}x3x{size[0]}x{size[1]}, seed {args.seed}, flax {flax_model}")
+    print(
+        f"device {args.device}, input {args.batch}x3x{size[0]}x{size[1]}, seed {args.seed}, "
+        f"torch {args.reference}, flax {flax_model}"
+    )
     modes = {}
     for precision in precisions:
         with applied(MODES[precision], args.device):
@@ -155,7 +174,16 @@ def run(args: argparse.Namespace) -> int:
             run_info: dict[str, Any] = {"arch": arch, "precision": precision, "mode": modes[precision]}
             try:
                 results = run_checks(
-                    arch, args.device, precision, size, args.batch, args.seed, args.checks, args.fused_bn, args.api
+                    arch,
+                    args.device,
+                    precision,
+                    size,
+                    args.batch,
+                    args.seed,
+                    args.checks,
+                    args.fused_bn,
+                    args.api,
+                    args.reference,
                 )
             except Exception as e:  # one broken run must not hide the others' figures
                 print(format_error(arch, precision, e), flush=True)

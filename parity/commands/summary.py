@@ -9,7 +9,7 @@ from flax import nnx
 
 import resnet_flax
 import resnet_torch
-from resnet_arch import DEPTHS, LINEN, NNX
+from resnet_arch import ARCH_NAMES, LINEN, NNX
 from resnet_flax import nnx as flax_nnx
 from resnet_flax import nnx_show
 from resnet_flax import show as flax_show
@@ -30,7 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "counts, its modules, or its named parameters. Nothing is computed: torch runs on the meta "
         "device, Flax (linen and NNX) under jax.eval_shape.",
     )
-    p.add_argument("--arch", choices=tuple(DEPTHS), default="resnet50", help="depth (default: resnet50)")
+    p.add_argument(
+        "--arch", choices=ARCH_NAMES, default="resnet50", help="depth or family builder name (default: resnet50)"
+    )
     p.add_argument(
         "--framework",
         type=framework_arg,

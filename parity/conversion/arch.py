@@ -1,7 +1,12 @@
-"""Read the architecture (block type, stage sizes, classes, stem) back from keys and shapes.
+"""Read the architecture (block type, stage sizes, classes, stem, the family's options) back from keys and shapes.
 
-Also what the model hubs' configs say about a network: a transformers ``ResNetConfig`` or a timm
-architecture name is checked against what this model can be, and written for a spec.
+The family's options (``resnet_arch.FAMILY_OPTIONS``) show in the shapes and names alone: groups and
+width per group in the grouped 3x3 convolution's weight, the deep stem in its second convolution
+(``conv1.3``), the average-pool shortcut in its slots (``shortcut.1``, ``shortcut.2``), squeeze-and-
+excitation in its ``se.fc1``/``se.fc2`` modules; a network is named by its builder name when it is a
+row of ``resnet_arch.VARIANTS`` (or a plain depth), "custom" otherwise. Also what the model hubs'
+configs say about a network: a transformers ``ResNetConfig`` or a timm architecture name is checked
+against what this model can be, and written for a spec.
 """
 
 from __future__ import annotations
@@ -11,21 +16,47 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from resnet_arch import BN_COUNTER, BN_PARAMS, BN_STATS, HEAD, IN_CHANNELS, STAGES, STEM, STEM_WIDTH, arch_name
+from resnet_arch import (
+    BASE_WIDTH,
+    BN_COUNTER,
+    BN_PARAMS,
+    BN_STATS,
+    DEEP_STEM,
+    DEEP_STEM_CONVS,
+    DEFAULT_STEM,
+    FAMILY_OPTIONS,
+    HEAD,
+    IN_CHANNELS,
+    STAGES,
+    STEM,
+    STEM_WIDTH,
+    VARIANTS,
+    arch_name,
+    bottleneck_width,
+    se_width,
+)
 
 from .names import SEQ_SLOTS, TIMM, TRANSFORMERS
 
 # Per block type, each convolution of residual_function in order: (kernel size, output width as a
 # multiple of the stage width; the last one's factor is the block's expansion). Conv j sits at slot
-# SEQ_SLOTS * j of the block's Sequential, its BatchNorm at the next slot.
+# SEQ_SLOTS * j of the block's Sequential, its BatchNorm at the next slot. A bottleneck's first two
+# convolutions are ``bottleneck_width`` wide instead, and its 3x3 (GROUPED_CONV) is the grouped one.
 BLOCK_CONVS: dict[str, tuple[tuple[int, int], ...]] = {
     "BasicBlock": ((3, 1), (3, 1)),
     "BottleNeck": ((1, 1), (3, 1), (1, 4)),
 }
+GROUPED_CONV = 1  # the bottleneck's 3x3 convolution, the only grouped one (torchvision's rule)
 _STEM_KERNEL = {False: 7, True: 3}  # small_stem -> stem kernel size
 _BN_LEAVES = (*BN_PARAMS, *BN_STATS)  # in the order torch's BatchNorm2d registers them
+# The shortcut's convolution slot: 0 plain (conv, BatchNorm), 1 behind the average pool (pool, conv, BatchNorm).
+_SHORTCUT_CONV = {False: 0, True: 1}
+# Squeeze-and-excitation's two 1x1 convolutions with bias: the reduction (fc1) and the expansion (fc2).
+_SE_CONVS = ("fc1", "fc2")
 
 _BLOCK_KEY = re.compile(r"^(\w+)\.(\d+)\.residual_function\.(\d+)\.")
+_AVG_DOWN_KEY = re.compile(rf"^\w+\.\d+\.shortcut\.{_SHORTCUT_CONV[True] + 1}\.")
+_SE_KEY = re.compile(r"^\w+\.\d+\.se\.")
 _TRANSFORMERS_LAYER_TYPES = {"BasicBlock": "basic", "BottleNeck": "bottleneck"}
 # What transformers' ResNetConfig builds for a field its config.json leaves out.
 _TRANSFORMERS_DEFAULTS: dict[str, Any] = {
@@ -54,43 +85,85 @@ class ArchSpec:
     num_block: tuple[int, ...]
     num_classes: int
     small_stem: bool
+    groups: int = 1
+    width_per_group: int = BASE_WIDTH
+    stem: str = DEFAULT_STEM
+    avg_down: bool = False
+    se: bool = False
+
+    def options(self) -> dict[str, Any]:
+        """The family's options (``resnet_arch.FAMILY_OPTIONS``) this spec has."""
+        return {k: getattr(self, k) for k in FAMILY_OPTIONS}
+
+    def variant_options(self) -> dict[str, Any]:
+        """The family's options where this spec is not the plain ResNet."""
+        return {k: v for k, v in self.options().items() if v != FAMILY_OPTIONS[k]}
 
     @property
     def name(self) -> str | None:
-        """'resnet50' etc., or None for a stage layout outside the depth table."""
-        return arch_name(self.block, self.num_block)
+        """The builder name ('resnet50', 'resnext50_32x4d', ...), or None for a network no builder makes."""
+        depth = arch_name(self.block, self.num_block)
+        variant = self.variant_options()
+        if depth is None or not variant:
+            return depth
+        return next((name for name, (d, row) in VARIANTS.items() if d == depth and row == variant), None)
 
     def describe(self) -> str:
-        """A one-line description, e.g. 'resnet50 (BottleNeck [3, 4, 6, 3], 1000 classes)'."""
+        """A one-line description, e.g. 'resnext50_32x4d (BottleNeck [3, 4, 6, 3], groups=32,
+        width_per_group=4, 1000 classes)'."""
+        options = "".join(f", {k}={v!r}" for k, v in self.variant_options().items())
         stem = ", small stem" if self.small_stem else ""
-        return f"{self.name or 'custom'} ({self.block} {list(self.num_block)}, {self.num_classes} classes{stem})"
+        return (
+            f"{self.name or 'custom'} ({self.block} {list(self.num_block)}{options}, {self.num_classes} classes{stem})"
+        )
 
     def stage_widths(self) -> list[int]:
         """Each stage's output width (transformers' hidden_sizes)."""
         expansion = BLOCK_CONVS[self.block][-1][1]
         return [width * expansion for _, width, _ in STAGES]
 
+    def block_convs(self, planes: int) -> list[tuple[int, int, int]]:
+        """(kernel size, output width, groups) of each convolution of a block of a stage ``planes`` wide."""
+        convs = BLOCK_CONVS[self.block]
+        if self.block == "BasicBlock":  # groups 1 and the base width only, as torchvision's
+            return [(k, planes * factor, 1) for k, factor in convs]
+        inner = bottleneck_width(planes, self.groups, self.width_per_group)
+        last = len(convs) - 1
+        return [
+            (k, planes * factor if j == last else inner, self.groups if j == GROUPED_CONV else 1)
+            for j, (k, factor) in enumerate(convs)
+        ]
+
     def torch_shapes(self) -> dict[str, tuple[int, ...]]:
         """{seed state-dict key: torch shape}, in the order resnet_torch registers them."""
-        convs = BLOCK_CONVS[self.block]
         shapes: dict[str, tuple[int, ...]] = {}
 
         def conv_bn(conv: str, bn: str, c_in: int, c_out: int, k: int) -> None:
             shapes[f"{conv}.weight"] = (c_out, c_in, k, k)
             shapes.update({f"{bn}.{leaf}": () if leaf == BN_COUNTER else (c_out,) for leaf in _BN_LEAVES})
 
-        conv_bn(f"{STEM}.0", f"{STEM}.1", IN_CHANNELS, STEM_WIDTH, _STEM_KERNEL[self.small_stem])
+        if self.stem == DEEP_STEM:
+            for j, (c_in, c_out, _) in enumerate(DEEP_STEM_CONVS):
+                conv_bn(f"{STEM}.{SEQ_SLOTS * j}", f"{STEM}.{SEQ_SLOTS * j + 1}", c_in, c_out, 3)
+        else:
+            conv_bn(f"{STEM}.0", f"{STEM}.1", IN_CHANNELS, STEM_WIDTH, _STEM_KERNEL[self.small_stem])
         c_in = STEM_WIDTH
         for (stage, width, stride), blocks in zip(STAGES, self.num_block, strict=True):
             for i in range(blocks):
                 prefix, c = f"{stage}.{i}", c_in
-                for j, (k, factor) in enumerate(convs):
+                for j, (k, c_out, groups) in enumerate(self.block_convs(width)):
                     slot = f"{prefix}.residual_function.{SEQ_SLOTS * j}"
-                    conv_bn(slot, f"{prefix}.residual_function.{SEQ_SLOTS * j + 1}", c, width * factor, k)
-                    c = width * factor
+                    conv_bn(slot, f"{prefix}.residual_function.{SEQ_SLOTS * j + 1}", c // groups, c_out, k)
+                    c = c_out
+                if self.se:
+                    rd = se_width(c)
+                    for fc, (c_from, c_to) in zip(_SE_CONVS, ((c, rd), (rd, c)), strict=True):
+                        shapes[f"{prefix}.se.{fc}.weight"] = (c_to, c_from, 1, 1)
+                        shapes[f"{prefix}.se.{fc}.bias"] = (c_to,)
                 # Projection shortcut exactly when the block changes the shape (resnet_torch's _shortcut).
                 if (stride if i == 0 else 1) != 1 or c_in != c:
-                    conv_bn(f"{prefix}.shortcut.0", f"{prefix}.shortcut.1", c_in, c, 1)
+                    at = _SHORTCUT_CONV[self.avg_down]
+                    conv_bn(f"{prefix}.shortcut.{at}", f"{prefix}.shortcut.{at + 1}", c_in, c, 1)
                 c_in = c
         shapes[f"{HEAD}.weight"] = (self.num_classes, c_in)
         shapes[f"{HEAD}.bias"] = (self.num_classes,)
@@ -103,11 +176,17 @@ class ArchSpec:
 
         if not isinstance(model, resnet_flax.ResNet):
             raise TypeError(f"target must be a resnet_flax.ResNet, got {type(model).__name__}")
-        return cls(model.block.__name__, tuple(model.num_block), model.num_classes, model.small_stem)
+        return cls.of_model(model)
+
+    @classmethod
+    def of_model(cls, model: Any) -> ArchSpec:
+        """The spec of a resnet_torch, resnet_flax or resnet_flax.nnx ResNet, read from its options."""
+        options = {k: getattr(model, k) for k in FAMILY_OPTIONS}
+        return cls(model.block.__name__, tuple(model.num_block), model.num_classes, model.small_stem, **options)
 
     def model_kwargs(self) -> dict[str, Any]:
         """The builder options this spec fixes."""
-        return dict(num_classes=self.num_classes, small_stem=self.small_stem)
+        return dict(num_classes=self.num_classes, small_stem=self.small_stem, **self.options())
 
     def torch_model(self, **kwargs: Any) -> Any:
         """An uninitialized-looking resnet_torch.ResNet of this shape (init_weights off: weights come next)."""
@@ -125,6 +204,13 @@ class ArchSpec:
 
     def check_layout(self, layout: str) -> None:
         """ValueError when the layout's own model cannot be this network."""
+        if layout == TRANSFORMERS and (variant := self.variant_options()):
+            options = ", ".join(f"{k}={v!r}" for k, v in variant.items())
+            raise ValueError(
+                f"{self.name or 'a network'} ({options}) has no transformers layout: transformers' ResNet has no "
+                "grouped or widened convolutions, deep stem, average-pool shortcut or squeeze-and-excitation "
+                "(write it in the torchvision or timm layout)"
+            )
         if layout == TRANSFORMERS and self.small_stem:
             raise ValueError(
                 "a small stem (3x3/1, no max-pool) has no transformers equivalent: ResNetConfig's stem is "
@@ -156,7 +242,7 @@ class ArchSpec:
             if self.name is None or self.small_stem:
                 raise ValueError(
                     f"timm has no architecture for {self.describe()}: a timm directory needs one of its "
-                    "resnet18..152 (7x7 stem)"
+                    "resnet18..152 (7x7 stem) or the family's builders (resnext50_32x4d, resnet50d, seresnet50, ...)"
                 )
             return {
                 "architecture": self.name,
@@ -167,17 +253,23 @@ class ArchSpec:
         return None
 
 
-def _variant_shapes(shapes: Mapping[str, Sequence[int]], block: str) -> list[str]:
-    """Features of a ResNet variant that the convolution shapes show, one phrase each."""
+def _variant_shapes(shapes: Mapping[str, Sequence[int]], block: str, deep_stem: bool) -> list[str]:
+    """Features of a ResNet variant that the convolution shapes show, one phrase each.
+
+    A bottleneck's groups and width per group are read from its shapes (``_bottleneck_options``), not
+    refused; a BasicBlock has neither (torchvision's rule), so grouped or other widths are named here.
+    """
     features = []
     stem = shapes.get(f"{STEM}.0.weight")
-    if stem is not None and len(stem) == 4:
+    if stem is not None and len(stem) == 4 and not deep_stem:
         if stem[1] != IN_CHANNELS:
             features.append(f"{stem[1]} input channels (this model takes {IN_CHANNELS})")
         if stem[0] != STEM_WIDTH:
             features.append(
                 f"a stem {stem[0]} channels wide (transformers embedding_size; this model's is {STEM_WIDTH})"
             )
+    if block != "BasicBlock":
+        return features
     got, expected, groups = [], [], set()
     for name, width, _ in STAGES:
         widths: list[int] = []
@@ -191,20 +283,31 @@ def _variant_shapes(shapes: Mapping[str, Sequence[int]], block: str) -> list[str
         got.append("-".join(map(str, widths)))
         expected.append("-".join(str(width * factor) for _, factor in BLOCK_CONVS[block]))
     if groups:
-        features.append(f"grouped convolutions ({'/'.join(map(str, sorted(groups)))} groups: ResNeXt)")
+        features.append(f"grouped convolutions in a BasicBlock ({'/'.join(map(str, sorted(groups)))} groups)")
     if got != expected:
         features.append(
             f"convolution widths {', '.join(got)} in the stages' first blocks where this model has "
-            f"{', '.join(expected)} (wide or ResNeXt blocks, or other transformers hidden_sizes)"
+            f"{', '.join(expected)} (wide BasicBlocks, or other transformers hidden_sizes)"
         )
     return features
+
+
+def _bottleneck_options(shapes: Mapping[str, Sequence[int]]) -> tuple[int, int]:
+    """(groups, width per group) from the first bottleneck's grouped 3x3 convolution, (width, width / groups,
+    3, 3) in torch axes; the first stage is BASE_WIDTH planes wide, so its width is width_per_group * groups."""
+    conv = shapes.get(f"{STAGES[0][0]}.0.residual_function.{SEQ_SLOTS * GROUPED_CONV}.weight")
+    if conv is None or len(conv) != 4 or not conv[1] or conv[0] % conv[1]:
+        return 1, BASE_WIDTH  # the shape check names what is wrong
+    groups = conv[0] // conv[1]
+    return groups, conv[0] * BASE_WIDTH // (STAGES[0][1] * groups)
 
 
 def not_this_architecture(features: Sequence[str]) -> NotThisArchitecture:
     """The error for a checkpoint whose features (phrases) this model does not have."""
     return NotThisArchitecture(
-        f"{' and '.join(features)}: not this architecture (a plain ResNet: one stem convolution, "
-        "convolution + BatchNorm blocks with the stride on the 3x3 convolution, 1x1 projection shortcuts)"
+        f"{' and '.join(features)}: not this architecture (the ResNet family: a 7x7, 3x3 or deep 3x3 stem, "
+        "convolution + BatchNorm blocks with the stride on the 3x3 convolution, 1x1 projection shortcuts behind "
+        "an optional average pool, optional squeeze-and-excitation)"
     )
 
 
@@ -223,10 +326,14 @@ def infer_arch(shapes: Mapping[str, Sequence[int]]) -> ArchSpec:
             last_slot = max(last_slot, int(m[3]))
     convs = last_slot // SEQ_SLOTS + 1
     block = next((name for name, layers in BLOCK_CONVS.items() if len(layers) == convs), None)
-    if block is not None and (features := _variant_shapes(shapes, block)):
+    # The deep stem's second convolution: the plain stem has one.
+    deep_stem = f"{STEM}.{SEQ_SLOTS}.weight" in shapes
+    if block is not None and (features := _variant_shapes(shapes, block, deep_stem)):
         raise not_this_architecture(features)
     stem, fc = shapes.get(f"{STEM}.0.weight"), shapes.get(f"{HEAD}.weight")
-    small_stem = {k: small for small, k in _STEM_KERNEL.items()}.get(int(stem[-1])) if stem and len(stem) == 4 else None
+    kernel = int(stem[-1]) if stem and len(stem) == 4 else None
+    # A deep stem's 3x3 convolutions are no small stem (the shape check names a wrong kernel).
+    small_stem = None if kernel is None else False if deep_stem else {k: s for s, k in _STEM_KERNEL.items()}.get(kernel)
     problems = []
     if small_stem is None:
         problems.append(f"{STEM}.0.weight (the stem convolution, 7x7 or 3x3)")
@@ -239,11 +346,17 @@ def infer_arch(shapes: Mapping[str, Sequence[int]]) -> ArchSpec:
         problems.append(f"a block type with {convs} convolutions (BasicBlock has 2, BottleNeck 3)")
     if problems or block is None or small_stem is None or fc is None:
         raise ValueError("cannot read a ResNet architecture from these keys: missing " + "; ".join(problems))
+    groups, width_per_group = _bottleneck_options(shapes) if block != "BasicBlock" else (1, BASE_WIDTH)
     return ArchSpec(
         block=block,
         num_block=tuple(blocks[name] for name in stage_names),
         num_classes=int(fc[0]),
         small_stem=small_stem,
+        stem=DEEP_STEM if deep_stem else DEFAULT_STEM,
+        avg_down=any(_AVG_DOWN_KEY.match(k) for k in shapes),
+        se=any(_SE_KEY.match(k) for k in shapes),
+        groups=groups,
+        width_per_group=width_per_group,
     )
 
 
@@ -282,13 +395,19 @@ def check_hub_config(config: Mapping[str, Any], spec: ArchSpec) -> None:
 
     A transformers config (``model_type: resnet``) is checked flag by flag; a timm config's
     ``architecture`` must be a plain ``resnet<depth>`` (timm's blur-pool and anti-aliased variants
-    have the plain keys, so only the name tells them apart). Other configs say nothing checked here.
+    have the plain keys, so only the name tells them apart) for plain weights, and the builder name
+    for a family variant's. Other configs say nothing checked here.
     """
     if config.get("model_type") == "resnet":
         features = _transformers_features(config, spec)
     elif isinstance(arch := config.get("architecture"), str):
         base = arch.split(".")[0]
-        features = [] if _TIMM_PLAIN.match(base) else [f"timm architecture {base!r}, not a plain resnet<depth>"]
+        if spec.variant_options():
+            features = (
+                [] if base == spec.name else [f"timm architecture {base!r} where the weights are {spec.describe()}"]
+            )
+        else:
+            features = [] if _TIMM_PLAIN.match(base) else [f"timm architecture {base!r}, not a plain resnet<depth>"]
     else:
         features = []
     if features:

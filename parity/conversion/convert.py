@@ -28,7 +28,7 @@ from resnet_flax.model import ResNet as FlaxResNet
 from .arch import ArchSpec, NotThisArchitecture, check_hub_config, class_count_mismatches, not_this_architecture
 from .arrays import torch_views
 from .files import TORCH
-from .names import SEED, WRAPPER_PREFIXES, check_layout, from_seed, recognise, variant_features
+from .names import SEED, WRAPPER_PREFIXES, check_layout, count_stem_convs, from_seed, recognise, variant_features
 from .rules import PARAMS, flax_leaves, flax_path, seed_module, torch_rule
 from .validate import (
     ERROR,
@@ -92,8 +92,8 @@ def _unwrap(sd: dict[str, torch.Tensor], stacklevel: int) -> dict[str, torch.Ten
     return sd
 
 
-def _recognise_layout(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Name]:
-    """The tensors under seed keys, and a seed key's name in the layout the caller's keys are in.
+def _recognise_layout(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str, Name]:
+    """The tensors under seed keys, the layout the caller's keys are in, and a seed key's name in it.
 
     ConversionError for a ResNet variant the key names show, mixed layouts or two keys naming one weight.
     """
@@ -104,11 +104,12 @@ def _recognise_layout(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.T
     except ValueError as e:
         raise ConversionError(str(e)) from None
     names = {seed_key: key for key, seed_key in renamed.items()}
+    stem_convs = count_stem_convs(names)
 
     def name(key: str) -> str:
-        return names.get(key) or from_seed(key, layout)
+        return names.get(key) or from_seed(key, layout, stem_convs)
 
-    return {renamed.get(k, k): t for k, t in sd.items()}, name
+    return {renamed.get(k, k): t for k, t in sd.items()}, layout, name
 
 
 def _fresh_batch_stats(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -139,6 +140,16 @@ def _add_fresh_stats(seed: dict[str, torch.Tensor], pairs: bool, stacklevel: int
         stacklevel=stacklevel + 1,
     )
     return {**seed, **fresh}
+
+
+def _check_variant_layout(spec: ArchSpec, layout: str) -> None:
+    """ConversionError naming the variant when keys in a layout that has no such variant describe one
+    (transformers' names with grouped or widened shapes)."""
+    if spec.variant_options():
+        try:
+            spec.check_layout(layout)
+        except ValueError as e:
+            raise ConversionError(str(e)) from None
 
 
 def _check_hub_configs(spec: ArchSpec, *configs: Mapping[str, Any] | None) -> None:
@@ -185,10 +196,11 @@ def check_state_dict(
     check_bad_values(bad_values)
     sd, pairs, own_config = _read_torch_object(obj)
     sd = _unwrap(sd, stacklevel + 1)
-    seed, name = _recognise_layout(sd)
+    seed, layout, name = _recognise_layout(sd)
     seed = _add_fresh_stats(seed, pairs, stacklevel + 1)
     shapes = {k: tuple(t.shape) for k, t in seed.items()}
     spec = ArchSpec.of_flax_model(target) if target is not None else infer(shapes)
+    _check_variant_layout(spec, layout)
     _check_hub_configs(spec, config, own_config)
     _check_class_count(spec, config)
     expected = spec.torch_shapes()

@@ -40,7 +40,7 @@ def nnx_spec(model: flax_nnx.ResNet) -> ArchSpec:
     """The architecture of an NNX ResNet (concrete or from ``nnx.eval_shape``), read from its options."""
     if not isinstance(model, flax_nnx.ResNet):
         raise TypeError(f"expected a resnet_flax.nnx.ResNet, got {type(model).__name__}")
-    return ArchSpec(model.block.__name__, tuple(model.num_block), model.num_classes, model.small_stem)
+    return ArchSpec.of_model(model)
 
 
 def nnx_model(spec: ArchSpec, **options: Any) -> flax_nnx.ResNet:

@@ -27,7 +27,7 @@ from resnet_flax.ops import COUNTER_DTYPE
 from .arch import ArchSpec
 from .arrays import aligned_empty, numpy_dtype, numpy_to_torch, one_torch_thread, permuted_copy, to_jax, torch_dtype
 from .files import TORCH
-from .names import SEED, check_layout, from_seed
+from .names import SEED, check_layout, count_stem_convs, from_seed
 from .rules import BY_TORCH, LeafRule, seed_module
 from .validate import ConversionError
 
@@ -124,6 +124,7 @@ class Weights:
             raise ConversionError(str(e)) from None
         cast = param_cast(param_dtype)
         target = None if cast is None else torch_dtype(cast)
+        stem_convs = count_stem_convs(self.views)
         out = collections.OrderedDict()
         with one_torch_thread():
             for key, t in self.views.items():
@@ -133,5 +134,5 @@ class Weights:
                     value = self.leaves[key] if target is None else self.leaves[key].to(target)
                 else:
                     value = _to_torch_axes(_rule(key, t), t, target)
-                out[from_seed(key, layout)] = value
+                out[from_seed(key, layout, stem_convs)] = value
         return out
