@@ -137,7 +137,7 @@ def setup(config: TrainConfig, cleanup: contextlib.ExitStack) -> tuple[Run, Trai
 
     The run directory stays locked until ``cleanup`` closes (process 0 holds the lock).
     """
-    sharding.initialize(config)
+    cleanup.enter_context(sharding.initialize(config))
     runlog.name_process(jax.process_index(), jax.process_count())
     mesh = sharding.data_mesh()
     sharding.check_batch(config.batch_size, mesh)
