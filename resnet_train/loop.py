@@ -161,6 +161,7 @@ def setup(config: TrainConfig, cleanup: contextlib.ExitStack) -> tuple[Run, Trai
     if lead:  # only now: a failed resume leaves the run's record as it was
         runlog.keep_metrics_until(run_dir, int(jax.device_get(state.step)))
         runlog.write_atomic(run_dir / runlog.CONFIG_FILE, config.to_json(class_names=list(ds.class_names)).encode())
+        ds.record(run_dir)
     rep = sharding.replicated(mesh)
     donate = () if jax.default_backend() in NO_DONATION_BACKENDS else (0,)
     train_fn = jax.jit(

@@ -1,0 +1,49 @@
+"""A resumed run keeps its image folder's split whatever was added or removed since it started."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from resnet_data.folders import SPLIT_FILE
+from resnet_train.config import TrainConfig
+from resnet_train.loop import fit
+from resnet_train.runlog import read_metrics
+
+FOLDER_RUN = dict(
+    dataset="imagefolder", image_size=8, batch_size=4, epochs=2, workers=0, progress=False, export=False, log_every=0
+)
+
+
+def _images(folder: Path, names: range, shade: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(shade)
+    for i in names:
+        Image.fromarray(rng.integers(0, 256, (9, 9, 3), np.uint8) // shade).save(folder / f"{i}.png")
+
+
+def test_resume_keeps_the_split_when_images_are_added_or_removed(tmp_path, caplog):
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    for shade, name in ((1, "ant"), (2, "bee")):
+        _images(data / name, range(5), shade)  # 4 training and 1 held-out image per class
+    config = TrainConfig(**FOLDER_RUN, data_dir=str(data), run_dir=str(run_dir), stop_after_epoch=1)
+    first = fit(config)
+    recorded = (run_dir / SPLIT_FILE).read_bytes()
+    held_out = json.loads(recorded)["test"]["names"]
+    assert first["steps"] == 2 and len(held_out) == 2
+
+    for shade, name in ((1, "ant"), (2, "bee")):
+        _images(data / name, range(5, 10), shade)  # drawn afresh, these would move images between the splits
+    (data / json.loads(recorded)["train"]["names"][0]).unlink()
+    caplog.set_level(logging.WARNING, logger="resnet_train")
+    second = fit(TrainConfig(**{**config.__dict__, "resume": True, "stop_after_epoch": 2}))
+    assert second["steps"] == 4 and second["skipped_images"] == 1  # the gone image, drawn once in the epoch
+    warnings = [r.getMessage() for r in caplog.records if SPLIT_FILE in r.getMessage()]
+    assert len(warnings) == 1 and "10 image(s) added since the run started are left out and 1 of" in warnings[0]
+    assert (run_dir / SPLIT_FILE).read_bytes() == recorded
+    epochs = [r for r in read_metrics(run_dir) if "test_images" in r]
+    assert [(r["epoch"], r["test_images"]) for r in epochs] == [(1, 2), (2, 2)]
