@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from resnet_data.folders import SPLIT_FILE
@@ -47,3 +48,28 @@ def test_resume_keeps_the_split_when_images_are_added_or_removed(tmp_path, caplo
     assert (run_dir / SPLIT_FILE).read_bytes() == recorded
     epochs = [r for r in read_metrics(run_dir) if "test_images" in r]
     assert [(r["epoch"], r["test_images"]) for r in epochs] == [(1, 2), (2, 2)]
+
+
+def test_digits_resizes_only_the_images_a_run_uses_with_the_whole_splits_statistics(monkeypatch):
+    from resnet_train import data
+
+    resized: list[int] = []
+    resize = data._resize
+    monkeypatch.setattr(data, "_resize", lambda images, side: resized.append(len(images)) or resize(images, side))
+    limited = data.load_dataset(TrainConfig(image_size=12, train_limit=32))
+    whole = data.load_digits(12, 0.2)
+    assert resized == [32, len(whole.test_labels), len(whole.train_labels), len(whole.test_labels)]
+    assert limited.train_images.shape == (32, 12, 12, 3) and (limited.mean, limited.std) == (whole.mean, whole.std)
+    source = data.load_digits(8, 0.2)  # no resize: the statistics are those of the images themselves
+    assert (source.mean, source.std) == data.channel_stats(source.train_images) == (whole.mean, whole.std)
+
+
+def test_digits_too_large_for_memory_is_refused_before_resizing(monkeypatch):
+    from resnet_train import data
+
+    used = 32 + len(data.load_digits(8, 0.2).test_labels)  # the kept training images and the held-out ones
+    monkeypatch.setattr(data, "_resize", lambda *a: pytest.fail("resized before the memory check"))
+    with pytest.raises(ValueError, match=rf"digits at --image-size 20000: {used} images of 20000x20000x3 would take "):
+        data.load_dataset(TrainConfig(image_size=20000, train_limit=32))
+    with pytest.raises(ValueError, match="lower --image-size or --train-limit"):
+        data.load_dataset(TrainConfig(image_size=20000))
