@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+import flax
 import numpy as np
 import pytest
 from PIL import Image
@@ -73,3 +74,64 @@ def test_digits_too_large_for_memory_is_refused_before_resizing(monkeypatch):
         data.load_dataset(TrainConfig(image_size=20000, train_limit=32))
     with pytest.raises(ValueError, match="lower --image-size or --train-limit"):
         data.load_dataset(TrainConfig(image_size=20000))
+
+
+@flax.struct.dataclass
+class _State:
+    step: np.ndarray
+    params: dict
+    batch_stats: dict
+    opt_state: dict
+    skipped: np.ndarray
+
+
+def _state(*layers: str) -> _State:
+    params = {name: np.full(3, i, np.float32) for i, name in enumerate(layers)}
+    return _State(np.asarray(2, np.int32), params, {}, {}, np.asarray(0, np.int32))
+
+
+def test_a_checkpoint_of_another_model_is_one_sentence_naming_the_difference(tmp_path):
+    from resnet_train.checkpoint import Checkpoints, IncompatibleCheckpointError
+
+    saved = Checkpoints(tmp_path / "checkpoints", keep=2)
+    saved.save(_state("conv", "fc"))
+    saved.close()
+    checkpoints = Checkpoints(tmp_path / "checkpoints", keep=2)
+    try:
+        fewer = (
+            r"checkpoints/2: the saved arrays are not those of the model .*\(saved but not in the model: params\.fc\)"
+        )
+        with pytest.raises(IncompatibleCheckpointError, match=fewer + "; resume with the settings the run was saved"):
+            checkpoints.restore_latest_good(_state("conv"))
+        with pytest.raises(IncompatibleCheckpointError, match=r"\(in the model but not saved: params\.head\)"):
+            checkpoints.restore_latest_good(_state("conv", "fc", "head"))
+        assert float(checkpoints.restore_latest_good(_state("conv", "fc")).params["fc"][0]) == 1.0
+    finally:
+        checkpoints.close()
+
+
+def _closed_loop_error() -> tuple[RuntimeError, object]:
+    """What TensorStore hands sys.excepthook when a write ends after orbax's event loop has closed."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    loop.close()
+    try:
+        loop.call_soon_threadsafe(print)
+    except RuntimeError as e:
+        return e, e.__traceback__.tb_next  # the frames inside asyncio, as when C code makes the call
+    raise AssertionError("a closed loop accepted a call")
+
+
+def test_a_full_disk_during_a_save_reports_no_closed_event_loop_tracebacks(tmp_path, capsys):
+    import sys
+
+    from resnet_train.checkpoint import Checkpoints
+
+    Checkpoints(tmp_path / "checkpoints", keep=1).close()  # a run's checkpoints install the filter
+    error, tb = _closed_loop_error()
+    sys.excepthook(RuntimeError, error, tb)
+    assert capsys.readouterr().err == ""
+    other = RuntimeError("something else")
+    sys.excepthook(RuntimeError, other, None)
+    assert "RuntimeError: something else" in capsys.readouterr().err
