@@ -13,12 +13,8 @@ from PIL import Image
 
 from resnet_data.folders import SPLIT_FILE
 from resnet_train.config import TrainConfig
-from resnet_train.loop import fit
-from resnet_train.runlog import read_metrics
 
-FOLDER_RUN = dict(
-    dataset="imagefolder", image_size=8, batch_size=4, epochs=2, workers=0, progress=False, export=False, log_every=0
-)
+FOLDER_RUN = dict(dataset="imagefolder", image_size=8, batch_size=4, workers=0)
 
 
 def _images(folder: Path, names: range, shade: int) -> None:
@@ -29,26 +25,35 @@ def _images(folder: Path, names: range, shade: int) -> None:
 
 
 def test_resume_keeps_the_split_when_images_are_added_or_removed(tmp_path, caplog):
+    from resnet_train import feeds, sharding
+
     data, run_dir = tmp_path / "data", tmp_path / "run"
+    run_dir.mkdir()
     for shade, name in ((1, "ant"), (2, "bee")):
         _images(data / name, range(5), shade)  # 4 training and 1 held-out image per class
-    config = TrainConfig(**FOLDER_RUN, data_dir=str(data), run_dir=str(run_dir), stop_after_epoch=1)
-    first = fit(config)
-    recorded = (run_dir / SPLIT_FILE).read_bytes()
-    held_out = json.loads(recorded)["test"]["names"]
-    assert first["steps"] == 2 and len(held_out) == 2
+    config = TrainConfig(**FOLDER_RUN, data_dir=str(data), run_dir=str(run_dir))
+    mesh = sharding.data_mesh()
+    first = feeds.StreamedFeed(config, mesh)
+    first.record(run_dir)  # as a run does once its run directory is checked
+    first.close()
+    recorded = json.loads((run_dir / SPLIT_FILE).read_bytes())
+    assert first.train_size == 8 and len(recorded["test"]["names"]) == 2
 
     for shade, name in ((1, "ant"), (2, "bee")):
         _images(data / name, range(5, 10), shade)  # drawn afresh, these would move images between the splits
-    (data / json.loads(recorded)["train"]["names"][0]).unlink()
+    (data / recorded["train"]["names"][0]).unlink()
     caplog.set_level(logging.WARNING, logger="resnet_train")
-    second = fit(TrainConfig(**{**config.__dict__, "resume": True, "stop_after_epoch": 2}))
-    assert second["steps"] == 4 and second["skipped_images"] == 1  # the gone image, drawn once in the epoch
-    warnings = [r.getMessage() for r in caplog.records if SPLIT_FILE in r.getMessage()]
-    assert len(warnings) == 1 and "10 image(s) added since the run started are left out and 1 of" in warnings[0]
-    assert (run_dir / SPLIT_FILE).read_bytes() == recorded
-    epochs = [r for r in read_metrics(run_dir) if "test_images" in r]
-    assert [(r["epoch"], r["test_images"]) for r in epochs] == [(1, 2), (2, 2)]
+    resumed = feeds.StreamedFeed(TrainConfig(**{**config.__dict__, "resume": True}), mesh)
+    try:
+        warnings = [r.getMessage() for r in caplog.records if SPLIT_FILE in r.getMessage()]
+        assert len(warnings) == 1 and "10 image(s) added since the run started are left out and 1 of" in warnings[0]
+        assert resumed.train_size == first.train_size
+        assert resumed.test_files.names.tolist() == first.test_files.names.tolist()
+        for _ in resumed.train_batches(0, range(2), 4):  # one epoch
+            pass
+        assert resumed.skipped == 1  # the gone image, drawn once in the epoch
+    finally:
+        resumed.close()
 
 
 def test_digits_resizes_only_the_images_a_run_uses_with_the_whole_splits_statistics(monkeypatch):
