@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 from pathlib import Path
 
@@ -14,6 +15,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 TRAIN_SPLIT, TEST_SPLITS = "train", ("val", "test")
 # Seed of the held-out split: fixed, so every run of every config tests on the same images.
 SPLIT_SEED = 0
+# The files a run trains and tests on, recorded in its run directory: a resume keeps them whatever
+# was added to the folder since.
+SPLIT_FILE = "split.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,3 +137,52 @@ def image_folder(data_dir: str | Path, test_fraction: float) -> ImageFolder:
             f"{TRAIN_SPLIT}/ and {TEST_SPLITS[0]}/ subfolders"
         )
     return ImageFolder(train.subset(~test), train.subset(test), tuple(classes))
+
+
+def _names(files: FileList) -> list[str]:
+    return [os.fsdecode(n) for n in files.names]
+
+
+def split_record(folder: ImageFolder, data_dir: str | Path) -> bytes:
+    """The folder's split as JSON: its classes and, per split, the root (relative to data_dir), the file
+    names (relative to that root, undecodable bytes as surrogate escapes) and the labels."""
+
+    def entry(files: FileList) -> dict[str, object]:
+        return {"root": os.path.relpath(files.root, data_dir), "names": _names(files), "labels": files.labels.tolist()}
+
+    record = {"classes": list(folder.class_names), "train": entry(folder.train), "test": entry(folder.test)}
+    return json.dumps(record).encode()
+
+
+def recorded_split(path: Path, data_dir: str | Path, current: ImageFolder) -> tuple[ImageFolder, int, int]:
+    """The split a run recorded in ``path`` (split_record), read against data_dir as it is now (current):
+    (the recorded split, how many of the folder's images it leaves out, how many of its images are gone).
+
+    A record that cannot be read, or that names other classes than the folder has, is a ValueError
+    naming the file. Gone images stay in the lists: reading them fails, and they are skipped and
+    counted as unreadable ones are.
+    """
+    try:
+        record = json.loads(path.read_bytes())
+        classes = tuple(record["classes"])
+        splits = [
+            FileList(
+                os.path.join(data_dir, record[s]["root"]),
+                np.asarray([os.fsencode(n) for n in record[s]["names"]], dtype=bytes).reshape(-1),
+                np.asarray(record[s]["labels"], np.int32).reshape(-1),
+            )
+            for s in ("train", "test")
+        ]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a split record of this run ({type(e).__name__}: {e}); restore it") from None
+    if classes != current.class_names:
+        raise ValueError(
+            f"{path}: the run's classes ({', '.join(classes)}) differ from the folder's "
+            f"({', '.join(current.class_names)}); resume with the folder the run started with"
+        )
+
+    def paths(*lists: FileList) -> set[str]:
+        return {os.path.normpath(os.path.join(f.root, n)) for f in lists for n in _names(f)}
+
+    recorded, now = paths(*splits), paths(current.train, current.test)
+    return ImageFolder(splits[0], splits[1], classes), len(now - recorded), len(recorded - now)

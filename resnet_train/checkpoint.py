@@ -10,10 +10,12 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
 import sys
 import threading
 import time
 import traceback
+import types
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -70,22 +72,34 @@ def state_digest(tree: Any) -> str:
     return arrays_digest(dict(zip(names, host, strict=True)))
 
 
-def _quiet_late_orbax_reads() -> None:
-    """Silence, for this process, one harmless report of a failed orbax restore.
+def _loop_closed(exc: BaseException | None, tb: types.TracebackType | None) -> bool:
+    """Whether an exception is asyncio's "Event loop is closed", raised in asyncio itself (called from C)."""
+    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+        return False
+    return all(f"{os.sep}asyncio{os.sep}" in frame.filename for frame in traceback.extract_tb(tb))
 
-    Reads still in flight when the restore gave up each report "Event loop is closed" to
-    sys.unraisablehook, one traceback per array; every other report passes through.
+
+def _quiet_late_orbax_callbacks() -> None:
+    """Silence, for this process, one harmless report of a failed orbax save or restore.
+
+    TensorStore reads and writes still in flight when orbax gave up (a corrupt array, a full disk)
+    each report "Event loop is closed" when they end, one traceback per array: a read through
+    sys.unraisablehook, a write's callback through sys.excepthook. Every other report passes through.
     """
-    previous = sys.unraisablehook
-    if getattr(previous, "quiet_late_orbax_reads", False):
+    previous, previous_except = sys.unraisablehook, sys.excepthook
+    if getattr(previous, "quiet_late_orbax_callbacks", False):
         return
 
     def hook(unraisable: Any) -> None:
         if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
             previous(unraisable)
 
-    hook.quiet_late_orbax_reads = True  # type: ignore[attr-defined]
-    sys.unraisablehook = hook
+    def except_hook(kind: type[BaseException], value: BaseException, tb: types.TracebackType | None) -> None:
+        if not _loop_closed(value, tb):
+            previous_except(kind, value, tb)
+
+    hook.quiet_late_orbax_callbacks = True  # type: ignore[attr-defined]
+    sys.unraisablehook, sys.excepthook = hook, except_hook
     # The same reads can instead end as futures whose error nobody retrieves; asyncio logs each one.
     logging.getLogger("asyncio").addFilter(_LateReadFilter())
 
@@ -130,6 +144,37 @@ TENSORSTORE_SPEC = " [tensorstore_spec"
 ABANDON_SECONDS = 30
 
 
+# How orbax says that a restore target and the saved tree differ: a diff after the first line, or one path.
+ORBAX_TREE_MISMATCH = "tree structures do not match:"
+ORBAX_PATH_MISSING = re.compile(r"Target path \(([^)]*)\) not found in metadata_tree")
+NAMES_SHOWN = 5
+
+
+def _listed(names: list[str]) -> str:
+    more = f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else ""
+    return ", ".join(names[:NAMES_SHOWN]) + more
+
+
+def _tree_differences(message: str) -> str | None:
+    """What orbax's structure-mismatch error says, in one clause (None: the error is another)."""
+    saved_only: list[str] = []
+    model_only: list[str] = []
+    if ORBAX_TREE_MISMATCH in message:
+        lines = message.splitlines()
+        for key, source, target in zip(lines, lines[1:], lines[2:], strict=False):
+            if key.endswith(":") and not key.startswith(" ") and "Source: MISSING" in source:
+                saved_only.append(key[:-1])
+            elif key.endswith(":") and not key.startswith(" ") and "Target: MISSING" in target:
+                model_only.append(key[:-1])
+    elif missing := ORBAX_PATH_MISSING.search(message):
+        model_only.append(".".join(part.strip(" '\"") for part in missing.group(1).split(",") if part.strip()))
+    else:
+        return None
+    parts = [f"saved but not in the model: {_listed(saved_only)}"] if saved_only else []
+    parts += [f"in the model but not saved: {_listed(model_only)}"] if model_only else []
+    return "; ".join(parts) or "their trees differ"
+
+
 def _reason(e: BaseException) -> str:
     """A restore error in one line: its first line, without the storage specification TensorStore appends."""
     first = (str(e).strip() or type(e).__name__).splitlines()[0]
@@ -151,6 +196,7 @@ class Checkpoints:
         )
         if not any(isinstance(f, _FailedSaveFilter) for f in ABSL_LOGGER.filters):
             ABSL_LOGGER.addFilter(_FailedSaveFilter())
+        _quiet_late_orbax_callbacks()
         self.manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(preservation_policy=policy, create=True)
         )
@@ -197,9 +243,20 @@ class Checkpoints:
                     f"{self.path(step)}: no {', '.join(missing)} saved there; this run's data needs them to resume "
                     "(a run that held its images in memory cannot continue as a stream)"
                 )
-            restored = self.manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: tree}, **items))[STATE_ITEM]
-        else:
-            restored = self.manager.restore(step, args=tree)
+        try:
+            if items:
+                restored = self.manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: tree}, **items))
+                restored = restored[STATE_ITEM]
+            else:
+                restored = self.manager.restore(step, args=tree)
+        except ValueError as e:
+            differences = _tree_differences(str(e))
+            if differences is None:
+                raise
+            raise IncompatibleCheckpointError(
+                f"{self.path(step)}: the saved arrays are not those of the model these settings describe "
+                f"({differences}); resume with the settings the run was saved with (its config.json)"
+            ) from None
         return like.replace(**_verified(self.path(step), restored))
 
     def restore_latest_good(self, like: S, items: Mapping[str, Any] | None = None) -> S | None:
@@ -211,7 +268,7 @@ class Checkpoints:
         DamagedCheckpointError gives the newest one's reason.
         """
         failed: list[tuple[int, str]] = []
-        _quiet_late_orbax_reads()
+        _quiet_late_orbax_callbacks()
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 state = self.restore(like, step, items)

@@ -140,6 +140,10 @@ class TrainConfig:
         100, "seconds a --distributed process may go silent before the others fail, naming the cause"
     )
 
+    start_timeout: int = _field(
+        60, "seconds a --distributed process waits for all the others to join before it fails, naming them"
+    )
+
     def __post_init__(self) -> None:
         problems = _type_problems(self) or _range_problems(self)
         if problems:
@@ -209,6 +213,7 @@ def _range_problems(c: TrainConfig) -> list[str]:
         "image_size": (c.image_size >= 1, ">= 1"),
         "keep_checkpoints": (c.keep_checkpoints >= 1, ">= 1"),
         "heartbeat_timeout": (c.heartbeat_timeout >= 1, ">= 1"),
+        "start_timeout": (c.start_timeout >= 1, ">= 1"),
         "workers": (c.workers >= -1, ">= -1 (-1: one per CPU core)"),
         "log_every": (c.log_every >= 0, ">= 0 (0: never)"),
         "train_limit": (c.train_limit >= 0, ">= 0"),
@@ -247,7 +252,7 @@ def _range_problems(c: TrainConfig) -> list[str]:
 # also resume on other machines: the global batch, not the process layout, makes the result.
 RESUMABLE_CHANGES = frozenset(
     {"resume", "stop_after_epoch", "progress", "export", "keep_checkpoints", "run_dir", "workers", "log_every"}
-    | {"distributed", "coordinator_address", "num_processes", "process_id", "heartbeat_timeout"}
+    | {"distributed", "coordinator_address", "num_processes", "process_id", "heartbeat_timeout", "start_timeout"}
 )
 # Fields added after runs were saved, with the value that reproduces a run whose config.json lacks them.
 LATER_FIELDS = {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import pickle
 from pathlib import Path
 
@@ -26,6 +27,9 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 # digits pixels are 0..16; scaled to the uint8 range every other dataset uses.
 DIGITS_MAX = 16
 DIGITS_CLASSES = tuple(str(d) for d in range(10))
+# Resized in-memory images may take this share of the machine's memory at most (the rest: the model,
+# the compiler, the batches on their way to the device).
+MEMORY_SHARE = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,11 +58,21 @@ def _check_splits(name: str, train: Split, test: Split) -> None:
             raise ValueError(f"{name}: the {split} split is empty ({sizes}); add images or change --test-fraction")
 
 
-def _finish(name: str, train: Split, test: Split, class_names: tuple[str, ...]) -> Dataset:
-    _check_splits(name, train, test)
-    x = train[0].reshape(-1, 3).astype(np.float64) / 255.0
+Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
+
+
+def channel_stats(images: np.ndarray) -> Stats:
+    """Per-channel mean and std (a zero std read as 1) of uint8 NHWC images, in 0..1 units."""
+    x = images.reshape(-1, 3).astype(np.float64) / 255.0
     mean, std = x.mean(0), x.std(0)
     std = np.where(std > 0, std, 1.0)
+    return (float(mean[0]), float(mean[1]), float(mean[2])), (float(std[0]), float(std[1]), float(std[2]))
+
+
+def _finish(name: str, train: Split, test: Split, class_names: tuple[str, ...], stats: Stats | None = None) -> Dataset:
+    """The dataset; its statistics are stats when given, else those of the training images."""
+    _check_splits(name, train, test)
+    mean, std = channel_stats(train[0]) if stats is None else stats
     return Dataset(
         name,
         np.ascontiguousarray(train[0], np.uint8),
@@ -66,8 +80,8 @@ def _finish(name: str, train: Split, test: Split, class_names: tuple[str, ...]) 
         np.ascontiguousarray(test[0], np.uint8),
         test[1].astype(np.int32),
         len(class_names),
-        (float(mean[0]), float(mean[1]), float(mean[2])),
-        (float(std[0]), float(std[1]), float(std[2])),
+        mean,
+        std,
         class_names,
     )
 
@@ -85,14 +99,34 @@ def _resize(images_nhw3: np.ndarray, side: int) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(im).resize((side, side), bilinear)) for im in images_nhw3])
 
 
-def load_digits(image_size: int, test_fraction: float) -> Dataset:
-    """scikit-learn's 1,797 8x8 digits, upscaled (bilinear) to image_size, grey copied to 3 channels."""
+def _check_memory(name: str, count: int, side: int) -> None:
+    """Refuse, before resizing, images that would take more than MEMORY_SHARE of this machine's memory."""
+    need = count * side * side * 3
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > MEMORY_SHARE * total:
+        raise ValueError(
+            f"{name} at --image-size {side}: {count} images of {side}x{side}x3 would take {need / 2**30:.1f} GiB, "
+            f"more than {MEMORY_SHARE:.0%} of this machine's {total / 2**30:.1f} GiB; "
+            "lower --image-size or --train-limit"
+        )
+
+
+def load_digits(image_size: int, test_fraction: float, train_limit: int = 0) -> Dataset:
+    """scikit-learn's 1,797 8x8 digits, upscaled (bilinear) to image_size, grey copied to 3 channels.
+
+    Only the images used are resized: the held-out ones and the training ones train_limit keeps
+    (limited()). The statistics are those of the whole training split at the source resolution.
+    """
     from sklearn.datasets import load_digits as sk_digits
 
     d = sk_digits()
     grey = np.round(d.images * (255.0 / DIGITS_MAX)).astype(np.uint8)
-    images = _resize(np.repeat(grey[..., None], 3, axis=-1), image_size)
-    return _finish("digits", *_split(images, d.target, test_fraction), DIGITS_CLASSES)
+    (train, train_labels), (test, test_labels) = _split(np.repeat(grey[..., None], 3, axis=-1), d.target, test_fraction)
+    stats = channel_stats(train) if len(train) else None
+    keep = limited(len(train), train_limit)
+    _check_memory("digits", len(keep) + len(test), image_size)
+    resized = (_resize(train[keep], image_size), train_labels[keep]), (_resize(test, image_size), test_labels)
+    return _finish("digits", *resized, DIGITS_CLASSES, stats)
 
 
 class _ArraysOnly(pickle.Unpickler):
@@ -172,11 +206,11 @@ def limited(n: int, limit: int) -> np.ndarray:
 
 
 def load_dataset(config: TrainConfig) -> Dataset:
-    """The in-memory dataset a config names (digits or cifar10), with --train-limit applied."""
+    """The in-memory dataset a config names (digits or cifar10), with --train-limit applied (before any resize);
+    the statistics are those of the whole training split."""
     if config.dataset == "digits":
-        ds = load_digits(config.image_size, config.test_fraction)
-    else:
-        ds = load_cifar10(config.data_dir)
+        return load_digits(config.image_size, config.test_fraction, config.train_limit)
+    ds = load_cifar10(config.data_dir)
     keep = limited(len(ds.train_labels), config.train_limit)
     if len(keep) == len(ds.train_labels):
         return ds

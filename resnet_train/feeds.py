@@ -13,6 +13,7 @@ import abc
 import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grain
@@ -21,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from resnet_data.folders import FileList, image_folder
+from parity.conversion.atomic import atomic_write
+from resnet_data.folders import SPLIT_FILE, FileList, image_folder, recorded_split, split_record
 from resnet_data.images import UnreadableImageError, read_rgb
 from resnet_data.pipeline import BatchStream, eval_batches, eval_dataset, train_batches
 from resnet_data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_crop
@@ -84,6 +86,9 @@ class Feed(abc.ABC):
         """Orbax restore args matching checkpoint_items()."""
         return {}
 
+    def record(self, run_dir: Path) -> None:  # noqa: B027 (a feed whose data cannot change records nothing)
+        """Write what a resume needs to see the same data (process 0, once the run directory is checked)."""
+
     def close(self) -> None:  # noqa: B027 (a feed without worker processes has nothing to stop)
         """Stop worker processes, if any."""
 
@@ -139,6 +144,19 @@ class StreamedFeed(Feed):
 
     def __init__(self, config: TrainConfig, mesh: Mesh) -> None:
         folder = image_folder(config.data_dir, config.test_fraction)
+        recorded = Path(config.run_dir) / SPLIT_FILE
+        if config.resume and recorded.exists():
+            folder, added, gone = recorded_split(recorded, config.data_dir, folder)
+            if added or gone:
+                log.warning(
+                    "%s: %d image(s) added since the run started are left out and %d of its images are gone "
+                    "(skipped and counted): the run keeps the split recorded in %s",
+                    config.data_dir,
+                    added,
+                    gone,
+                    recorded,
+                )
+        self.folder, self.data_dir = folder, config.data_dir
         train = folder.train.subset(limited(len(folder.train), config.train_limit))
         check = _check_images(folder.test, config.image_size, STREAM_CHECK_IMAGES)
         super().__init__("imagefolder", folder.class_names, IMAGENET_MEAN, IMAGENET_STD, len(train), check, mesh)
@@ -178,6 +196,10 @@ class StreamedFeed(Feed):
                 yield sharding.put_local(self.mesh, batch["image"], batch["label"], batch["mask"])
         finally:
             reader.close()
+
+    def record(self, run_dir: Path) -> None:
+        """The split, in run_dir/split.json: a resume uses these files, whatever the folder holds then."""
+        atomic_write(run_dir / SPLIT_FILE, lambda f: f.write(split_record(self.folder, self.data_dir)))
 
     def checkpoint_items(self) -> dict[str, Any]:
         return {DATA_ITEM: grain.checkpoint.CheckpointSave(self.stream)}

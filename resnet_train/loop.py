@@ -149,7 +149,7 @@ def setup(config: TrainConfig, cleanup: contextlib.ExitStack) -> tuple[Run, Trai
 
     The run directory stays locked until ``cleanup`` closes (process 0 holds the lock).
     """
-    sharding.initialize(config)
+    cleanup.enter_context(sharding.initialize(config))
     runlog.name_process(jax.process_index(), jax.process_count())
     mesh = sharding.data_mesh()
     sharding.check_batch(config.batch_size, mesh)
@@ -180,6 +180,7 @@ def setup(config: TrainConfig, cleanup: contextlib.ExitStack) -> tuple[Run, Trai
         runlog.keep_metrics_until(run_dir, int(jax.device_get(state.step)))
         record = config.to_json(class_names=list(ds.class_names), **finetune.record_json(run.source))
         runlog.write_atomic(run_dir / runlog.CONFIG_FILE, record.encode())
+        ds.record(run_dir)
     return run, state
 
 

@@ -102,11 +102,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         from .export import ExportMismatchError
         from .loop import NonFiniteLossError, ProcessLostError, fit
+        from .sharding import on_process_lost, process_lost
 
-        with logging_to_stderr(), stdout_for_json_only() as stdout:
+        with (
+            logging_to_stderr(),
+            stdout_for_json_only() as stdout,
+            on_process_lost(lambda error: _fail(started, EXIT_FAILED, ProcessLostError(error), stdout)),
+        ):
             try:
                 result = fit(config)
-            except (NonFiniteLossError, ExportMismatchError, ProcessLostError) as e:
+            except ProcessLostError as e:  # ends the process: JAX's exit would wait for the lost one, then abort
+                process_lost(str(e))
+            except (NonFiniteLossError, ExportMismatchError) as e:
                 return _fail(started, EXIT_FAILED, e, stdout)
             except (ValueError, OSError) as e:
                 return _fail(started, EXIT_BAD_INPUT, e, stdout)

@@ -6,36 +6,161 @@ statistics are those of the whole batch, as with one device.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
 
 import jax
 import numpy as np
+from jax._src import distributed as jax_distributed
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .config import TrainConfig
 
 DATA_AXIS = "data"
+log = logging.getLogger(__name__)
 
 
-def initialize(config: TrainConfig) -> None:
-    """Join the multi-host job when config.distributed asks (jax.distributed.initialize).
+# How much longer than our own limits JAX's coordination service waits before it aborts the process
+# itself (a C++ abort: no sentence, no JSON line), so that ours always end the process first.
+SERVICE_SLACK_S = 30
+BEAT_KEY = "resnet_train/heartbeat/{}"
+BEAT_EVERY_S = 1.0
+DONE = "done"  # a process's last heartbeat: it finished, it did not die
+_ending = threading.Lock()
 
-    A process that stops sending heartbeats for config.heartbeat_timeout seconds (it died, or its
-    host did) makes the coordination service end every other process with a message saying so,
-    instead of leaving them waiting in a collective. The service also carries SIGTERM as a
-    preemption notice to all processes (see preempted()).
+
+def _say_and_exit(message: str) -> None:
+    print(f"resnet-train: error: {message}", file=sys.stderr, flush=True)
+
+
+_lost_handlers: list[Callable[[str], object]] = [_say_and_exit]
+
+
+@contextlib.contextmanager
+def on_process_lost(say: Callable[[str], object]) -> Iterator[None]:
+    """While inside, ``say(sentence)`` is what a lost process does before it exits with status 1
+    (``resnet-train`` prints the sentence and its JSON line)."""
+    _lost_handlers.append(say)
+    try:
+        yield
+    finally:
+        _lost_handlers.remove(say)
+
+
+def process_lost(message: str) -> NoReturn:
+    """End this process of a multi-process run with status 1, after the handler has said why.
+
+    The process ends at once (os._exit): JAX's exit-time shutdown would wait in a barrier for the lost
+    process and then abort. The first caller ends the process; a second (another thread) waits for it.
+    """
+    with _ending:
+        _lost_handlers[-1](message)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)  # the status of a failed run
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _watch_heartbeats(client: Any, me: int, count: int, timeout: float, done: threading.Event) -> None:
+    """Every second, publish this process's heartbeat and check the others': a process silent for
+    ``timeout`` seconds, or a coordinator that no longer answers, ends this one (process_lost)."""
+    beat, last = 0, dict[int, tuple[str, float]]()
+    peers = [p for p in range(count) if p != me]
+    started = time.monotonic()
+    while True:
+        beat += 1
+        finished = done.is_set()
+        try:
+            client.key_value_set(BEAT_KEY.format(me), DONE if finished else str(beat), allow_overwrite=True)
+            seen = {p: _try_get(client, BEAT_KEY.format(p)) for p in peers}
+        except jax.errors.JaxRuntimeError as e:
+            process_lost(
+                f"the coordinator (process 0) stopped answering: it died or lost its connection "
+                f"({str(e).splitlines()[0]}); resume the run from its last checkpoint"
+            )
+        if finished:
+            return
+        now = time.monotonic()
+        for p, value in seen.items():
+            if p not in last or last[p][0] != value:
+                last[p] = (value, now)
+        for p in peers:
+            if seen[p] != DONE and now - last.get(p, ("", started))[1] > timeout:
+                process_lost(
+                    f"process {p} sent no heartbeat for {timeout:g} s (--heartbeat-timeout): it died or lost its "
+                    "connection; resume the run from its last checkpoint"
+                )
+        time.sleep(BEAT_EVERY_S)
+
+
+def _try_get(client: Any, key: str) -> str:
+    try:
+        return client.key_value_try_get(key)
+    except jax.errors.JaxRuntimeError as e:
+        if "NOT_FOUND" in str(e):
+            return ""
+        raise
+
+
+@contextlib.contextmanager
+def initialize(config: TrainConfig) -> Iterator[None]:
+    """Join the multi-host job when config.distributed asks (jax.distributed.initialize); while inside,
+    a lost process ends this one.
+
+    Every way this can fail ends the process with status 1 and a sentence (process_lost), in bounded
+    time: the other processes not all joining within config.start_timeout seconds (said at once: this
+    one waits for N processes at ADDRESS), a process that stops sending heartbeats for
+    config.heartbeat_timeout seconds (it died, or its host did), a coordinator that stops answering.
+    The service also carries SIGTERM as a preemption notice to all processes (see preempted()).
+    Leaving marks this process finished, so the others (process 0 still exporting) do not take it for dead.
     """
     if not config.distributed:
+        yield
         return
     # Collectives between processes on CPUs go through gloo (TCP); GPUs use NCCL whatever this says.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=config.coordinator_address or None,
-        num_processes=config.num_processes or None,
-        process_id=None if config.process_id < 0 else config.process_id,
-        heartbeat_timeout_seconds=config.heartbeat_timeout,
+    address = config.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or "the detected coordinator"
+    count = config.num_processes or "all"
+    log.info("waiting up to %d s (--start-timeout) for %s processes at %s", config.start_timeout, count, address)
+    timer = threading.Timer(
+        config.start_timeout,
+        process_lost,
+        args=(
+            f"not all {count} processes joined at {address} within {config.start_timeout} s (--start-timeout): "
+            "start every process with the same --coordinator-address and --num-processes",
+        ),
     )
+    timer.daemon = True
+    timer.start()
+    try:
+        jax.distributed.initialize(
+            coordinator_address=config.coordinator_address or None,
+            num_processes=config.num_processes or None,
+            process_id=None if config.process_id < 0 else config.process_id,
+            initialization_timeout=config.start_timeout + SERVICE_SLACK_S,
+            heartbeat_timeout_seconds=config.heartbeat_timeout + SERVICE_SLACK_S,
+        )
+    finally:
+        timer.cancel()
+    log.info("process %d of %d joined at %s", jax.process_index(), jax.process_count(), address)
+    done = threading.Event()
+    # jax keeps the client of the coordination service here (orbax reads it the same way).
+    client = jax_distributed.global_state.client
+    args = (client, jax.process_index(), jax.process_count(), config.heartbeat_timeout, done)
+    watcher = threading.Thread(target=_watch_heartbeats, args=args, name="heartbeats", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
 
 
 def preempted(step: int) -> bool:
