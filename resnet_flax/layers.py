@@ -57,6 +57,10 @@ class Conv2d(nn.Module):
     param_dtype: Dtype = jnp.float32
     precision: Any = None
     kernel_init: Initializer = kaiming_normal_fan_out
+    # Speed levers, the same function (resnet_flax.levers): 1x1 as a matrix product (None: the backend's
+    # default), a strided convolution on a space-to-depth input.
+    matmul_1x1: bool | None = None
+    space_to_depth: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -67,7 +71,16 @@ class Conv2d(nn.Module):
             self.param("bias", nn.initializers.zeros, (self.out_channels,), self.param_dtype) if self.use_bias else None
         )
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        return conv2d(x, kernel, bias, self.stride, self.padding, self.precision)
+        return conv2d(
+            x,
+            kernel,
+            bias,
+            self.stride,
+            self.padding,
+            self.precision,
+            matmul_1x1=self.matmul_1x1,
+            space_to_depth=self.space_to_depth,
+        )
 
 
 class BatchNorm2d(nn.Module):

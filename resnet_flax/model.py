@@ -19,6 +19,7 @@ from flax import linen as nn
 from resnet_arch import DEPTHS, HEAD, IN_CHANNELS, STAGES, STEM, STEM_WIDTH, check_options
 
 from .layers import BatchNorm2d, Conv2d, Linear, Sequential
+from .levers import max_pool2d_argmax_grad
 from .ops import (
     Dtype,
     Initializer,
@@ -140,6 +141,12 @@ class ResNet(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Any = None
+    # Speed levers, the same function (resnet_flax.levers, docs/performance.md): 1x1 convolutions as matrix
+    # products (None: the backend's default), the stem as a space-to-depth convolution, max-pool's
+    # gradient through its argmax.
+    matmul_1x1: bool | None = None
+    space_to_depth_stem: bool = False
+    max_pool_argmax_grad: bool = False
     # The layer kinds every convolution and BatchNorm is built from: fused.fused swaps in the fused
     # train-mode BatchNorm, fold.fold a biased convolution and an identity (same paths either way).
     # Linen modules are immutable, so these are options; NNX's fused and fold change the built layers.
@@ -169,7 +176,9 @@ class ResNet(nn.Module):
         check_input(x)
         dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         conv_init = kaiming_normal_fan_out if self.init_weights else torch_default_weight_init
-        conv = functools.partial(self.conv, precision=self.precision, kernel_init=conv_init, **dtypes)
+        conv = functools.partial(
+            self.conv, precision=self.precision, kernel_init=conv_init, matmul_1x1=self.matmul_1x1, **dtypes
+        )
         norm = functools.partial(self.norm, use_running_average=not train, **dtypes)
         last_norm_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
 
@@ -182,10 +191,15 @@ class ResNet(nn.Module):
             )
         else:
             stem = (
-                functools.partial(conv, IN_CHANNELS, STEM_WIDTH, 7, 2, 3),
+                functools.partial(conv, IN_CHANNELS, STEM_WIDTH, 7, 2, 3, space_to_depth=self.space_to_depth_stem),
                 functools.partial(norm, STEM_WIDTH),
                 relu,
-                functools.partial(max_pool2d, kernel_size=3, stride=2, padding=1),
+                functools.partial(
+                    max_pool2d_argmax_grad if self.max_pool_argmax_grad else max_pool2d,
+                    kernel_size=3,
+                    stride=2,
+                    padding=1,
+                ),
             )
         outputs = {STEM: Sequential(stem, name=STEM)(x.astype(self.dtype))}
         x, in_channels = outputs[STEM], STEM_WIDTH
