@@ -15,7 +15,12 @@ from flax import nnx, traverse_util
 import resnet_flax
 from resnet_flax import levers
 from resnet_flax import nnx as flax_nnx
-from resnet_flax.fused import fused, fused_batch_norm_train, fused_batch_norm_train_two_pass
+from resnet_flax.fused import (
+    fused,
+    fused_batch_norm2d_two_pass,
+    fused_batch_norm_train,
+    fused_batch_norm_train_two_pass,
+)
 from resnet_flax.model import BasicBlock, ResNet
 from resnet_flax.ops import TORCH_BN_EPS, batch_norm_train, conv2d, max_pool2d
 
@@ -213,3 +218,17 @@ def test_two_pass_variance_more_accurate_in_float32() -> None:
             fused_batch_norm_train_two_pass(x, s, b, TORCH_BN_EPS), batch_norm_train(x, s, b, TORCH_BN_EPS), strict=True
         ):
             assert rel(got, want_) < TOL
+
+
+def test_trainer_options_reach_the_model() -> None:
+    from resnet_train.config import TrainConfig, parse_args
+    from resnet_train.steps import build_model
+
+    flags = ["--space-to-depth-stem", "--max-pool-argmax-grad", "--matmul-1x1", "--bn-two-pass", "--no-small-stem"]
+    model = build_model(parse_args(flags), 10)
+    assert (model.space_to_depth_stem, model.max_pool_argmax_grad, model.matmul_1x1) == (True, True, True)
+    assert model.norm is fused_batch_norm2d_two_pass
+    plain = build_model(TrainConfig(), 10)
+    assert (plain.space_to_depth_stem, plain.max_pool_argmax_grad, plain.matmul_1x1) == (False, False, None)
+    with pytest.raises(ValueError, match="bn_two_pass is an option of the fused BatchNorm"):
+        TrainConfig(bn_two_pass=True, fused_bn=False)
