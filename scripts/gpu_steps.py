@@ -134,6 +134,12 @@ def speed(out: Path, dry: bool) -> int:
     return throughput.main([*argv, "--impl", ",".join(impls), "--json", str(out / "speed.json")])
 
 
+def flag_argv(flag: str, json_path: Path) -> list[str]:
+    """benchmarks/throughput.py's arguments that time the trainer's step under the XLA flag ``flag``."""
+    argv = [*BENCH, "--impl", "resnet_flax", "--steps", "10", "--warmup", "2", "--repeats", "1"]
+    return [*argv, "--json", str(json_path), f"--xla-flag={flag}"]
+
+
 def _flag_run(flag: str, dry: bool, json_path: Path) -> subprocess.Popen[str]:
     env = {**os.environ, "XLA_FLAGS": flag}
     if dry:  # whether this jaxlib knows the flag: a tiny program on the CPU
@@ -145,22 +151,9 @@ def _flag_run(flag: str, dry: bool, json_path: Path) -> subprocess.Popen[str]:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
-    argv = [
-        *BENCH,
-        "--impl",
-        "resnet_flax",
-        "--steps",
-        "10",
-        "--warmup",
-        "2",
-        "--repeats",
-        "1",
-        "--json",
-        str(json_path),
-    ]
-    env.pop("XLA_FLAGS")
+    env.pop("XLA_FLAGS")  # throughput.py sets it from --xla-flag
     return subprocess.Popen(
-        [sys.executable, "benchmarks/throughput.py", *argv, "--xla-flag", flag],
+        [sys.executable, "benchmarks/throughput.py", *flag_argv(flag, json_path)],
         cwd=REPO,
         env=env,
         text=True,

@@ -94,6 +94,19 @@ def test_dry_run_tells_an_unknown_flag(dry_run: tuple[subprocess.CompletedProces
     ]
 
 
+def test_flag_runs_parse_as_the_benchmark_expects(tmp_path: Path) -> None:
+    """The GPU-only flag runs: each flag reaches XLA_FLAGS through the benchmark's --xla-flag."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import gpu_steps
+
+    from benchmarks import throughput
+
+    for flag in gpu_steps.XLA_GPU_FLAGS:
+        args = throughput.parse_args(gpu_steps.flag_argv(flag, tmp_path / "f.json"))
+        assert throughput.xla_flags(args) == [flag]
+        assert (args.impls, args.modes, args.batch, args.dtype) == (["resnet_flax"], ["train"], 256, "bf16")
+
+
 def test_unknown_argument_is_refused(tmp_path: Path) -> None:
     run = subprocess.run(
         ["bash", "scripts/gpu_check.sh", "--fast"],
