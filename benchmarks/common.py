@@ -7,7 +7,23 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
+# The trainer's recipe every train row follows (resnet_train.presets): resnet-train's step on the Flax side,
+# the same recipe written as a PyTorch user would on the torch side.
+PRESET = "imagenet-resnet50"
+# The speed levers a benchmark row can add to the trainer's step: name -> resnet-train options
+# (resnet_flax.levers, docs/performance.md); a row "resnet_flax+NAME". NO_LEVERS is the trainer's own step.
+NO_LEVERS = ""
+ALL_LEVERS = "levers"
+LEVERS: dict[str, dict[str, Any]] = {
+    NO_LEVERS: {},
+    "max_pool_argmax_grad": {"max_pool_argmax_grad": True},
+    "space_to_depth_stem": {"space_to_depth_stem": True},
+    "matmul_1x1": {"matmul_1x1": True},
+    "bn_two_pass": {"bn_two_pass": True},
+    ALL_LEVERS: {"max_pool_argmax_grad": True, "space_to_depth_stem": True, "matmul_1x1": True},
+}
 # SGD with momentum and weight decay, the same on both sides (torch.optim.SGD and optax).
 LEARNING_RATE = 0.1
 MOMENTUM = 0.9

@@ -22,8 +22,9 @@ from resnet_train.config import TrainConfig
 from resnet_train.data import steps_per_epoch
 from resnet_train.feeds import IMAGENET_TRAIN_IMAGES
 from resnet_train.optim import make_optimizer
+from resnet_train.presets import preset_values
 
-from .common import LEARNING_RATE, MOMENTUM, WEIGHT_DECAY, Settings, Step
+from .common import LEVERS, NO_LEVERS, PRESET, Settings, Step
 
 
 def _device(settings: Settings) -> jax.Device:
@@ -70,10 +71,12 @@ def _inference(settings: Settings, folded: bool) -> tuple[Any, jax.stages.Wrappe
     return variables, jax.jit(lambda v, x: model.apply(v, normalize(x, model.dtype), train=False))
 
 
-def trainer_config(settings: Settings, fused_bn: bool = True) -> TrainConfig:
-    """The `resnet-train --dataset synthetic` run whose step a benchmark times: the settings' model, batch
-    and dtype, the benchmark's SGD (the trainer's optimizer chain), every other option the trainer's default."""
-    return TrainConfig(
+def trainer_config(settings: Settings, fused_bn: bool = True, levers: str = NO_LEVERS) -> TrainConfig:
+    """The `resnet-train --preset imagenet-resnet50 --dataset synthetic` run whose step a benchmark times: the
+    preset's recipe (SGD with Nesterov momentum, weight decay on kernels, label smoothing) with the settings'
+    model, batch, dtype and seed, and the speed levers named ``levers`` (a key of ``LEVERS``)."""
+    values = preset_values(
+        PRESET,
         dataset="synthetic",
         arch=settings.arch,
         small_stem=settings.small_stem,
@@ -81,13 +84,11 @@ def trainer_config(settings: Settings, fused_bn: bool = True) -> TrainConfig:
         batch_size=settings.batch,
         dtype=settings.dtype,
         fused_bn=fused_bn,
-        lr=LEARNING_RATE,
-        momentum=MOMENTUM,
-        weight_decay=WEIGHT_DECAY,
         seed=settings.seed,
         progress=False,
         export=False,
     )
+    return TrainConfig(**{**values, **LEVERS[levers]})
 
 
 def trainer_optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -123,10 +124,10 @@ def make_train_step(config: TrainConfig, steps_per_call: int = 1) -> Any:
     return jax.jit(train_steps, donate_argnums=0)
 
 
-def train(settings: Settings, fused_bn: bool = True, steps_per_call: int = 1) -> Step:
+def train(settings: Settings, fused_bn: bool = True, steps_per_call: int = 1, levers: str = NO_LEVERS) -> Step:
     """resnet-train's train step on fixed synthetic batches; ``fused_bn`` trains the ``resnet_flax.fused``
-    model (the trainer's default), else the plain mirror."""
-    config = trainer_config(settings, fused_bn)
+    model (the trainer's default), else the plain mirror; ``levers`` adds speed levers (a key of LEVERS)."""
+    config = trainer_config(settings, fused_bn, levers)
     with jax.default_device(_device(settings)):
         images, labels = _data(settings, settings.batch * steps_per_call)
         if steps_per_call > 1:
@@ -138,7 +139,7 @@ def train(settings: Settings, fused_bn: bool = True, steps_per_call: int = 1) ->
     def run() -> None:
         holder["state"], holder["metrics"] = step_fn(holder["state"], images, labels)
 
-    impl = "resnet_flax" if fused_bn else "resnet_flax_plain"
+    impl = ("resnet_flax" if fused_bn else "resnet_flax_plain") + (f"+{levers}" if levers else "")
     return Step(impl, "train", run, lambda: jax.block_until_ready(holder["state"]), steps_per_call)
 
 

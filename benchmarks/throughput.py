@@ -24,6 +24,8 @@ if __package__ in (None, ""):
     # Run as a file (python benchmarks/throughput.py): make the checkout importable.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import LEVERS, NO_LEVERS  # noqa: E402  (imports no framework: XLA flags come first)
+
 # implementation -> which modes it runs. resnet_flax is the fast path: it trains with the fused
 # BatchNorm (resnet_flax.fused) and infers with BatchNorm folded (resnet_flax.fold); resnet_flax_plain
 # is the plain mirror in both modes, the baseline of those two levers.
@@ -40,6 +42,9 @@ IMPLS: dict[str, dict[str, bool]] = {
     "resnet_flax_nnx": {"train": True, "infer": True},
     "resnet_flax_nnx+nnx.jit": {"train": True, "infer": True},
 }
+# resnet_flax's train step with speed levers (benchmarks.common.LEVERS; "+levers" is all but bn_two_pass).
+LEVER_IMPLS = {f"resnet_flax+{name}": name for name in LEVERS if name != NO_LEVERS}
+IMPLS.update({impl: {"train": True, "infer": False} for impl in LEVER_IMPLS})
 MODES = ("train", "infer")
 # The comparisons the targets are stated in: (numerator, denominator) of images/s.
 RATIOS = (
@@ -52,6 +57,8 @@ RATIOS = (
     ("resnet_torch+compile", "torchvision+compile"),
     ("resnet_flax_nnx", "resnet_flax"),
     ("resnet_flax_nnx+nnx.jit", "resnet_flax"),
+    *((impl, "resnet_flax") for impl in LEVER_IMPLS),
+    *((impl, "torchvision+compile") for impl in LEVER_IMPLS),
 )
 CPU_LATENCY_BATCHES = "1,16"
 
@@ -182,6 +189,8 @@ def builders() -> dict[tuple[str, str], Callable[..., Any]]:
         ("resnet_flax_plain", "train"): lambda s, b, k: flax_steps.train(s, fused_bn=False, steps_per_call=k),
         ("resnet_flax_plain", "infer"): lambda s, b, k: flax_steps.infer(s, folded=False, batch=b),
     }
+    for impl, lever in LEVER_IMPLS.items():
+        table[(impl, "train")] = lambda s, b, k, lv=lever: flax_steps.train(s, steps_per_call=k, levers=lv)
     for jit, name in nnx_steps.IMPLS.items():
         table[(name, "train")] = lambda s, b, k, j=jit: nnx_steps.train(s, jit=j)
         table[(name, "infer")] = lambda s, b, k, j=jit: nnx_steps.infer(s, jit=j, batch=b)

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 import resnet_torch
 from resnet_data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from resnet_train.presets import PRESETS, preset_values
 
-from .common import LEARNING_RATE, MOMENTUM, WEIGHT_DECAY, Settings, Step
+from .common import PRESET, Settings, Step
 
 # bf16 runs use autocast (bf16 convolutions and matmuls, float32 weights and BatchNorm), as AMP does.
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -72,26 +73,38 @@ def _name(family: str, compiled: bool) -> str:
     return f"{family}+compile" if compiled else family
 
 
-def train(family: str, settings: Settings, compiled: bool) -> Step:
-    """A train step (normalise, forward, loss, backward, SGD momentum) of ``family`` on a fixed batch.
+def sgd(model: torch.nn.Module, batch: int) -> torch.optim.Optimizer:
+    """The trainer's recipe as a PyTorch user writes it: SGD with Nesterov momentum, weight decay on the
+    kernels only (not BatchNorm's scales and biases nor the fc bias), at the recipe's learning rate for
+    ``batch``."""
+    recipe = preset_values(PRESET, batch_size=batch)
+    params = list(model.parameters())
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": recipe["weight_decay"]},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.SGD(groups, lr=recipe["lr"], momentum=recipe["momentum"], nesterov=recipe["nesterov"])
 
-    With ``compiled`` the normalisation, forward and loss go through torch.compile (backward too,
-    through AOTAutograd); the optimizer step stays eager, as in a stock training loop.
+
+def train(family: str, settings: Settings, compiled: bool) -> Step:
+    """A train step of ``family`` on a fixed batch, the loop a PyTorch user writes for the trainer's recipe:
+    normalise, forward under autocast (bf16), label-smoothed cross-entropy, backward, ``sgd``.
+
+    With ``compiled`` the model goes through ``torch.compile`` (its backward too, through AOTAutograd);
+    normalisation, loss and the optimizer step stay eager, as in a stock training loop.
     """
     model = _model(family, settings).train()
     images, labels = _data(settings, settings.batch)
-    opt = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-
-    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with _autocast(settings):
-            logits = model(normalize(x))
-        return F.cross_entropy(logits.float(), y)
-
-    loss_step = torch.compile(loss_fn) if compiled else loss_fn
+    opt = sgd(model, settings.batch)
+    label_smoothing = PRESETS[PRESET]["label_smoothing"]
+    forward = torch.compile(model) if compiled else model
 
     def run() -> None:
+        with _autocast(settings):
+            logits = forward(normalize(images))
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
         opt.zero_grad(set_to_none=True)
-        loss_step(images, labels).backward()
+        loss.backward()
         opt.step()
 
     return Step(_name(family, compiled), "train", run, _sync(_device(settings)))

@@ -34,14 +34,19 @@ def _count(x: Array) -> int:
     return x.size // x.shape[-1]
 
 
-def _moments(x: Array, dtype: Any) -> tuple[Array, Array]:
-    """Per-channel mean and biased variance from one pass (sum and sum of squares together).
+def _moments(x: Array, dtype: Any, two_pass: bool) -> tuple[Array, Array]:
+    """Per-channel mean and biased variance: from one pass (sum and sum of squares together), or from
+    two (the mean, then the mean of squared deviations from it) with ``two_pass``.
 
-    The sums are taken about a shift (the first pixel of the first image): the variance does not
+    One pass takes the sums about a shift (the first pixel of the first image): the variance does not
     change, and E[d^2] - E[d]^2 then cancels only as much as the spread of the data, so inputs
-    whose mean is far from zero keep their precision.
+    whose mean is far from zero keep most of their precision. Two passes read the input once more
+    and cancel nothing: float32's rounding of the deviations, not of their squares' difference.
     """
     xf = x.astype(dtype)
+    if two_pass:
+        mean = jnp.mean(xf, _axes(x))
+        return mean, jnp.mean(jnp.square(xf - per_channel(mean, x.ndim)), _axes(x))
     shift = jax.lax.stop_gradient(xf[(0,) * (x.ndim - 1)])
     d = xf - per_channel(shift, x.ndim)
     n = _count(x)
@@ -50,22 +55,31 @@ def _moments(x: Array, dtype: Any) -> tuple[Array, Array]:
     return mean_d + shift, var
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _fused_train(x: Array, scale: Array, bias: Array, epsilon: float, two_pass: bool) -> tuple[Array, Array, Array]:
+    return _forward(x, scale, bias, epsilon, two_pass)[0]
+
+
 def fused_batch_norm_train(x: Array, scale: Array, bias: Array, epsilon: float) -> tuple[Array, Array, Array]:
     """``ops.batch_norm_train`` with a one-pass variance and a closed-form backward pass."""
-    return _forward(x, scale, bias, epsilon)[0]
+    return _fused_train(x, scale, bias, epsilon, False)
+
+
+def fused_batch_norm_train_two_pass(x: Array, scale: Array, bias: Array, epsilon: float) -> tuple[Array, Array, Array]:
+    """``fused_batch_norm_train`` with the variance in two passes (float32 accuracy for one more read)."""
+    return _fused_train(x, scale, bias, epsilon, True)
 
 
 def _forward(
-    x: Array, scale: Array, bias: Array, epsilon: float
+    x: Array, scale: Array, bias: Array, epsilon: float, two_pass: bool
 ) -> tuple[tuple[Array, Array, Array], tuple[Array, ...]]:
-    mean, var = _moments(x, scale.dtype)
+    mean, var = _moments(x, scale.dtype, two_pass)
     out = batch_norm(x.astype(scale.dtype), mean, var, scale, bias, epsilon)
     return (out, mean, var), (x, mean, jax.lax.rsqrt(var + epsilon), scale)
 
 
 def _backward(
-    epsilon: float, residuals: tuple[Array, ...], cotangents: tuple[Array, Array, Array]
+    epsilon: float, two_pass: bool, residuals: tuple[Array, ...], cotangents: tuple[Array, Array, Array]
 ) -> tuple[Array, Array, Array]:
     """Gradients for x, scale and bias. With xhat = (x - mean) / std and dy the output's cotangent:
 
@@ -74,7 +88,7 @@ def _backward(
     where dmean and dvar are the cotangents of the returned statistics (zero in a loss that only
     uses the output; the running statistics carry no gradient).
     """
-    del epsilon  # 1/std is saved
+    del epsilon, two_pass  # 1/std is saved; the gradient is the same for either variance
     x, mean, rstd, scale = residuals
     dy, dmean, dvar = cotangents
     nd, n = x.ndim, _count(x)
@@ -87,23 +101,27 @@ def _backward(
     return dx.astype(x.dtype), dscale, dbias
 
 
-fused_batch_norm_train.defvjp(_forward, _backward)
+_fused_train.defvjp(_forward, _backward)
 
+# The fused train-mode normalisations: one-pass variance, and two-pass.
+FUSED_TRAIN_NORMS = (fused_batch_norm_train, fused_batch_norm_train_two_pass)
 
-# The BatchNorm layer kind of a fused ResNet: BatchNorm2d whose train mode is fused_batch_norm_train;
-# eval mode and variables unchanged.
+# The BatchNorm layer kinds of a fused ResNet: BatchNorm2d whose train mode is fused; eval mode and
+# variables unchanged.
 fused_batch_norm2d = functools.partial(BatchNorm2d, train_norm=fused_batch_norm_train)
+fused_batch_norm2d_two_pass = functools.partial(BatchNorm2d, train_norm=fused_batch_norm_train_two_pass)
 
 
-def fused(model: ResNet) -> ResNet:
-    """``model`` (every option kept) with the fused train-mode BatchNorm; its variables apply as they are."""
+def fused(model: ResNet, *, two_pass: bool = False) -> ResNet:
+    """``model`` (every option kept) with the fused train-mode BatchNorm (its variance in two passes with
+    ``two_pass``); its variables apply as they are."""
     check_unfolded(model, "fused")
-    if model.norm not in (BatchNorm2d, fused_batch_norm2d):
+    if model.norm not in (BatchNorm2d, fused_batch_norm2d, fused_batch_norm2d_two_pass):
         kind = getattr(model.norm, "__name__", repr(model.norm))
         raise TypeError(f"fused expects a resnet_flax.ResNet with BatchNorm2d layers, got one with {kind}")
-    return model.clone(norm=fused_batch_norm2d)
+    return model.clone(norm=fused_batch_norm2d_two_pass if two_pass else fused_batch_norm2d)
 
 
 def is_fused(model: ResNet) -> bool:
-    """Whether the model's train-mode BatchNorm is the fused one."""
-    return model.norm is fused_batch_norm2d
+    """Whether the model's train-mode BatchNorm is a fused one."""
+    return model.norm in (fused_batch_norm2d, fused_batch_norm2d_two_pass)

@@ -61,6 +61,10 @@ class Conv2d(nn.Module):
     precision: Any = None
     kernel_init: Initializer = kaiming_normal_fan_out
     bias_init: Initializer = nn.initializers.zeros
+    # Speed levers, the same function (resnet_flax.levers): 1x1 as a matrix product (None: the backend's
+    # default), a strided convolution on a space-to-depth input.
+    matmul_1x1: bool | None = None
+    space_to_depth: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -70,7 +74,17 @@ class Conv2d(nn.Module):
         kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.out_channels,), self.param_dtype) if self.use_bias else None
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        return conv2d(x, kernel, bias, self.stride, self.padding, self.precision, self.groups)
+        return conv2d(
+            x,
+            kernel,
+            bias,
+            self.stride,
+            self.padding,
+            self.precision,
+            self.groups,
+            matmul_1x1=self.matmul_1x1,
+            space_to_depth=self.space_to_depth,
+        )
 
 
 class BatchNorm2d(nn.Module):

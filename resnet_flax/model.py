@@ -37,6 +37,7 @@ from resnet_arch import (
 )
 
 from .layers import BatchNorm2d, Conv2d, Linear, Sequential
+from .levers import max_pool2d_argmax_grad
 from .ops import (
     Dtype,
     Initializer,
@@ -207,6 +208,12 @@ class ResNet(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Any = None
+    # Speed levers, the same function (resnet_flax.levers, docs/performance.md): 1x1 convolutions as matrix
+    # products (None: the backend's default), the stem as a space-to-depth convolution, max-pool's
+    # gradient through its argmax.
+    matmul_1x1: bool | None = None
+    space_to_depth_stem: bool = False
+    max_pool_argmax_grad: bool = False
     # The layer kinds every convolution and BatchNorm is built from: fused.fused swaps in the fused
     # train-mode BatchNorm, fold.fold a biased convolution and an identity (same paths either way).
     # Linen modules are immutable, so these are options; NNX's fused and fold change the built layers.
@@ -244,10 +251,15 @@ class ResNet(nn.Module):
         check_input(x)
         dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         conv_init = kaiming_normal_fan_out if self.init_weights else torch_default_weight_init
-        conv = functools.partial(self.conv, precision=self.precision, kernel_init=conv_init, **dtypes)
+        conv = functools.partial(
+            self.conv, precision=self.precision, kernel_init=conv_init, matmul_1x1=self.matmul_1x1, **dtypes
+        )
         norm = functools.partial(self.norm, use_running_average=not train, **dtypes)
         last_norm_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
 
+        pool = functools.partial(
+            max_pool2d_argmax_grad if self.max_pool_argmax_grad else max_pool2d, kernel_size=3, stride=2, padding=1
+        )
         stem: tuple[Callable[..., Any], ...]
         if self.stem == DEEP_STEM:
             stem = tuple(
@@ -259,7 +271,7 @@ class ResNet(nn.Module):
                     relu,
                 )
             )
-            stem += (functools.partial(max_pool2d, kernel_size=3, stride=2, padding=1),)
+            stem += (pool,)
         elif self.small_stem:
             stem = (
                 functools.partial(conv, IN_CHANNELS, STEM_WIDTH, 3, 1, 1),
@@ -268,10 +280,10 @@ class ResNet(nn.Module):
             )
         else:
             stem = (
-                functools.partial(conv, IN_CHANNELS, STEM_WIDTH, 7, 2, 3),
+                functools.partial(conv, IN_CHANNELS, STEM_WIDTH, 7, 2, 3, space_to_depth=self.space_to_depth_stem),
                 functools.partial(norm, STEM_WIDTH),
                 relu,
-                functools.partial(max_pool2d, kernel_size=3, stride=2, padding=1),
+                pool,
             )
         outputs = {STEM: Sequential(stem, name=STEM)(x.astype(self.dtype))}
         x, in_channels = outputs[STEM], STEM_WIDTH

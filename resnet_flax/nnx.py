@@ -41,7 +41,7 @@ from resnet_arch import (
 )
 
 from .fold import fold_conv_bn
-from .fused import fused_batch_norm_train
+from .fused import FUSED_TRAIN_NORMS, fused_batch_norm_train, fused_batch_norm_train_two_pass
 from .nnx_layers import AvgPool2d, BatchNorm2d, Conv2d, FoldedBatchNorm, Linear, MaxPool2d, Sequential
 from .ops import (
     BN_BIAS,
@@ -194,7 +194,8 @@ class ResNet(nnx.Module):
     """The seed's ResNet: stem ``conv1``, stages ``conv2_x``..``conv5_x``, average pool, ``fc``.
 
     The options are the linen ResNet's (``dtype`` computes, ``param_dtype`` stores, ``precision``
-    goes to every convolution and matrix product), plus ``rngs`` for the initial weights.
+    goes to every convolution and matrix product, the speed levers ``matmul_1x1``,
+    ``space_to_depth_stem`` and ``max_pool_argmax_grad``), plus ``rngs`` for the initial weights.
     """
 
     def __init__(
@@ -214,6 +215,9 @@ class ResNet(nnx.Module):
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
         precision: Any = None,
+        matmul_1x1: bool | None = None,
+        space_to_depth_stem: bool = False,
+        max_pool_argmax_grad: bool = False,
         rngs: nnx.Rngs,
     ) -> None:
         family = dict(groups=groups, width_per_group=width_per_group, avg_down=avg_down, se=se)
@@ -225,19 +229,21 @@ class ResNet(nnx.Module):
         self.dtype, self.param_dtype, self.precision = dtype, param_dtype, precision
         dtypes = dict(dtype=dtype, param_dtype=param_dtype)
         conv_init = kaiming_normal_fan_out if init_weights else torch_default_weight_init
-        conv = functools.partial(Conv2d, precision=precision, kernel_init=conv_init, **dtypes)
+        conv = functools.partial(Conv2d, precision=precision, kernel_init=conv_init, matmul_1x1=matmul_1x1, **dtypes)
         norm = functools.partial(BatchNorm2d, **dtypes)
         last_norm_init = nnx.initializers.zeros if zero_init_residual else nnx.initializers.ones
 
         c, n = functools.partial(conv, rngs=rngs), functools.partial(norm, rngs=rngs)
+        pool = MaxPool2d(3, 2, 1, argmax_grad=max_pool_argmax_grad)
         if stem == DEEP_STEM:
             self.conv1 = Sequential(
-                *(layer for i, o, s in DEEP_STEM_CONVS for layer in (c(i, o, 3, s, 1), n(o), relu)), MaxPool2d(3, 2, 1)
+                *(layer for i, o, s in DEEP_STEM_CONVS for layer in (c(i, o, 3, s, 1), n(o), relu)), pool
             )
         elif small_stem:
             self.conv1 = Sequential(c(IN_CHANNELS, STEM_WIDTH, 3, 1, 1), n(STEM_WIDTH), relu)
         else:
-            self.conv1 = Sequential(c(IN_CHANNELS, STEM_WIDTH, 7, 2, 3), n(STEM_WIDTH), relu, MaxPool2d(3, 2, 1))
+            stem_conv = c(IN_CHANNELS, STEM_WIDTH, 7, 2, 3, space_to_depth=space_to_depth_stem)
+            self.conv1 = Sequential(stem_conv, n(STEM_WIDTH), relu, pool)
         in_channels = STEM_WIDTH
         for (name, width, stride), blocks in zip(STAGES, self.num_block, strict=True):
             layer, in_channels = self._make_layer(
@@ -352,18 +358,17 @@ def _check_unfolded(model: Any, what: str) -> None:
         raise TypeError(f"{what} expects a resnet_flax.nnx.ResNet whose BatchNorms are not folded")
 
 
-def fused(model: ResNet) -> ResNet:
-    """``model`` with the fused train-mode BatchNorm (``resnet_flax.fused``): a view that shares its
-    variables (``nnx.view``), so training the view trains the model. Eval mode is unchanged."""
+def fused(model: ResNet, *, two_pass: bool = False) -> ResNet:
+    """``model`` with the fused train-mode BatchNorm (``resnet_flax.fused``; its variance in two passes with
+    ``two_pass``): a view that shares its variables (``nnx.view``), so training the view trains the model.
+    Eval mode is unchanged."""
     _check_unfolded(model, "fused")
-    return nnx.view(model, train_norm=fused_batch_norm_train)
+    return nnx.view(model, train_norm=fused_batch_norm_train_two_pass if two_pass else fused_batch_norm_train)
 
 
 def is_fused(model: ResNet) -> bool:
     """Whether the model's train-mode BatchNorm is the fused one."""
-    return any(
-        isinstance(m, BatchNorm2d) and m.train_norm is fused_batch_norm_train for _, m in nnx.iter_modules(model)
-    )
+    return any(isinstance(m, BatchNorm2d) and m.train_norm in FUSED_TRAIN_NORMS for _, m in nnx.iter_modules(model))
 
 
 def is_folded(model: ResNet) -> bool:

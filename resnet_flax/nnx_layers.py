@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn.dtypes import promote_dtype
 
+from .levers import max_pool2d_argmax_grad
 from .ops import (
     COUNTER_DTYPE,
     TORCH_BN_EPS,
@@ -60,8 +61,12 @@ class Conv2d(nnx.Module):
         precision: Any = None,
         kernel_init: Initializer = kaiming_normal_fan_out,
         bias_init: Initializer = nnx.initializers.zeros,
+        # Speed levers, as the linen Conv2d's (resnet_flax.levers).
+        matmul_1x1: bool | None = None,
+        space_to_depth: bool = False,
         rngs: nnx.Rngs,
     ) -> None:
+        self.matmul_1x1, self.space_to_depth = matmul_1x1, space_to_depth
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding, self.groups = kernel_size, stride, padding, groups
         self.dtype, self.precision = dtype, precision
@@ -75,7 +80,17 @@ class Conv2d(nnx.Module):
         check_last_axis(x, self.in_channels, "Conv2d", "input channels (NHWC)")
         x, kernel = promote_dtype((x, self.kernel[...]), dtype=self.dtype)
         bias = None if self.bias is None else self.bias[...]
-        return conv2d(x, kernel, bias, self.stride, self.padding, self.precision, self.groups)
+        return conv2d(
+            x,
+            kernel,
+            bias,
+            self.stride,
+            self.padding,
+            self.precision,
+            self.groups,
+            matmul_1x1=self.matmul_1x1,
+            space_to_depth=self.space_to_depth,
+        )
 
 
 class BatchNorm2d(nnx.Module):
@@ -186,11 +201,13 @@ class Linear(nnx.Module):
 class MaxPool2d(nnx.Module):
     """torch.nn.MaxPool2d: symmetric padding with -inf (never 'SAME'); no variables."""
 
-    def __init__(self, kernel_size: int, stride: int, padding: int) -> None:
+    def __init__(self, kernel_size: int, stride: int, padding: int, *, argmax_grad: bool = False) -> None:
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.argmax_grad = argmax_grad  # the backward pass of resnet_flax.levers.max_pool2d_argmax_grad
 
     def __call__(self, x: Array) -> Array:
-        return max_pool2d(x, self.kernel_size, self.stride, self.padding)
+        pool = max_pool2d_argmax_grad if self.argmax_grad else max_pool2d
+        return pool(x, self.kernel_size, self.stride, self.padding)
 
 
 class AvgPool2d(nnx.Module):

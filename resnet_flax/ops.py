@@ -16,6 +16,8 @@ import numpy as np
 
 from resnet_arch import BN_PARAMS, BN_STATS, IN_CHANNELS
 
+from .levers import conv2d_1x1_as_dot, conv2d_space_to_depth
+
 Array = jax.Array
 Dtype = Any
 Initializer = Callable[..., Array]
@@ -111,19 +113,32 @@ def per_channel(v: Array, ndim: int) -> Array:
 
 
 def conv2d(
-    x: Array, kernel: Array, bias: Array | None, stride: int, padding: int, precision: Any, groups: int = 1
+    x: Array,
+    kernel: Array,
+    bias: Array | None,
+    stride: int,
+    padding: int,
+    precision: Any,
+    groups: int = 1,
+    *,
+    matmul_1x1: bool | None = None,
+    space_to_depth: bool = False,
 ) -> Array:
     """torch's Conv2d on NHWC input and an HWIO kernel, symmetric padding ``((p, p), (p, p))``, and a
     per-channel ``bias`` when there is one (x and kernel already in the compute dtype).
 
     Flax's 'SAME' would pad (0, 1) for stride 2 on even sizes, which shifts every strided layer by
-    one pixel. A 1x1 convolution without padding runs as a matrix product on MATMUL_1X1_BACKENDS.
-    ``groups`` is torch's (XLA's ``feature_group_count``): one grouped convolution, the kernel
-    (H, W, in / groups, out).
+    one pixel. ``groups`` is torch's (XLA's ``feature_group_count``): one grouped convolution, the kernel
+    (H, W, in / groups, out). An ungrouped 1x1 convolution without padding runs as a matrix product when
+    ``matmul_1x1`` (None: on MATMUL_1X1_BACKENDS); an ungrouped strided convolution as a stride-1 one on a
+    space-to-depth input when ``space_to_depth`` (``resnet_flax.levers``: the same function either way).
     """
-    if kernel.shape[:2] == (1, 1) and padding == 0 and groups == 1 and jax.default_backend() in MATMUL_1X1_BACKENDS:
-        x = x[:, ::stride, ::stride, :]
-        y = jnp.einsum("nhwc,co->nhwo", x, kernel[0, 0], precision=precision)
+    if matmul_1x1 is None:
+        matmul_1x1 = jax.default_backend() in MATMUL_1X1_BACKENDS
+    if kernel.shape[:2] == (1, 1) and padding == 0 and groups == 1 and matmul_1x1:
+        y = conv2d_1x1_as_dot(x, kernel, stride, precision)
+    elif space_to_depth and stride > 1 and groups == 1:
+        y = conv2d_space_to_depth(x, kernel, stride, padding, precision)
     else:
         p = padding
         y = jax.lax.conv_general_dilated(

@@ -139,6 +139,11 @@ class TrainConfig:
     heartbeat_timeout: int = _field(
         100, "seconds a --distributed process may go silent before the others fail, naming the cause"
     )
+    # speed levers: the same function, other programs (resnet_flax.levers, docs/performance.md)
+    matmul_1x1: bool | None = _field(None, "1x1 convolutions as matrix products (None: on the CPU only)")
+    space_to_depth_stem: bool = _field(False, "the 7x7/2 stem as a 4x4/1 convolution on 2x2-blocked images")
+    max_pool_argmax_grad: bool = _field(False, "max-pool's gradient sent through a saved argmax")
+    bn_two_pass: bool = _field(False, "the fused BatchNorm's batch variance in two passes (float32 accuracy)")
 
     start_timeout: int = _field(
         60, "seconds a --distributed process waits for all the others to join before it fails, naming them"
@@ -234,6 +239,8 @@ def _range_problems(c: TrainConfig) -> list[str]:
     problems += [f"{name} must be {rule}, got {getattr(c, name)}" for name, (ok, rule) in bounds.items() if not ok]
     if c.dataset in ("cifar10", "imagefolder") and not c.data_dir:
         problems.append(f"dataset {c.dataset} needs --data-dir")
+    if c.bn_two_pass and not c.fused_bn:
+        problems.append("bn_two_pass is an option of the fused BatchNorm; it needs fused_bn")
     if c.dataset not in IN_MEMORY and c.crop_padding:
         problems.append(f"crop_padding applies to {' and '.join(IN_MEMORY)}; {c.dataset} crops on the CPU")
     if c.freeze != FREEZE_NONE and not c.init_from:
@@ -262,6 +269,10 @@ LATER_FIELDS = {
     "freeze": FREEZE_NONE,
     "backbone_lr_scale": 1.0,
     "export_layout": None,
+    "matmul_1x1": None,
+    "space_to_depth_stem": False,
+    "max_pool_argmax_grad": False,
+    "bn_two_pass": False,
 }
 # Values renamed after runs were saved: field -> {old value: new value}.
 RENAMED_VALUES = {"dtype": {"float32": "fp32", "bfloat16": "bf16"}}

@@ -65,7 +65,7 @@ def build_model(
     """The NNX ResNet a config describes (fused train-mode BatchNorm if asked), in config.dtype unless
     dtype overrides it."""
     model = flax_nnx.build(config.arch, **model_options(config, num_classes, dtype, precision), rngs=rngs)
-    return flax_nnx.fused(model) if config.fused_bn else model
+    return flax_nnx.fused(model, two_pass=config.bn_two_pass) if config.fused_bn else model
 
 
 def create_train_state(

@@ -55,13 +55,16 @@ def model_options(config: TrainConfig, num_classes: int, dtype: Any = None, prec
         dtype=dtype or jnp.dtype(dtype_name(config.dtype)),
         param_dtype=jnp.float32,
         precision=precision,
+        matmul_1x1=config.matmul_1x1,
+        space_to_depth_stem=config.space_to_depth_stem,
+        max_pool_argmax_grad=config.max_pool_argmax_grad,
     )
 
 
 def build_model(config: TrainConfig, num_classes: int, dtype: Any = None, precision: Any = None) -> resnet_flax.ResNet:
     """The Flax ResNet a config describes, computing in config.dtype unless dtype overrides it."""
     model = resnet_flax.build(config.arch, **model_options(config, num_classes, dtype, precision))
-    return fused(model) if config.fused_bn else model
+    return fused(model, two_pass=config.bn_two_pass) if config.fused_bn else model
 
 
 def create_train_state(

@@ -1,12 +1,17 @@
-"""Compose scripts/gpu_check.sh's report: a markdown file with every log, and a short table on stdout.
+"""Compose scripts/gpu_check.sh's report: a markdown file with every log, one JSON file with every step's
+figures named for the device (the copy for docs/gpu/), and a short table on stdout.
 
 python3 scripts/gpu_summary.py --steps LOGDIR/steps.tsv --report-dir DIR --mode gpu|dry [--report NAME]
+
+Each step's own JSON file moves into LOGDIR once it is in the combined file, so the report folder holds
+the report, the combined JSON and (after gpu_check.sh archives LOGDIR) the logs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -100,16 +105,34 @@ def throughput_figure(report: dict[str, Any] | None) -> str:
     return "; ".join(figures + errors) + " img/s" if figures else "; ".join(errors) or "no figures"
 
 
+def flags_figure(report: dict[str, Any] | None) -> str:
+    """Each XLA flag's status and images/s."""
+    if report is None:
+        return "no JSON written"
+    parts = []
+    for r in report["rows"]:
+        rate = f" {r['images_per_s']:.0f} img/s" if r.get("images_per_s") else ""
+        parts.append(f"{r['flag']} {r['status']}{rate}")
+    return "; ".join(parts)
+
+
+def _parity_reports(report_dir: Path, name: str) -> list[Path]:
+    return sorted(report_dir.glob(f"{name}*.json"))
+
+
 def key_figure(step: dict[str, str], report_dir: Path) -> str:
     """The one line that matters for each step."""
     log = report_dir / "gpu-logs" / f"{step['name']}.log"
     if step["name"] == "environment":
         first = log.read_text(errors="replace").splitlines()[:1] if log.exists() else []
         return first[0] if first else "-"
-    if step["name"] == "parity-check":
-        return parity_figure(_load_json(report_dir / "parity-gpu.json"))
-    if step["name"].startswith("throughput"):
-        return throughput_figure(_load_json(report_dir / f"{step['name']}.json"))
+    if step["name"].startswith("parity"):
+        paths = _parity_reports(report_dir, step["name"])
+        return " | ".join(f"{p.stem}: {parity_figure(_load_json(p))}" for p in paths) or "no JSON written"
+    if step["name"] == "speed":
+        return throughput_figure(_load_json(report_dir / "speed.json"))
+    if step["name"] == "flags":
+        return flags_figure(_load_json(report_dir / "flags.json"))
     return _last_line(log)
 
 
@@ -123,9 +146,10 @@ def markdown(steps: list[dict[str, str]], report_dir: Path, mode: str) -> str:
     lines += ["## Steps", "", "| step | status | seconds | key figure |", "|---|---|---|---|"]
     for s in steps:
         lines.append(f"| {s['name']} | {status(s['rc'])} | {s['seconds']} | {key_figure(s, report_dir)} |")
-    worst = parity_worst_table(_load_json(report_dir / "parity-gpu.json"))
-    if worst:
-        lines += ["", "## Parity: worst relative error per precision and check", ""] + worst
+    for path in _parity_reports(report_dir, "parity"):
+        worst = parity_worst_table(_load_json(path))
+        if worst:
+            lines += ["", f"## {path.stem}: worst relative error per precision and check", ""] + worst
     for s in steps:
         lines += ["", f"## {s['name']}: {status(s['rc'])}, {s['seconds']} s", "", f"`{s['command']}`", ""]
         log = report_dir / "gpu-logs" / f"{s['name']}.log"
@@ -146,17 +170,55 @@ def short_table(steps: list[dict[str, str]], report_dir: Path, mode: str, report
     return "\n".join(rows)
 
 
+def device_slug(report_dir: Path, mode: str) -> str:
+    """The card's name from the environment log (nvidia-smi's first field), lower case, words joined by '-'."""
+    if mode != "gpu":
+        return "dry-run-cpu"
+    log = report_dir / "gpu-logs" / "environment.log"
+    first = log.read_text(errors="replace").splitlines()[:1] if log.exists() else []
+    name = first[0].split(",")[0] if first else "unknown-gpu"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown-gpu"
+
+
+def combine(steps: list[dict[str, str]], report_dir: Path, mode: str) -> Path:
+    """One JSON file with every step's record and figures, named for the device; the steps' own files
+    move into gpu-logs/."""
+    env = report_dir / "gpu-logs" / "environment.log"
+    slug = device_slug(report_dir, mode)
+    figures = {}
+    for path in sorted(report_dir.glob("*.json")):
+        if path.name.startswith("gpu-check-"):
+            continue
+        figures[path.stem] = _load_json(path)
+        path.rename(report_dir / "gpu-logs" / path.name)
+    combined = {
+        "what": "scripts/gpu_check.sh" + (" --dry-run (CPU stand-ins, no GPU figures)" if mode != "gpu" else ""),
+        "device": slug,
+        "written": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "environment": env.read_text(errors="replace").strip().splitlines() if env.exists() else [],
+        "steps": [{**s, "status": status(s["rc"]), "key_figure": key_figure(s, report_dir)} for s in steps],
+        "figures": figures,
+    }
+    path = report_dir / f"gpu-check-{slug}.json"
+    data = (json.dumps(combined, indent=1) + "\n").encode()
+    atomic_write(path, lambda f: f.write(data))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=Path, required=True, help="steps.tsv written by gpu_check.sh")
     p.add_argument("--report-dir", type=Path, required=True, help="where the report and the JSON files live")
-    p.add_argument("--report", default="parity-gpu.md", help="the report's file name (default: parity-gpu.md)")
+    p.add_argument("--report", default="gpu-check.md", help="the report's file name (default: gpu-check.md)")
     p.add_argument("--mode", choices=("gpu", "dry"), required=True, help="a GPU run or the CPU dry run")
     args = p.parse_args(argv)
     steps = read_steps(args.steps)
     text = markdown(steps, args.report_dir, args.mode)
+    table = short_table(steps, args.report_dir, args.mode, args.report)
     atomic_write(args.report_dir / args.report, lambda f: f.write(text.encode()))
-    print(short_table(steps, args.report_dir, args.mode, args.report))
+    combined = combine(steps, args.report_dir, args.mode)
+    print(table)
+    print(f"every figure: {combined}")
     return 0
 
 
