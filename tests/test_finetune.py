@@ -28,6 +28,8 @@ import torchvision
 from PIL import Image
 
 import parity
+import parity.conversion.files as conversion_files
+from parity.conversion.convert import check_state_dict
 from parity.conversion.hub import write_hub_dir
 from resnet_arch import HEAD, STEM
 from resnet_train import main as train_main
@@ -107,14 +109,14 @@ def probe(tmp_path_factory: pytest.TempPathFactory, folder: Path) -> tuple[dict,
     source = randomised_resnet18(5, 0).state_dict()
     torch.save({f"module.{k}": t for k, t in source.items()}, tmp / "tv18.pth")
     reads: list[Path] = []
-    read_checkpoint = parity.conversion.files.read_checkpoint
+    read_checkpoint = conversion_files.read_checkpoint
 
     def counted(path, *args, **kwargs):
         reads.append(Path(path))
         return read_checkpoint(path, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(parity.conversion.files, "read_checkpoint", counted)
+        mp.setattr(conversion_files, "read_checkpoint", counted)
         code, result, log = train(
             *("--data-dir", str(folder), "--init-from", str(tmp / "tv18.pth"), "--freeze", "backbone"),
             *("--epochs", "2", "--lr", "0.1", "--run-dir", str(tmp / "run")),
@@ -176,7 +178,7 @@ def hub_run(tmp_path_factory: pytest.TempPathFactory, folder: Path) -> tuple[dic
     first step, its source deleted, then resumed to the end."""
     tmp = tmp_path_factory.mktemp("hub")
     model = randomised_resnet18(len(CLASSES), 1)
-    source, _ = write_hub_dir(tmp / "src", parity.conversion.convert.check_state_dict(model), "transformers")
+    source, _ = write_hub_dir(tmp / "src", check_state_dict(model), "transformers")
     common = ["--data-dir", str(folder), "--init-from", str(tmp / "src"), "--freeze", "none"]
     common += ["--epochs", "2", "--train-limit", str(BATCH), "--lr", "0.05", "--run-dir", str(tmp / "run")]
     code, first, _ = train(*common, "--stop-after-epoch", "1")
@@ -190,6 +192,7 @@ def hub_run(tmp_path_factory: pytest.TempPathFactory, folder: Path) -> tuple[dic
 def test_full_fine_tune_of_a_transformers_directory_exports_one_transformers_loads(hub_run):
     from transformers import AutoImageProcessor, ResNetForImageClassification
 
+    from parity.commands.predict import _hub_preprocessing, _recorded
     from resnet_train.checkpoint import load_variables
 
     source, run, result = hub_run
@@ -217,6 +220,8 @@ def test_full_fine_tune_of_a_transformers_directory_exports_one_transformers_loa
     pixels = processor(Image.new("RGB", (31, 24), (255, 0, 0)), return_tensors="pt")["pixel_values"]
     assert pixels.shape == (1, 3, SIZE, SIZE)
     assert np.allclose(pixels[0, :, 0, 0], (np.array([1.0, 0.0, 0.0]) - meta["mean"]) / meta["std"], atol=1e-5)
+    # predict reads the same transform from it as from the weights' metadata.
+    assert _hub_preprocessing(run / "model", {}) == _recorded(meta)
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +229,7 @@ def timm_run(tmp_path_factory: pytest.TempPathFactory, folder: Path) -> tuple[di
     """A timm directory (resnet18, 4 classes, randomised BatchNorm) fine-tuned with --freeze bn on NNX."""
     tmp = tmp_path_factory.mktemp("timm")
     model = randomised_resnet18(4, 2)
-    source, _ = write_hub_dir(tmp / "src", parity.conversion.convert.check_state_dict(model), "timm")
+    source, _ = write_hub_dir(tmp / "src", check_state_dict(model), "timm")
     code, result, _ = train(
         *("--data-dir", str(folder), "--init-from", str(tmp / "src"), "--freeze", "bn", "--api", "nnx"),
         *("--epochs", "1", "--train-limit", str(BATCH), "--lr", "0.05", "--run-dir", str(tmp / "run")),
