@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from parity.conversion.names import LAYOUTS
+from parity.conversion.names import LAYOUTS, TIMM, TORCHVISION, TRANSFORMERS
 from resnet_arch import APIS, ARCH_NAMES, DEEP_STEM, LINEN, VARIANTS
 
 from .presets import PRESETS, preset_values
@@ -35,6 +35,12 @@ DEFAULT_ARCH = {"arch": "resnet18", "small_stem": True}
 FLOAT32_MAX = 3.4028234663852886e38
 # Random-crop padding for 32x32-class images, as in the usual CIFAR recipe.
 DEFAULT_CROP_PADDING = 4
+# Export layouts whose own model has only the 7x7 stem (what each loads into): a small stem cannot go there.
+STEM_ONLY_LAYOUTS = {
+    TORCHVISION: "torchvision.models.resnetNN",
+    TIMM: "timm's resnetNN",
+    TRANSFORMERS: "transformers' ResNetForImageClassification",
+}
 # Fields with a fixed set of values (checked in TrainConfig, offered as choices on the command line).
 CHOICES = {
     "dataset": DATASETS,
@@ -247,9 +253,10 @@ def _range_problems(c: TrainConfig) -> list[str]:
         problems.append(f"--freeze {c.freeze} keeps pretrained weights fixed: it needs --init-from")
     if c.freeze == FREEZE_BACKBONE and c.backbone_lr_scale != 1.0:
         problems.append("--backbone-lr-scale has no backbone to scale under --freeze backbone")
-    if c.export_layout == "transformers" and c.small_stem:
+    if c.export_layout in STEM_ONLY_LAYOUTS and c.small_stem:
         problems.append(
-            "--export-layout transformers needs the 7x7 stem: transformers' ResNet has no small stem (--no-small-stem)"
+            f"--export-layout {c.export_layout} needs the 7x7 stem: {STEM_ONLY_LAYOUTS[c.export_layout]} has no "
+            "small stem, so the 3x3 stem's weights would not load into it (--no-small-stem)"
         )
     return problems
 

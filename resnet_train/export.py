@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from parity.conversion.names import SEED, TIMM, TRANSFORMERS
-from resnet_data.transforms import eval_resize_side
+from resnet_data.transforms import RESAMPLE, eval_resize_side
 from resnet_flax.preprocess import normalize
 
 from .api import TrainStateLike, step_functions
@@ -38,6 +38,13 @@ log = logging.getLogger(__name__)
 EXPORT_FILE = "model.safetensors"
 EXPORT_DIR = "model"  # a model-hub directory export: config.json and model.safetensors
 HUB_CONFIG_FILE = "config.json"
+# transformers' image processor settings (AutoImageProcessor.from_pretrained reads them), in a transformers export.
+PREPROCESSOR_FILE = "preprocessor_config.json"
+# BitImageProcessor resizes the shorter side and cuts the centre, as the run evaluates, at every size; the
+# ConvNextImageProcessor that microsoft/resnet-50 names stretches images of 384 px and more without a crop.
+IMAGE_PROCESSOR = "BitImageProcessor"
+# PIL's resampling filter code for resnet_data's eval resize (transformers names filters by these codes).
+RESAMPLE_CODE = int(RESAMPLE)
 # safetensors metadata transformers' loader requires of a PyTorch weights file.
 TORCH_FORMAT = {"format": "pt"}
 
@@ -100,18 +107,42 @@ def _labelled(config: dict[str, Any], layout: str, class_names: Sequence[str]) -
     return {**config, "label_names": list(class_names)}
 
 
+def image_processor_config(metadata: dict[str, Any]) -> dict[str, Any]:
+    """transformers' preprocessor_config.json for the run's evaluation transform: resize the shorter side to
+    ``resize``, cut the centre ``image_size`` square, scale to [0, 1], normalise by the run's mean and std."""
+    return {
+        "image_processor_type": IMAGE_PROCESSOR,
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"shortest_edge": metadata["resize"]},
+        "resample": RESAMPLE_CODE,
+        "do_center_crop": True,
+        "crop_size": {"height": metadata["image_size"], "width": metadata["image_size"]},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(metadata["mean"]),
+        "image_std": list(metadata["std"]),
+    }
+
+
 def _write_hub_dir(
-    path: Path, state_dict: Any, hub_config: dict[str, Any], metadata: dict[str, str], check: Callable[[Path], None]
+    path: Path,
+    state_dict: Any,
+    configs: dict[str, dict[str, Any]],
+    metadata: dict[str, str],
+    check: Callable[[Path], None],
 ) -> None:
-    """Write a model-hub directory beside ``path``, check it, then rename it into place (replacing ``path``):
-    a directory that fails the check never reaches ``path``."""
+    """Write a model-hub directory (the weights and ``configs``, file name -> JSON object) beside ``path``, check
+    it, then rename it into place (replacing ``path``): a directory that fails the check never reaches ``path``."""
     import parity
 
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
         temporary.mkdir()
         parity.write_checkpoint(temporary / EXPORT_FILE, state_dict, "torch", metadata)
-        (temporary / HUB_CONFIG_FILE).write_text(json.dumps(hub_config, indent=2))
+        for name, config in configs.items():
+            (temporary / name).write_text(json.dumps(config, indent=2))
         check(temporary)
         if path.exists():
             old = path.with_name(f".{path.name}.{secrets.token_hex(8)}.old")
@@ -130,7 +161,7 @@ def export_torch(
     target: ExportTarget = ExportTarget(SEED, False),
 ) -> Path:
     """Write the state dict in ``target``'s layout as safetensors (atomically, with a checksum), or as a model-hub
-    directory; metadata as JSON strings.
+    directory (a transformers one with its image processor's settings); metadata as JSON strings.
 
     ``check`` gets the written file (or directory) under its temporary name; if it raises, ``path`` is never
     written.
@@ -142,8 +173,11 @@ def export_torch(
     state_dict = weights.to_torch(target.layout)
     header = {**TORCH_FORMAT, **{k: json.dumps(v) for k, v in metadata.items()}}
     if target.hub_dir:
-        hub_config = _labelled(weights.spec.hub_config(target.layout) or {}, target.layout, metadata["class_names"])
-        _write_hub_dir(Path(path), state_dict, hub_config, header, check or (lambda written: None))
+        hub_config = weights.spec.hub_config(target.layout) or {}
+        configs = {HUB_CONFIG_FILE: _labelled(hub_config, target.layout, metadata["class_names"])}
+        if target.layout == TRANSFORMERS:
+            configs[PREPROCESSOR_FILE] = image_processor_config(metadata)
+        _write_hub_dir(Path(path), state_dict, configs, header, check or (lambda written: None))
     else:
         parity.write_checkpoint(path, state_dict, "torch", header, check)
     return Path(path)

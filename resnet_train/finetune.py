@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -78,22 +79,84 @@ def _saved_run(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """Source weights read and checked once, with what the converter warned about while reading them."""
+
+    key: tuple[str, int, int]  # the path read, its mtime and size: a file changed since is read again
+    framework: str
+    tensors: Any
+    hub_config: dict[str, Any]
+    weights: Any  # parity.conversion.weights.Weights
+    notes: tuple[str, ...]
+
+
+# The source read at flag parsing (for the architecture), kept for the run's setup to take: one read per run.
+_pending: dict[str, _Source] = {}
+
+
+def _weights_file(path: Path) -> Path:
+    """The file a source's weights are in: itself, or a hub directory's weights file."""
+    from parity.conversion.hub import WEIGHTS_FILES
+
+    if not path.is_dir():
+        return path
+    return next((path / name for name in WEIGHTS_FILES if (path / name).is_file()), path)
+
+
+def _key(source: str) -> tuple[str, int, int]:
+    stat = _weights_file(Path(source)).stat()
+    return str(Path(source).resolve()), stat.st_mtime_ns, stat.st_size
+
+
+def _read(source: str) -> _Source:
+    """Read and check the weights at ``source``. The converter's warnings (a ``module.`` prefix stripped, fresh
+    BatchNorm statistics) become notes the run logs, one line each: a pretrained source with a wrapper's
+    prefix is an ordinary input to fine-tune from, not a fault."""
+    from parity.conversion.convert import check_flax_variables, check_state_dict
+    from parity.conversion.files import TORCH, read_checkpoint
+    from parity.conversion.hub import read_hub_dir
+    from parity.conversion.validate import ConversionError
+
+    path = Path(source)
+    ckpt, hub_config = read_hub_dir(path) if path.is_dir() else (read_checkpoint(path), {})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            if ckpt.framework == TORCH:
+                weights = check_state_dict(ckpt.tensors, config=hub_config)
+            else:
+                weights = check_flax_variables(ckpt.tensors)
+        except ConversionError as e:
+            raise ConversionError(f"{path}: {e}") from None
+    notes = tuple(f"--init-from {source}: {w.message}" for w in caught)
+    return _Source(_key(source), ckpt.framework, ckpt.tensors, hub_config, weights, notes)
+
+
+def _take(source: str) -> _Source:
+    """The weights flag parsing read, if they are still the file's; else read them now."""
+    kept = _pending.pop(source, None)
+    return kept if kept is not None and kept.key == _key(source) else _read(source)
+
+
 def source_architecture(source: str, given: dict[str, Any], resume_dir: Path | None) -> dict[str, Any]:
     """arch and small_stem of the weights at ``source``; a ``given`` value that disagrees is a ValueError
     naming both. Resuming a run started from the same source (``resume_dir``), they are the run's own and
-    the weights are not read again."""
+    the weights are not read again; otherwise the weights read are kept for ``read_source``."""
     saved = _saved_run(resume_dir) if resume_dir is not None else None
+    _pending.clear()
     if saved is not None and saved.get("init_from") == source and {"arch", "small_stem"} <= set(saved):
         found = {"arch": saved["arch"], "small_stem": saved["small_stem"]}
         described = f"{saved['arch']} (as the run in {resume_dir} recorded)"
-    else:
-        from parity.conversion.load import read_weights
-
-        spec = read_weights(source).spec
-        if spec.name is None:
-            raise ValueError(f"--init-from {source}: {spec.describe()} is none of the depths resnet-train trains")
-        found, described = {"arch": spec.name, "small_stem": spec.small_stem}, spec.describe()
-    check_architecture(source, found, given, described)
+        check_architecture(source, found, given, described)
+        return found
+    read = _read(source)
+    spec = read.weights.spec
+    if spec.name is None:
+        raise ValueError(f"--init-from {source}: {spec.describe()} is none of the depths resnet-train trains")
+    found = {"arch": spec.name, "small_stem": spec.small_stem}
+    check_architecture(source, found, given, spec.describe())
+    _pending[source] = read
     return found
 
 
@@ -124,26 +187,17 @@ def _layout(framework: str, tensors: Any, hub_config: dict[str, Any]) -> str:
 def read_source(source: str, arch: str, small_stem: bool, num_classes: int) -> tuple[dict[str, Any], SourceRecord]:
     """The float32 variables a run starts from and the record of where they came from.
 
-    The weights must be ``arch`` with ``small_stem`` (ValueError naming both otherwise). Their classifier is
-    left out of the variables when its class count is not ``num_classes`` (the run initialises a fresh one);
-    one log line says which.
+    The weights are the ones flag parsing read (read now if it did not, or if the file changed since). They
+    must be ``arch`` with ``small_stem`` (ValueError naming both otherwise). Their classifier is left out of
+    the variables when its class count is not ``num_classes`` (the run initialises a fresh one); one log
+    line says which.
     """
     import jax.numpy as jnp
 
-    from parity.conversion.convert import check_flax_variables, check_state_dict
-    from parity.conversion.files import TORCH, read_checkpoint
-    from parity.conversion.hub import WEIGHTS_FILES, read_hub_dir
-    from parity.conversion.validate import ConversionError
-
-    path = Path(source)
-    ckpt, hub_config = read_hub_dir(path) if path.is_dir() else (read_checkpoint(path), {})
-    try:
-        if ckpt.framework == TORCH:
-            weights = check_state_dict(ckpt.tensors, config=hub_config)
-        else:
-            weights = check_flax_variables(ckpt.tensors)
-    except ConversionError as e:
-        raise ConversionError(f"{path}: {e}") from None
+    read = _take(source)
+    for note in read.notes:
+        log.warning("%s", note)
+    weights = read.weights
     spec = weights.spec
     check_architecture(
         source,
@@ -152,12 +206,12 @@ def read_source(source: str, arch: str, small_stem: bool, num_classes: int) -> t
         spec.describe(),
     )
     variables = weights.to_flax(jnp.float32)
-    read = next(path / name for name in WEIGHTS_FILES if (path / name).is_file()) if path.is_dir() else path
+    weights_file = _weights_file(Path(source))
     record = SourceRecord(
-        file_sha256(read),
-        str(read),
-        _layout(ckpt.framework, ckpt.tensors, hub_config),
-        path.is_dir(),
+        file_sha256(weights_file),
+        str(weights_file),
+        _layout(read.framework, read.tensors, read.hub_config),
+        Path(source).is_dir(),
         spec.describe(),
         spec.num_classes,
     )

@@ -112,11 +112,14 @@ def _recorded(meta: Mapping[str, Any]) -> Preprocessing | None:
 
 
 def _hub_preprocessing(folder: Path, config: Mapping[str, Any]) -> Preprocessing | None:
-    """transformers' preprocessor_config.json (shortest_edge, crop_pct) or timm's pretrained_cfg (input_size,
-    crop_pct)."""
+    """transformers' preprocessor_config.json (shortest_edge and crop_pct, ConvNextImageProcessor's; or
+    shortest_edge and crop_size, BitImageProcessor's) or timm's pretrained_cfg (input_size, crop_pct)."""
     hf = _json_file(folder / HF_PREPROCESSOR)
     edge = hf.get("size", {}).get("shortest_edge") if isinstance(hf.get("size"), dict) else None
     if isinstance(edge, int) and "image_mean" in hf and "image_std" in hf:
+        crop = hf.get("crop_size", {}).get("height") if isinstance(hf.get("crop_size"), dict) else None
+        if isinstance(crop, int):  # resize the shorter side to the edge, then cut the crop
+            return Preprocessing(crop, edge, tuple(hf["image_mean"]), tuple(hf["image_std"]))
         resize = int(edge / hf["crop_pct"]) if hf.get("crop_pct") else edge
         return Preprocessing(edge, resize, tuple(hf["image_mean"]), tuple(hf["image_std"]))
     timm = config.get("pretrained_cfg")
