@@ -80,12 +80,12 @@ def test_fused_model_keeps_options_variables_and_folds() -> None:
     assert fast.norm is fused_batch_norm2d and fused(fast) == fast
     assert is_fused(fast) and not is_fused(model)
     assert (fast.num_classes, fast.small_stem, fast.zero_init_residual, fast.dtype) == (7, True, True, jnp.bfloat16)
-    x = jnp.zeros((1, 16, 16, 3))
+    x = jnp.zeros((1, 8, 8, 3))
     assert jax.tree.structure(jax.eval_shape(fast.init, jax.random.key(0), x)) == jax.tree.structure(
         jax.eval_shape(model.init, jax.random.key(0), x)
     )
-    variables = model.init(jax.random.key(0), x)
-    np.testing.assert_array_equal(fast.apply(variables, x), model.apply(variables, x))
+    variables = jax.jit(model.init)(jax.random.key(0), x)
+    np.testing.assert_array_equal(jax.jit(fast.apply)(variables, x), jax.jit(model.apply)(variables, x))
     assert fold(fast, variables)[0].num_classes == 7
     with pytest.raises(TypeError, match="expects a resnet_flax.ResNet whose BatchNorms are not folded"):
         fused(fold(model, variables)[0])
@@ -97,8 +97,9 @@ def _flat_gradients(model: resnet_flax.ResNet, variables: dict, x: jax.Array, y:
         logits, _ = model.apply(variables_in, x, train=True, mutable=["batch_stats"])
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
+    # Jitted, as training runs it (and one program is far quicker than the op-by-op dispatch of a ResNet).
     return np.concatenate(
-        [np.asarray(g, np.float64).ravel() for g in jax.tree.leaves(jax.grad(loss)(variables["params"]))]
+        [np.asarray(g, np.float64).ravel() for g in jax.tree.leaves(jax.jit(jax.grad(loss))(variables["params"]))]
     )
 
 
