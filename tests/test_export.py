@@ -55,14 +55,40 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
 
 
-@pytest.mark.parametrize("arch", sorted(DEPTHS))
-@pytest.mark.parametrize("fmt", [STABLEHLO, ONNX])
-def test_every_depth_exports_verified_with_a_dynamic_batch(tmp_path, arch, fmt):
+# resnet18..resnet50 in both formats; resnet101 and resnet152 (more of resnet50's bottleneck blocks, the same
+# operations) once each, one per format, at the smallest size the standard stem takes down to 1x1 maps.
+DEEP_SIZE = 16
+DEPTH_CASES = [(fmt, arch, SIZE) for arch in ("resnet18", "resnet34", "resnet50") for fmt in (STABLEHLO, ONNX)]
+DEPTH_CASES += [(STABLEHLO, "resnet101", DEEP_SIZE), (ONNX, "resnet152", DEEP_SIZE)]
+
+
+@pytest.fixture(scope="module")
+def resnet18_artifacts(tmp_path_factory) -> tuple[torch.nn.Module, dict]:
+    """resnet18's model and its artifact in each format at SIZE: (model, {fmt: (path, what export returned)})."""
+    tmp = tmp_path_factory.mktemp("resnet18")
+    path, model = _checkpoint(tmp)
+    made = {}
+    for fmt in (STABLEHLO, ONNX):
+        out = tmp / f"m.{fmt}"
+        made[fmt] = (out, export(path, out, fmt, image_size=SIZE))
+    return model, made
+
+
+def test_every_depth_is_covered() -> None:
+    assert sorted({arch for _, arch, _ in DEPTH_CASES}) == sorted(DEPTHS)
+
+
+@pytest.mark.parametrize(("fmt", "arch", "size"), DEPTH_CASES)
+def test_every_depth_exports_verified_with_a_dynamic_batch(tmp_path, request, fmt, arch, size):
     """Verification runs the artifact at a batch of 3: the ONNX export traced a batch of 2, the StableHLO batch
     is symbolic, so each depth's artifact already ran at another batch size than it was made with."""
-    path, model = _checkpoint(tmp_path, arch)
-    out = tmp_path / f"m.{fmt}"
-    done = export(path, out, fmt, image_size=SIZE)
+    if arch == "resnet18":
+        model, made = request.getfixturevalue("resnet18_artifacts")
+        out, done = made[fmt]
+    else:
+        path, model = _checkpoint(tmp_path, arch)
+        out = tmp_path / f"m.{fmt}"
+        done = export(path, out, fmt, image_size=size)
     assert done.rel_err <= 1e-5 and out.stat().st_size == done.size
     if arch != "resnet18":
         return
@@ -76,10 +102,9 @@ def test_every_depth_exports_verified_with_a_dynamic_batch(tmp_path, arch, fmt):
     assert _rel(got, _torch_logits(model, x)) < 1e-5
 
 
-def test_the_stablehlo_file_runs_in_a_process_that_does_not_import_the_project(tmp_path):
-    path, model = _checkpoint(tmp_path)
-    out = tmp_path / "m.stablehlo"
-    export(path, out, STABLEHLO, image_size=SIZE)
+def test_the_stablehlo_file_runs_in_a_process_that_does_not_import_the_project(tmp_path, resnet18_artifacts):
+    model, made = resnet18_artifacts
+    out, _ = made[STABLEHLO]
     x = np.random.default_rng(6).standard_normal((4, SIZE, SIZE, 3)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     script = textwrap.dedent(
@@ -97,15 +122,13 @@ def test_the_stablehlo_file_runs_in_a_process_that_does_not_import_the_project(t
 
 
 @pytest.mark.parametrize("fmt", [STABLEHLO, ONNX])
-def test_class_names_and_normalisation_travel_with_the_artifact(tmp_path, fmt):
-    path, _ = _checkpoint(tmp_path)
-    out = tmp_path / f"m.{fmt}"
-    export(path, out, fmt, image_size=SIZE)
+def test_class_names_and_normalisation_travel_with_the_artifact(resnet18_artifacts, fmt):
+    out, _ = resnet18_artifacts[1][fmt]
     if fmt == ONNX:
         facts = {p.key: json.loads(p.value) for p in onnx.load(str(out), load_external_data=False).metadata_props}
         layout = "NCHW"
     else:
-        facts = json.loads((tmp_path / "m.stablehlo.json").read_text())
+        facts = json.loads(out.with_name(out.name + ".json").read_text())
         layout = "NHWC"
     assert facts["class_names"] == list(CLASSES)
     assert facts["mean"] == [0.5] * 3 and facts["std"] == [0.25] * 3

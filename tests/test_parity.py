@@ -48,9 +48,14 @@ MATRIX = {
     "resnet18": ((33, 47), CHECKS, CHECKS),
     "resnet34": ((47, 33), FORWARD, FORWARD),
     "resnet50": ((33, 47), (*FORWARD, GRADIENTS), FORWARD),
-    "resnet101": ((35, 29), FORWARD, (EVAL,)),
-    "resnet152": ((33, 47), FORWARD, (EVAL,)),
+    # More of resnet50's bottleneck blocks: each checked once, the fp32 rounding at one, fp64's semantics at the other.
+    "resnet101": ((35, 29), (), (EVAL,)),
+    "resnet152": ((33, 47), FORWARD, ()),
 }
+# (depth, precision) pairs with checks to run.
+MATRIX_CASES = [
+    (arch, p) for arch, (_, *checks) in MATRIX.items() for p, c in zip((FP64, FP32), checks, strict=True) if c
+]
 BATCH = 2
 
 
@@ -117,8 +122,7 @@ def test_nan_gradient_fails_gradients_at_its_stage_without_raising(monkeypatch, 
     assert all(grads.stage_errors[s] < 1e-10 for s in ("fc", "conv5_x", "conv4_x"))
 
 
-@pytest.mark.parametrize("arch", list(MATRIX))
-@pytest.mark.parametrize("precision", [FP64, FP32])
+@pytest.mark.parametrize(("arch", "precision"), MATRIX_CASES)
 def test_cpu_matrix(arch: str, precision: str) -> None:
     size, fp64_checks, fp32_checks = MATRIX[arch]
     wanted = fp64_checks if precision == FP64 else fp32_checks

@@ -13,6 +13,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import throughput  # noqa: E402
 
+# The smallest model the benchmarks time (8x8 images through the small stem, 10 classes): every test here runs
+# it, so the programs one compiles serve the others.
+TINY = ["--small-stem", "--batch", "2", "--size", "8", "--num-classes", "10"]
+
 
 def test_tiny_run_writes_json(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
@@ -21,7 +25,7 @@ def test_tiny_run_writes_json(
         monkeypatch.delenv(name, raising=False)  # the benchmark sets them; restore them afterwards
     threads = torch.get_num_threads()  # --torch-threads changes it for the whole process
     out = tmp_path / "bench" / "result.json"
-    argv = ["--arch", "resnet18", "--batch", "2", "--size", "32", "--steps", "1", "--warmup", "1", "--repeats", "1"]
+    argv = ["--arch", "resnet18", *TINY, "--steps", "1", "--warmup", "1", "--repeats", "1"]
     argv += ["--dtype", "fp32", "--device", "cpu", "--impl", "resnet_flax,resnet_torch", "--latency-batches", "2"]
     # One torch thread: on a CPU shared with other test processes, OpenMP barriers between two
     # threads stall for whole scheduler slices and make a tiny eager step take seconds.
@@ -87,7 +91,7 @@ def test_interleaved_run_reports_every_implementation(tmp_path: Path, monkeypatc
     for name in ("XLA_FLAGS", "JAX_PLATFORMS", "XLA_PYTHON_CLIENT_PREALLOCATE"):
         monkeypatch.delenv(name, raising=False)
     out = tmp_path / "interleaved.json"
-    argv = ["--arch", "resnet18", "--batch", "2", "--size", "32", "--steps", "1", "--warmup", "1", "--repeats", "2"]
+    argv = ["--arch", "resnet18", *TINY, "--steps", "1", "--warmup", "1", "--repeats", "2"]
     argv += ["--dtype", "fp32", "--device", "cpu", "--impl", "resnet_flax,resnet_flax_plain", "--mode", "train"]
     argv += ["--latency-batches", "", "--interleave", "--flax-steps-per-call", "2", "--json", str(out)]
     assert throughput.main(argv) == 0
@@ -106,7 +110,7 @@ def test_nnx_rows_time_the_small_stem_model(tmp_path: Path, monkeypatch: pytest.
         monkeypatch.delenv(name, raising=False)
     out = tmp_path / "nnx.json"
     impls = "resnet_flax,resnet_flax_nnx,resnet_flax_nnx+nnx.jit"
-    argv = ["--arch", "resnet18", "--small-stem", "--batch", "2", "--size", "8", "--num-classes", "10"]
+    argv = ["--arch", "resnet18", *TINY]
     argv += ["--steps", "1", "--warmup", "1", "--repeats", "1", "--dtype", "fp32", "--device", "cpu"]
     argv += ["--impl", impls, "--mode", "infer", "--latency-batches", "", "--interleave", "--json", str(out)]
     assert throughput.main(argv) == 0
@@ -125,7 +129,7 @@ def test_nnx_compiles_to_the_linen_program(mode: str, tmp_path: Path, capsys: py
     from benchmarks import nnx_programs
 
     out = tmp_path / "programs.json"
-    argv = ["--arch", "resnet18", "--small-stem", "--batch", "2", "--size", "8", "--num-classes", "10"]
+    argv = ["--arch", "resnet18", *TINY]
     assert nnx_programs.main([*argv, "--mode", mode, "--calls", "2", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     linen, nnx = report["programs"]["linen"], report["programs"]["nnx"]
