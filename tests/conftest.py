@@ -1,5 +1,5 @@
-"""Test settings: one compilation cache per session, strict JAX, a fixed seed per test, and the gpu
-marker's skip."""
+"""Test settings: one compilation cache per session, a cheaper LLVM optimisation level, strict JAX, a fixed
+seed per test, and the gpu marker's skip."""
 
 from __future__ import annotations
 
@@ -19,6 +19,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+# The tests' programs are small and run a few steps each, so compiling them dominates: LLVM's -O1 instead of
+# -O2 costs a quarter less CPU in compilation, and the arithmetic is the same (XLA:CPU does no fast-math).
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=1".strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

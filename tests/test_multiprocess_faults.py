@@ -31,7 +31,11 @@ def _start(tmp: Path, port: int, process: int, *flags: str) -> tuple[subprocess.
     out, err = tmp / f"{process}.out", tmp / f"{process}.err"
     dist = ["--distributed", "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2"]
     command = [sys.executable, "-m", "resnet_train.main", *dist, "--process-id", str(process), *FLAGS, *flags]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=1",
+        "JAX_PLATFORMS": "cpu",
+    }
     with out.open("w") as o, err.open("w") as e:
         return subprocess.Popen(command, cwd=REPO, env=env, stdout=o, stderr=e), out, err
 

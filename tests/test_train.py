@@ -232,7 +232,11 @@ SHARDED_CHECK = textwrap.dedent(
 
 def test_sharded_step_equals_single_device_step():
     """Both APIs' steps, in one process with 4 CPU devices."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+    }
     modules = ["resnet_train.steps", "resnet_train.nnx_steps"]
     run = subprocess.run(
         [sys.executable, "-c", SHARDED_CHECK, *modules],
