@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -33,6 +34,7 @@ SERVICE_SLACK_S = 30
 BEAT_KEY = "resnet_train/heartbeat/{}"
 BEAT_EVERY_S = 1.0
 DONE = "done"  # a process's last heartbeat: it finished, it did not die
+ANSWER_TIMEOUT_S = 5.0  # how long a live coordinator may take to answer a new connection
 _ending = threading.Lock()
 
 
@@ -100,6 +102,71 @@ def _watch_heartbeats(client: Any, me: int, count: int, timeout: float, done: th
         time.sleep(BEAT_EVERY_S)
 
 
+class _CoordinatorRelay:
+    """A local TCP relay between this process's JAX client and the coordination service (process 0).
+
+    When process 0 dies, JAX's client sees its connection close and aborts the process within a second
+    (a C++ abort: no sentence, no JSON line), and no option of this jaxlib turns that off. Through the
+    relay, the closed connection reaches this process first: while it runs (joined, not finished), a
+    coordinator that closed the connection and does not answer a new one is dead, and this process ends with
+    process_lost before JAX's client learns of it. A connection closed by a coordinator that still
+    answers is passed on, and JAX reconnects.
+    """
+
+    def __init__(self, coordinator: str, running: threading.Event) -> None:
+        host, port = coordinator.rsplit(":", 1)
+        self._coordinator = (host.strip("[]"), int(port))
+        self._running = running
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._server.getsockname()[1]}"
+        threading.Thread(target=self._accept, name="coordinator-relay", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            client = self._server.accept()[0]
+            try:
+                service = socket.create_connection(self._coordinator)
+            except OSError:  # not up yet: JAX's client retries, as it would without the relay
+                client.close()
+                continue
+            for args in ((service, client, True), (client, service, False)):
+                threading.Thread(target=self._pass, args=args, name="coordinator-relay", daemon=True).start()
+
+    def _pass(self, source: socket.socket, target: socket.socket, from_coordinator: bool) -> None:
+        """Copy bytes one way until the source closes; only the coordinator's side closing closes both."""
+        while True:
+            try:
+                data = source.recv(1 << 16)
+                if data:
+                    target.sendall(data)
+                    continue
+            except OSError:
+                pass
+            break
+        if not from_coordinator:  # JAX's client closed (or the coordinator went, which its side handles)
+            with contextlib.suppress(OSError):
+                target.shutdown(socket.SHUT_WR)
+            return
+        if self._running.is_set() and not self._coordinator_answers():
+            process_lost(
+                "the coordinator (process 0) died: it closed its connection and does not answer a new one; "
+                "resume the run from its last checkpoint"
+            )
+        for end in (source, target):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+
+    def _coordinator_answers(self) -> bool:
+        """Whether a new connection to the coordinator gets its first bytes (a gRPC server speaks first: its
+        HTTP/2 settings, within milliseconds); a dying process may still complete a connection, never answer."""
+        try:
+            with socket.create_connection(self._coordinator, timeout=ANSWER_TIMEOUT_S) as probe:
+                return bool(probe.recv(1))
+        except OSError:
+            return False
+
+
 def _try_get(client: Any, key: str) -> str:
     try:
         return client.key_value_try_get(key)
@@ -139,9 +206,17 @@ def initialize(config: TrainConfig) -> Iterator[None]:
     )
     timer.daemon = True
     timer.start()
+    running = threading.Event()  # joined and not finished: a coordinator lost now is a failed run
+    coordinator = config.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    bind = None
+    if coordinator and config.process_id != 0:
+        # where process 0, should this be it, runs the service: JAX would derive it from the relay's address
+        bind = os.environ.get("JAX_COORDINATOR_BIND_ADDRESS") or "[::]:" + coordinator.rsplit(":", 1)[1]
+        coordinator = _CoordinatorRelay(coordinator, running).address
     try:
         jax.distributed.initialize(
-            coordinator_address=config.coordinator_address or None,
+            coordinator_address=coordinator,
+            coordinator_bind_address=bind,
             num_processes=config.num_processes or None,
             process_id=None if config.process_id < 0 else config.process_id,
             initialization_timeout=config.start_timeout + SERVICE_SLACK_S,
@@ -156,8 +231,10 @@ def initialize(config: TrainConfig) -> Iterator[None]:
     args = (client, jax.process_index(), jax.process_count(), config.heartbeat_timeout, done)
     watcher = threading.Thread(target=_watch_heartbeats, args=args, name="heartbeats", daemon=True)
     watcher.start()
+    running.set()
     try:
         yield
+        running.clear()  # finished: the coordinator may now go without this run failing
     finally:
         done.set()
         watcher.join()

@@ -1,6 +1,6 @@
 """A multi-process run ends in bounded time with status 1, a sentence and the JSON line when its processes
-never all start, and when one of them dies (before or during training): never a silent wait, never
-JAX's C++ abort (status -6 with a stack trace)."""
+never all start, and when one of them dies (before or during training, the coordinator included): never a
+silent wait, never JAX's C++ abort (status -6 with a stack trace)."""
 
 from __future__ import annotations
 
@@ -95,6 +95,21 @@ def test_a_process_that_dies_before_training_ends_the_other_within_the_heartbeat
     code, result, err = _ended(procs[0], timeout=LIMIT_S + 60)
     assert time.monotonic() - killed < LIMIT_S + 10
     _assert_lost(code, result, err, "process 1 sent no heartbeat for 5 s (--heartbeat-timeout)", "resume the run")
+
+
+@pytest.mark.slow
+def test_the_coordinator_dying_ends_the_other_at_once_with_status_1(tmp_path):
+    # Process 0 runs JAX's coordination service: its death is what JAX's client would answer with an abort.
+    port = _free_port()
+    flags = ["--heartbeat-timeout", str(LIMIT_S), "--run-dir", str(tmp_path / "r")]
+    procs = [_start(tmp_path, port, i, *flags) for i in (0, 1)]
+    _wait_for(procs[1][2], "process 1 of 2 joined", procs)
+    killed = time.monotonic()
+    procs[0][0].kill()
+    procs[0][0].wait()
+    code, result, err = _ended(procs[1], timeout=LIMIT_S + 60)
+    assert time.monotonic() - killed < LIMIT_S
+    _assert_lost(code, result, err, "died", "resume the run")  # the relay or a failed collective says so first
 
 
 class _Store:
