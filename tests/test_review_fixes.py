@@ -1,0 +1,42 @@
+"""Checks of single rules: which parameters ``--freeze bn`` fixes, which configurations TrainConfig refuses
+where they enter, and which Flax-only speed levers a model refuses for a stem they cannot apply to."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+import resnet_flax
+import resnet_flax.nnx as resnet_nnx
+from resnet_train.config import TrainConfig
+from resnet_train.optim import BACKBONE_GROUP, FROZEN_GROUP, param_groups
+
+TINY = (1, 1, 1, 1)
+
+
+def linen_se_params() -> dict:
+    model = resnet_flax.ResNet(resnet_flax.BasicBlock, TINY, num_classes=3, small_stem=True, se=True)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False))
+    return shapes["params"]
+
+
+def nnx_se_params() -> nnx.State:
+    make = lambda: resnet_nnx.ResNet(  # noqa: E731
+        resnet_nnx.BasicBlock, TINY, num_classes=3, small_stem=True, se=True, rngs=nnx.Rngs(0)
+    )
+    return nnx.state(nnx.eval_shape(make), nnx.Param)
+
+
+@pytest.mark.parametrize("params", [linen_se_params, nnx_se_params], ids=["linen", "nnx"])
+def test_freeze_bn_freezes_batchnorm_scale_and_bias_but_not_squeeze_excite_biases(params):
+    config = TrainConfig(init_from="weights.pth", freeze="bn", small_stem=True)
+    flat = jax.tree_util.tree_flatten_with_path(param_groups(config)(params()))[0]
+    groups = {"/".join(str(getattr(e, "key", "")) for e in path).strip("/"): g for path, g in flat}
+    se_biases = [name for name in groups if "/se/" in name and name.endswith("bias")]
+    bn_leaves = [name for name in groups if name.startswith("conv1/1/")]
+    assert len(se_biases) == 2 * len(TINY), groups
+    assert sorted(bn_leaves) == ["conv1/1/bias", "conv1/1/scale"], groups
+    assert all(groups[name] == BACKBONE_GROUP for name in se_biases), groups
+    assert all(groups[name] == FROZEN_GROUP for name in bn_leaves), groups
