@@ -88,11 +88,9 @@ class ExportTarget:
 
 def export_target(config: TrainConfig, source: SourceRecord | None) -> ExportTarget:
     """--export-layout, else the source weights' layout, else the seed's; a directory for transformers, and for
-    timm when the source was a timm directory. ValueError for a network the layout's loader cannot build."""
+    timm when the source was a timm directory (TrainConfig has checked that the layout's model can be this network)."""
     layout = config.export_layout or (source.layout if source is not None else SEED)
     hub_dir = layout == TRANSFORMERS or (layout == TIMM and source is not None and source.hub_dir)
-    if hub_dir and config.small_stem:
-        raise ValueError(f"a {layout} model directory needs the 7x7 stem: {layout} has no small stem")
     return ExportTarget(layout, hub_dir)
 
 

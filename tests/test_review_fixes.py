@@ -40,3 +40,20 @@ def test_freeze_bn_freezes_batchnorm_scale_and_bias_but_not_squeeze_excite_biase
     assert sorted(bn_leaves) == ["conv1/1/bias", "conv1/1/scale"], groups
     assert all(groups[name] == BACKBONE_GROUP for name in se_biases), groups
     assert all(groups[name] == FROZEN_GROUP for name in bn_leaves), groups
+
+
+@pytest.mark.parametrize(
+    "arch, layout, words",
+    [
+        ("resnext50_32x4d", "transformers", "resnext50_32x4d .* has no transformers layout"),
+        ("resnet50d", "torchvision", "resnet50d .* has no torchvision layout.*timm layout"),
+        ("seresnet50", "torchvision", "seresnet50 .* has no torchvision layout"),
+    ],
+)
+def test_an_export_layout_that_cannot_hold_the_variant_is_refused_by_the_config(arch, layout, words):
+    with pytest.raises(ValueError, match=f"--export-layout {layout} cannot hold --arch {arch}: {words}"):
+        TrainConfig(arch=arch, small_stem=False, export_layout=layout)
+
+
+def test_torchvision_export_holds_resnext():
+    assert TrainConfig(arch="resnext50_32x4d", small_stem=False, export_layout="torchvision").arch == "resnext50_32x4d"
