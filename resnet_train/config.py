@@ -248,6 +248,10 @@ def _range_problems(c: TrainConfig) -> list[str]:
         problems.append(f"--freeze {c.freeze} keeps pretrained weights fixed: it needs --init-from")
     if c.freeze == FREEZE_BACKBONE and c.backbone_lr_scale != 1.0:
         problems.append("--backbone-lr-scale has no backbone to scale under --freeze backbone")
+    if c.small_stem and VARIANTS.get(c.arch, ("", {}))[1].get("stem") == DEEP_STEM:
+        problems.append(
+            f"--arch {c.arch} has its own (deep) stem, which the small stem cannot replace: it needs --no-small-stem"
+        )
     if c.export_layout in LAYOUTS and c.arch in ARCH_NAMES:
         try:
             _arch_spec(c).check_layout(c.export_layout)

@@ -57,3 +57,9 @@ def test_an_export_layout_that_cannot_hold_the_variant_is_refused_by_the_config(
 
 def test_torchvision_export_holds_resnext():
     assert TrainConfig(arch="resnext50_32x4d", small_stem=False, export_layout="torchvision").arch == "resnext50_32x4d"
+
+
+def test_a_deep_stem_arch_with_the_small_stem_is_refused_by_the_config():
+    with pytest.raises(ValueError, match="--arch resnet50d has its own .*stem.*needs --no-small-stem"):
+        TrainConfig(arch="resnet50d")
+    assert TrainConfig(arch="resnet50d", small_stem=False).arch == "resnet50d"
