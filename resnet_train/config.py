@@ -354,22 +354,25 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     p = parser()
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe: defaults for the fields it sets")
     p.set_defaults(**dict.fromkeys(DEFAULT_ARCH))  # None: not given, so --init-from's weights may decide
-    preset = p.parse_known_args(argv)[0].preset
+    flags = p.parse_known_args(argv)[0]
+    preset = flags.preset
     if preset:
         p.set_defaults(**PRESETS[preset], lr=None)
     values = vars(p.parse_args(argv))
     del values["preset"]
+    # The architecture fields the preset, not a flag, set: a disagreement with --init-from blames the preset.
+    presets = {k: preset for k in DEFAULT_ARCH if preset and getattr(flags, k) is None and k in PRESETS[preset]}
     try:
-        values.update(_architecture(values))
+        values.update(_architecture(values, presets))
         return TrainConfig(**(preset_values(preset, **values) if preset else values))
     except ValueError as e:
         p.error(str(e))
         raise
 
 
-def _architecture(values: dict[str, Any]) -> dict[str, Any]:
+def _architecture(values: dict[str, Any], presets: dict[str, str]) -> dict[str, Any]:
     """arch and small_stem: as given, else --init-from's weights' (which a given value must equal), else the
-    defaults."""
+    defaults. ``presets``: the fields a --preset gave, to its name."""
     given = {name: values[name] for name in DEFAULT_ARCH if values[name] is not None}
     if not values["init_from"]:
         chosen = {**DEFAULT_ARCH, **given}
@@ -378,4 +381,5 @@ def _architecture(values: dict[str, Any]) -> dict[str, Any]:
         return chosen
     from .finetune import source_architecture  # reads the weights: torch and the converter, only when asked
 
-    return source_architecture(values["init_from"], given, Path(values["run_dir"]) if values["resume"] else None)
+    resume_dir = Path(values["run_dir"]) if values["resume"] else None
+    return source_architecture(values["init_from"], given, resume_dir, presets)

@@ -63,3 +63,19 @@ def test_a_deep_stem_arch_with_the_small_stem_is_refused_by_the_config():
     with pytest.raises(ValueError, match="--arch resnet50d has its own .*stem.*needs --no-small-stem"):
         TrainConfig(arch="resnet50d")
     assert TrainConfig(arch="resnet50d", small_stem=False).arch == "resnet50d"
+
+
+def test_an_init_from_disagreement_blames_the_preset_that_set_the_arch(tmp_path):
+    import torch
+
+    import resnet_torch
+    from resnet_train.config import UsageError, parse_args
+
+    torch.save(resnet_torch.build("resnet18", num_classes=3).state_dict(), tmp_path / "r18.pth")
+    flags = ["--preset", "imagenet-resnet50", "--init-from", str(tmp_path / "r18.pth"), "--data-dir", str(tmp_path)]
+    with pytest.raises(UsageError) as refused:
+        parse_args(flags)
+    assert "--preset imagenet-resnet50's --arch resnet50 disagrees" in refused.value.message
+    with pytest.raises(UsageError) as refused:
+        parse_args([*flags, "--arch", "resnet50"])
+    assert "resnet18" in refused.value.message and ": --arch resnet50 disagrees" in refused.value.message
