@@ -79,3 +79,20 @@ def test_an_init_from_disagreement_blames_the_preset_that_set_the_arch(tmp_path)
     with pytest.raises(UsageError) as refused:
         parse_args([*flags, "--arch", "resnet50"])
     assert "resnet18" in refused.value.message and ": --arch resnet50 disagrees" in refused.value.message
+
+
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        ({"space_to_depth_stem": True, "small_stem": True}, "space_to_depth_stem applies to the default 7x7/2 stem"),
+        ({"space_to_depth_stem": True, "stem": "deep"}, "space_to_depth_stem .* has the deep stem"),
+        ({"max_pool_argmax_grad": True, "small_stem": True}, "max_pool_argmax_grad .* small stem .* has none"),
+    ],
+)
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_a_stem_lever_the_stem_has_no_place_for_is_refused(api, options, words):
+    with pytest.raises(ValueError, match=words):
+        if api == "linen":
+            resnet_flax.ResNet(resnet_flax.BasicBlock, TINY, num_classes=3, **options)
+        else:
+            resnet_nnx.ResNet(resnet_nnx.BasicBlock, TINY, num_classes=3, **options, rngs=nnx.Rngs(0))
