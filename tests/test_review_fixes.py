@@ -96,3 +96,38 @@ def test_a_stem_lever_the_stem_has_no_place_for_is_refused(api, options, words):
             resnet_flax.ResNet(resnet_flax.BasicBlock, TINY, num_classes=3, **options)
         else:
             resnet_nnx.ResNet(resnet_nnx.BasicBlock, TINY, num_classes=3, **options, rngs=nnx.Rngs(0))
+
+
+HF_PRE = {"size": {"shortest_edge": 12}, "crop_pct": 0.75, "image_mean": [0.5] * 3, "image_std": [0.25] * 3}
+TIMM_CFG = {"input_size": [3, 12, 12], "crop_pct": 0.75, "mean": [0.5] * 3, "std": [0.25] * 3}
+
+
+@pytest.mark.parametrize(
+    "files, resample",
+    [
+        ({"preprocessor_config.json": {**HF_PRE, "resample": 3}, "config.json": {}}, 3),
+        ({"config.json": {"pretrained_cfg": {**TIMM_CFG, "interpolation": "bicubic"}}}, 3),
+        ({"config.json": {"pretrained_cfg": TIMM_CFG}}, None),
+    ],
+    ids=["transformers", "timm", "default"],
+)
+def test_predict_resizes_with_the_filter_the_model_records(tmp_path, files, resample):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from parity.commands.predict import load_image, model_info
+
+    for name, content in files.items():
+        (tmp_path / name).write_text(json.dumps(content))
+    pre = model_info(tmp_path).preprocessing
+    assert pre is not None and pre.resample == resample
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (23, 29, 3), np.uint8)).save(tmp_path / "x.png")
+    got = load_image(tmp_path / "x.png", pre)
+    image = Image.open(tmp_path / "x.png").convert("RGB")
+    filter_ = Image.Resampling.BILINEAR if resample is None else resample
+    resized = {f: np.asarray(image.resize((20, 16), f), np.float32)[2:14, 4:16] / 255.0 for f in (filter_, 2)}
+    assert np.allclose(got, (resized[filter_] - 0.5) / 0.25, atol=1e-6)
+    assert filter_ == 2 or not np.allclose(resized[filter_], resized[2], atol=1e-3)  # the filter shows

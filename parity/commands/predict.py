@@ -38,13 +38,14 @@ class PredictError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
-    """The evaluation transform: resize the shorter side to ``resize``, cut the centre ``size`` square,
-    x / 255, then (x - mean) / std."""
+    """The evaluation transform: resize the shorter side to ``resize`` with the PIL filter ``resample``
+    (None: bilinear, torchvision's default), cut the centre ``size`` square, x / 255, then (x - mean) / std."""
 
     size: int
     resize: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    resample: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,20 +114,34 @@ def _recorded(meta: Mapping[str, Any]) -> Preprocessing | None:
 
 def _hub_preprocessing(folder: Path, config: Mapping[str, Any]) -> Preprocessing | None:
     """transformers' preprocessor_config.json (shortest_edge and crop_pct, ConvNextImageProcessor's; or
-    shortest_edge and crop_size, BitImageProcessor's) or timm's pretrained_cfg (input_size, crop_pct)."""
+    shortest_edge and crop_size, BitImageProcessor's; resample) or timm's pretrained_cfg (input_size, crop_pct,
+    interpolation)."""
     hf = _json_file(folder / HF_PREPROCESSOR)
     edge = hf.get("size", {}).get("shortest_edge") if isinstance(hf.get("size"), dict) else None
     if isinstance(edge, int) and "image_mean" in hf and "image_std" in hf:
         crop = hf.get("crop_size", {}).get("height") if isinstance(hf.get("crop_size"), dict) else None
+        resample = hf["resample"] if isinstance(hf.get("resample"), int) else None
         if isinstance(crop, int):  # resize the shorter side to the edge, then cut the crop
-            return Preprocessing(crop, edge, tuple(hf["image_mean"]), tuple(hf["image_std"]))
+            return Preprocessing(crop, edge, tuple(hf["image_mean"]), tuple(hf["image_std"]), resample)
         resize = int(edge / hf["crop_pct"]) if hf.get("crop_pct") else edge
-        return Preprocessing(edge, resize, tuple(hf["image_mean"]), tuple(hf["image_std"]))
+        return Preprocessing(edge, resize, tuple(hf["image_mean"]), tuple(hf["image_std"]), resample)
     timm = config.get("pretrained_cfg")
     if isinstance(timm, Mapping) and {"input_size", "mean", "std"} <= set(timm):
         size = int(timm["input_size"][-1])
-        return Preprocessing(size, int(size / timm.get("crop_pct", 1.0)), tuple(timm["mean"]), tuple(timm["std"]))
+        resize = int(size / timm.get("crop_pct", 1.0))
+        return Preprocessing(
+            size, resize, tuple(timm["mean"]), tuple(timm["std"]), _pil_filter(timm.get("interpolation"))
+        )
     return None
+
+
+def _pil_filter(name: object) -> int | None:
+    """A filter named as timm names them ('bilinear', 'bicubic', ...) as its PIL code; None for another name."""
+    from PIL import Image
+
+    if not isinstance(name, str) or name.upper() not in Image.Resampling.__members__:
+        return None
+    return int(Image.Resampling[name.upper()])
 
 
 def model_info(model: Path) -> ModelInfo:
@@ -167,13 +182,14 @@ def image_files(inputs: Sequence[Path]) -> list[Path]:
 def load_image(path: Path, pre: Preprocessing) -> np.ndarray:
     """One image through the evaluation transform, as a float32 HWC array."""
     from resnet_data.images import DECODE_ERRORS, read_rgb
-    from resnet_data.transforms import center_crop, resize_shorter
+    from resnet_data.transforms import RESAMPLE, center_crop, resize_shorter
 
     try:
         image = read_rgb(path)
     except DECODE_ERRORS as e:
         raise PredictError(f"{e}: not an image this can read") from None
-    pixels = np.asarray(center_crop(resize_shorter(image, pre.resize), pre.size), np.float32) / 255.0
+    resized = resize_shorter(image, pre.resize, RESAMPLE if pre.resample is None else pre.resample)
+    pixels = np.asarray(center_crop(resized, pre.size), np.float32) / 255.0
     return ((pixels - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)).astype(np.float32)
 
 
