@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from parity.conversion.exports import EXPORT_DIR, EXPORT_FILE, HUB_CONFIG_FILE
 from parity.conversion.names import SEED, TIMM, TRANSFORMERS
 from resnet_data.transforms import RESAMPLE, eval_resize_side
 from resnet_flax.preprocess import normalize
@@ -35,9 +36,6 @@ from .signals import StopRequest
 
 log = logging.getLogger(__name__)
 
-EXPORT_FILE = "model.safetensors"
-EXPORT_DIR = "model"  # a model-hub directory export: config.json and model.safetensors
-HUB_CONFIG_FILE = "config.json"
 # transformers' image processor settings (AutoImageProcessor.from_pretrained reads them), in a transformers export.
 PREPROCESSOR_FILE = "preprocessor_config.json"
 # BitImageProcessor resizes the shorter side and cuts the centre, as the run evaluates, at every size; the

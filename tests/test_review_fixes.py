@@ -131,3 +131,15 @@ def test_predict_resizes_with_the_filter_the_model_records(tmp_path, files, resa
     resized = {f: np.asarray(image.resize((20, 16), f), np.float32)[2:14, 4:16] / 255.0 for f in (filter_, 2)}
     assert np.allclose(got, (resized[filter_] - 0.5) / 0.25, atol=1e-6)
     assert filter_ == 2 or not np.allclose(resized[filter_], resized[2], atol=1e-3)  # the filter shows
+
+
+def test_a_run_export_is_its_hub_directory_when_it_wrote_one_else_its_file(tmp_path):
+    from parity.conversion.exports import EXPORT_DIR, EXPORT_FILE, RUN_MARKER, run_export
+
+    assert run_export(tmp_path) == tmp_path  # no run directory: the path itself
+    (tmp_path / RUN_MARKER).write_text("")
+    assert run_export(tmp_path) is None
+    (tmp_path / EXPORT_FILE).write_bytes(b"")
+    assert run_export(tmp_path) == tmp_path / EXPORT_FILE
+    (tmp_path / EXPORT_DIR).mkdir()
+    assert run_export(tmp_path) == tmp_path / EXPORT_DIR

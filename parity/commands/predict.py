@@ -18,14 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from ..conversion.exports import HUB_CONFIG_FILE, HUB_WEIGHTS_FILE, hub_class_names, run_export
 from ..conversion.files import FRAMEWORKS, CheckpointError
 from ..conversion.validate import ConversionError
 from .args import EXIT_BAD_INPUT, framework_arg, positive_int
 
-RUN_EXPORTS = ("model.safetensors", "model")  # a resnet-train run's export: a file, or a model-hub directory
-RUN_MARKER = "metrics.jsonl"  # what tells a run directory from a hub directory
-HUB_WEIGHTS = "model.safetensors"
-HUB_CONFIG = "config.json"
 HF_PREPROCESSOR = "preprocessor_config.json"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 BATCH = 32  # images per forward pass (memory only)
@@ -58,13 +55,11 @@ class ModelInfo:
 
 
 def _export_of(model: Path) -> Path:
-    """A run directory's export (file or hub directory); any other path as it is."""
-    if model.is_dir() and (model / RUN_MARKER).is_file():
-        found = next((model / name for name in RUN_EXPORTS if (model / name).exists()), None)
-        if found is None:
-            raise PredictError(f"{model}: a training run without an export (trained with --no-export?)")
-        return found
-    return model
+    """A run directory's export (hub directory or file); any other path as it is."""
+    found = run_export(model)
+    if found is None:
+        raise PredictError(f"{model}: a training run without an export (trained with --no-export?)")
+    return found
 
 
 def _safetensors_metadata(path: Path) -> dict[str, Any]:
@@ -90,15 +85,6 @@ def _json_file(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as e:
         raise PredictError(f"{path}: not a readable JSON file: {e}") from None
     return loaded if isinstance(loaded, dict) else {}
-
-
-def _hub_class_names(config: Mapping[str, Any]) -> tuple[str, ...] | None:
-    """transformers' id2label (0..K-1) or timm's label_names."""
-    id2label = config.get("id2label")
-    if isinstance(id2label, Mapping) and set(id2label) == {str(i) for i in range(len(id2label))}:
-        return tuple(str(id2label[str(i)]) for i in range(len(id2label)))
-    names = config.get("label_names")
-    return tuple(map(str, names)) if isinstance(names, list) else None
 
 
 def _recorded(meta: Mapping[str, Any]) -> Preprocessing | None:
@@ -148,9 +134,9 @@ def model_info(model: Path) -> ModelInfo:
     """Where MODEL's weights are, and the class names and transform recorded with them (None where none are)."""
     weights = _export_of(model)
     if weights.is_dir():
-        meta = _safetensors_metadata(weights / HUB_WEIGHTS)
-        config = _json_file(weights / HUB_CONFIG)
-        names = meta.get("class_names") or _hub_class_names(config)
+        meta = _safetensors_metadata(weights / HUB_WEIGHTS_FILE)
+        config = _json_file(weights / HUB_CONFIG_FILE)
+        names = meta.get("class_names") or hub_class_names(config)
         preprocessing = _recorded(meta) or _hub_preprocessing(weights, config)
     else:
         meta = _safetensors_metadata(weights)
