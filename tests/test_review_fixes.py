@@ -107,7 +107,7 @@ TIMM_CFG = {"input_size": [3, 12, 12], "crop_pct": 0.75, "mean": [0.5] * 3, "std
     [
         ({"preprocessor_config.json": {**HF_PRE, "resample": 3}, "config.json": {}}, 3),
         ({"config.json": {"pretrained_cfg": {**TIMM_CFG, "interpolation": "bicubic"}}}, 3),
-        ({"config.json": {"pretrained_cfg": TIMM_CFG}}, None),
+        ({"config.json": {"pretrained_cfg": TIMM_CFG}}, 2),
     ],
     ids=["transformers", "timm", "default"],
 )
@@ -127,7 +127,7 @@ def test_predict_resizes_with_the_filter_the_model_records(tmp_path, files, resa
     Image.fromarray(rng.integers(0, 256, (23, 29, 3), np.uint8)).save(tmp_path / "x.png")
     got = load_image(tmp_path / "x.png", pre)
     image = Image.open(tmp_path / "x.png").convert("RGB")
-    filter_ = Image.Resampling.BILINEAR if resample is None else resample
+    filter_ = resample
     resized = {f: np.asarray(image.resize((20, 16), f), np.float32)[2:14, 4:16] / 255.0 for f in (filter_, 2)}
     assert np.allclose(got, (resized[filter_] - 0.5) / 0.25, atol=1e-6)
     assert filter_ == 2 or not np.allclose(resized[filter_], resized[2], atol=1e-3)  # the filter shows

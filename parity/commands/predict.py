@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from resnet_data.transforms import RESAMPLE
+
 from ..conversion.exports import HUB_CONFIG_FILE, HUB_WEIGHTS_FILE, hub_class_names, run_export
 from ..conversion.files import FRAMEWORKS, CheckpointError
 from ..conversion.validate import ConversionError
@@ -35,14 +37,15 @@ class PredictError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
-    """The evaluation transform: resize the shorter side to ``resize`` with the PIL filter ``resample``
-    (None: bilinear, torchvision's default), cut the centre ``size`` square, x / 255, then (x - mean) / std."""
+    """The evaluation transform: resize the shorter side to ``resize`` with the PIL filter ``resample`` (an
+    ``Image.Resampling`` code; bilinear, torchvision's default, unless the model records another), cut the
+    centre ``size`` square, x / 255, then (x - mean) / std."""
 
     size: int
     resize: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    resample: int | None = None
+    resample: int = int(RESAMPLE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +109,7 @@ def _hub_preprocessing(folder: Path, config: Mapping[str, Any]) -> Preprocessing
     edge = hf.get("size", {}).get("shortest_edge") if isinstance(hf.get("size"), dict) else None
     if isinstance(edge, int) and "image_mean" in hf and "image_std" in hf:
         crop = hf.get("crop_size", {}).get("height") if isinstance(hf.get("crop_size"), dict) else None
-        resample = hf["resample"] if isinstance(hf.get("resample"), int) else None
+        resample = hf["resample"] if isinstance(hf.get("resample"), int) else int(RESAMPLE)
         if isinstance(crop, int):  # resize the shorter side to the edge, then cut the crop
             return Preprocessing(crop, edge, tuple(hf["image_mean"]), tuple(hf["image_std"]), resample)
         resize = int(edge / hf["crop_pct"]) if hf.get("crop_pct") else edge
@@ -121,12 +124,12 @@ def _hub_preprocessing(folder: Path, config: Mapping[str, Any]) -> Preprocessing
     return None
 
 
-def _pil_filter(name: object) -> int | None:
-    """A filter named as timm names them ('bilinear', 'bicubic', ...) as its PIL code; None for another name."""
+def _pil_filter(name: object) -> int:
+    """A filter named as timm names them ('bilinear', 'bicubic', ...) as its PIL code; bilinear's for another."""
     from PIL import Image
 
     if not isinstance(name, str) or name.upper() not in Image.Resampling.__members__:
-        return None
+        return int(RESAMPLE)
     return int(Image.Resampling[name.upper()])
 
 
@@ -168,13 +171,13 @@ def image_files(inputs: Sequence[Path]) -> list[Path]:
 def load_image(path: Path, pre: Preprocessing) -> np.ndarray:
     """One image through the evaluation transform, as a float32 HWC array."""
     from resnet_data.images import DECODE_ERRORS, read_rgb
-    from resnet_data.transforms import RESAMPLE, center_crop, resize_shorter
+    from resnet_data.transforms import center_crop, resize_shorter
 
     try:
         image = read_rgb(path)
     except DECODE_ERRORS as e:
         raise PredictError(f"{e}: not an image this can read") from None
-    resized = resize_shorter(image, pre.resize, RESAMPLE if pre.resample is None else pre.resample)
+    resized = resize_shorter(image, pre.resize, pre.resample)
     pixels = np.asarray(center_crop(resized, pre.size), np.float32) / 255.0
     return ((pixels - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)).astype(np.float32)
 
