@@ -38,7 +38,17 @@ import jax.numpy as jnp
 import optax
 
 from benchmarks import flax_steps
-from benchmarks.common import LEARNING_RATE, MOMENTUM, PRESET, WEIGHT_DECAY, Settings, cpu_model
+from benchmarks.common import (
+    ALL_LEVERS,
+    LEARNING_RATE,
+    LEVERS,
+    MOMENTUM,
+    NO_LEVERS,
+    PRESET,
+    WEIGHT_DECAY,
+    Settings,
+    cpu_model,
+)
 from resnet_train import steps
 from resnet_train.config import TrainConfig
 from resnet_train.data import steps_per_epoch
@@ -48,15 +58,13 @@ from resnet_train.optim import make_optimizer
 # The trainer's model with every lever off: the fused one-pass BatchNorm (the trainer's default) and every
 # convolution an XLA convolution (on the CPU the trainer's default runs 1x1 convolutions as products).
 BASE: dict[str, Any] = {"matmul_1x1": False}
-# Row name -> TrainConfig fields on top of BASE.
-VARIANTS: dict[str, dict[str, Any]] = {
-    "trainer": {},
+# Row name -> TrainConfig fields on top of BASE: the trainer, its plain (unfused) BatchNorm, and each speed
+# lever of benchmarks.common.LEVERS (the trainer's own step and "all levers" under the names these rows keep).
+LEVER_ROW_NAMES = {NO_LEVERS: "trainer", ALL_LEVERS: "all_levers"}
+ROWS: dict[str, dict[str, Any]] = {
+    LEVER_ROW_NAMES[NO_LEVERS]: LEVERS[NO_LEVERS],
     "plain_batchnorm": {"fused_bn": False},
-    "max_pool_argmax_grad": {"max_pool_argmax_grad": True},
-    "space_to_depth_stem": {"space_to_depth_stem": True},
-    "matmul_1x1": {"matmul_1x1": True},
-    "bn_two_pass": {"bn_two_pass": True},
-    "all_levers": {"max_pool_argmax_grad": True, "space_to_depth_stem": True, "matmul_1x1": True},
+    **{LEVER_ROW_NAMES.get(name, name): fields for name, fields in LEVERS.items() if name != NO_LEVERS},
 }
 # The figures kept from cost_analysis() (its other keys are per-operand breakdowns).
 COST_KEYS = ("flops", "bytes accessed", "transcendentals")
@@ -164,7 +172,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=224, help="square image side (default 224)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16", help="compute dtype (default bf16)")
     p.add_argument("--num-classes", type=int, default=1000, help="classifier width (default 1000)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
     p.add_argument("--reference", type=Path, default=None, help="a Python file with a Flax ResNet-50 to compare")
     p.add_argument("--reference-class", default="ResNet50", help="its linen module class (default ResNet50)")
     p.add_argument(
@@ -175,9 +183,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, required=True, help="where the figures go (rewritten after every row)")
     args = p.parse_args(argv)
     args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in args.variant_list if v not in VARIANTS]
+    unknown = [v for v in args.variant_list if v not in ROWS]
     if unknown:
-        p.error(f"--variants: unknown {', '.join(unknown)}; expected some of {', '.join(VARIANTS)}")
+        p.error(f"--variants: unknown {', '.join(unknown)}; expected some of {', '.join(ROWS)}")
     if args.reference is not None and not args.reference.is_file():
         p.error(f"--reference {args.reference}: no such file")
     return args
@@ -198,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "errors": [],
     }
     jobs: list[tuple[str, Callable[[], dict[str, Any]]]] = [
-        (name, functools.partial(trainer_step_costs, args, VARIANTS[name])) for name in args.variant_list
+        (name, functools.partial(trainer_step_costs, args, ROWS[name])) for name in args.variant_list
     ]
     if args.reference is not None:
         model_class = load_reference(args.reference, args.reference_class)

@@ -21,7 +21,7 @@ import dataclasses
 import json
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +36,8 @@ from resnet_data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from resnet_flax.fold import fold
 
 from .conversion.atomic import atomic_write
+from .conversion.exports import HUB_CONFIG_FILE, HUB_WEIGHTS_FILE, hub_class_names, run_export
 from .conversion.files import CheckpointError
-from .conversion.hub import CONFIG_FILE
 from .conversion.load import load_checkpoint
 
 ONNX, STABLEHLO = "onnx", "stablehlo"
@@ -55,9 +55,6 @@ TOLERANCES = {FP32: 1e-5, FP16: 1e-2, BF16: 3e-2}
 # batch dimension is exercised.
 VERIFY_BATCH, VERIFY_SEED = 3, 0
 DEFAULT_IMAGE_SIZE = 224
-RUN_EXPORT = "model.safetensors"  # the PyTorch file resnet-train leaves in its run directory
-RUN_HUB_EXPORT = "model"  # or, exporting in a model hub's layout, the hub directory it leaves there
-RUN_MARKER = "metrics.jsonl"  # what tells a run directory from a hub directory
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 NORMALISATION = "x / 255, then (x - mean) / std per RGB channel"
 
@@ -113,14 +110,12 @@ def _check_writable(out: Path) -> None:
 
 
 def _weights_path(model: Path) -> Path:
-    """A run directory's exported file, else the path itself (a checkpoint file or a hub directory)."""
-    if model.is_dir() and (model / RUN_MARKER).exists():
-        if (model / RUN_HUB_EXPORT).is_dir():
-            return model / RUN_HUB_EXPORT
-        if not (model / RUN_EXPORT).is_file():
-            raise CheckpointError(f"{model}: a training run without {RUN_EXPORT} (trained with --no-export?)")
-        return model / RUN_EXPORT
-    return model
+    """A run directory's export (hub directory or file), else the path itself (a checkpoint file or a hub
+    directory)."""
+    found = run_export(model)
+    if found is None:
+        raise CheckpointError(f"{model}: a training run without an export (trained with --no-export?)")
+    return found
 
 
 def _json_list(metadata: Mapping[str, str], key: str) -> list[Any] | None:
@@ -131,27 +126,18 @@ def _json_list(metadata: Mapping[str, str], key: str) -> list[Any] | None:
     return value if isinstance(value, list) else None
 
 
-def _hub_class_names(config: Mapping[str, Any], num_classes: int) -> list[str] | None:
-    """transformers' ``id2label`` or timm's ``label_names`` from a hub config.json (read and checked by the
-    converter already), if complete."""
-    id2label = config.get("id2label")
-    if isinstance(id2label, Mapping) and set(id2label) == {str(i) for i in range(num_classes)}:
-        return [str(id2label[str(i)]) for i in range(num_classes)]
-    names = config.get("label_names")
-    return [str(n) for n in names] if isinstance(names, list) and len(names) == num_classes else None
-
-
 def serving_of(model: Path, weights_path: Path, num_classes: int, image_size: int | None) -> Serving:
     """Class names and normalisation from the file's metadata (resnet-train writes them) or a hub config;
     otherwise class indices and the ImageNet statistics."""
     metadata: Mapping[str, str] = {}
-    metadata_file = weights_path / RUN_EXPORT if weights_path.is_dir() else weights_path  # a hub directory's weights
+    # A hub directory's weights file holds the metadata.
+    metadata_file = weights_path / HUB_WEIGHTS_FILE if weights_path.is_dir() else weights_path
     if metadata_file.suffix == ".safetensors" and metadata_file.is_file():
         with safetensors.safe_open(str(metadata_file), "np") as f:
             metadata = f.metadata() or {}
-    names = _json_list(metadata, "class_names")
+    names: Sequence[Any] | None = _json_list(metadata, "class_names")
     if names is None and weights_path.is_dir():  # a hub directory: its config names classes
-        names = _hub_class_names(json.loads((weights_path / CONFIG_FILE).read_text()), num_classes)
+        names = hub_class_names(json.loads((weights_path / HUB_CONFIG_FILE).read_text()))
     mean, std = _json_list(metadata, "mean") or IMAGENET_MEAN, _json_list(metadata, "std") or IMAGENET_STD
     saved_size = metadata.get("image_size")
     size = image_size or (int(saved_size) if saved_size and saved_size.isdigit() else DEFAULT_IMAGE_SIZE)

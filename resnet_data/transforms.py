@@ -77,8 +77,9 @@ def train_crop(image: Image.Image, rng: np.random.Generator, size: int, flip: bo
     return out
 
 
-def resize_shorter(image: Image.Image, side: int) -> Image.Image:
-    """torchvision's Resize(side): the shorter side becomes side, the longer keeps the aspect ratio (truncated)."""
+def resize_shorter(image: Image.Image, side: int, resample: int = RESAMPLE) -> Image.Image:
+    """torchvision's Resize(side): the shorter side becomes side, the longer keeps the aspect ratio (truncated);
+    ``resample`` is the PIL filter (an ``Image.Resampling`` code)."""
     width, height = image.size
     short, long = min(width, height), max(width, height)
     new_long = int(side * long / short)
@@ -88,7 +89,7 @@ def resize_shorter(image: Image.Image, side: int) -> Image.Image:
             f"{width}x{height} image resized to {new_size[0]}x{new_size[1]} would have "
             f"{new_size[0] * new_size[1]:,} pixels, more than the {MAX_PIXELS:,} an image may have"
         )
-    return image if new_size == image.size else image.resize(new_size, RESAMPLE)
+    return image if new_size == image.size else image.resize(new_size, resample)
 
 
 def center_crop(image: Image.Image, size: int) -> Image.Image:

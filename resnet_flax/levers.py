@@ -23,6 +23,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from resnet_arch import DEFAULT_STEM
+
 Array = jax.Array
 # The argmax index's dtype: a pooling window has at most 256 positions (the ResNet stem's has 9).
 ARGMAX_DTYPE = jnp.uint8
@@ -163,3 +165,18 @@ def conv2d_1x1_as_dot(x: Array, kernel: Array, stride: int, precision: Any) -> A
     if stride > 1:
         x = x[:, ::stride, ::stride, :]
     return jax.lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())), precision=precision)
+
+
+def check_stem_levers(*, stem: str, small_stem: bool, space_to_depth_stem: bool, max_pool_argmax_grad: bool) -> None:
+    """ValueError when a stem lever is asked of a stem it does not apply to (instead of doing nothing):
+    ``space_to_depth_stem`` rewrites the 7x7/2 convolution, ``max_pool_argmax_grad`` the stem's max-pool."""
+    if space_to_depth_stem and (small_stem or stem != DEFAULT_STEM):
+        raise ValueError(
+            "space_to_depth_stem applies to the default 7x7/2 stem convolution; this model has "
+            f"{'the small (3x3/1) stem' if small_stem else f'the {stem} stem'} (use small_stem=False, stem='default')"
+        )
+    if max_pool_argmax_grad and small_stem:
+        raise ValueError(
+            "max_pool_argmax_grad applies to the stem's max-pool; the small stem (3x3/1) has none "
+            "(use small_stem=False)"
+        )

@@ -37,7 +37,7 @@ from resnet_arch import (
 )
 
 from .layers import BatchNorm2d, Conv2d, Linear, Sequential
-from .levers import max_pool2d_argmax_grad
+from .levers import check_stem_levers, max_pool2d_argmax_grad
 from .ops import (
     Dtype,
     Initializer,
@@ -229,6 +229,12 @@ class ResNet(nn.Module):
             stem=self.stem,
             small_stem=self.small_stem,
             **_block_options(self),
+        )
+        check_stem_levers(
+            stem=self.stem,
+            small_stem=self.small_stem,
+            space_to_depth_stem=self.space_to_depth_stem,
+            max_pool_argmax_grad=self.max_pool_argmax_grad,
         )
         # A list (the seed writes [3, 4, 6, 3]) would make the module unhashable, so no static jit arg.
         object.__setattr__(self, "num_block", tuple(self.num_block))

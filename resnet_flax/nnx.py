@@ -42,6 +42,7 @@ from resnet_arch import (
 
 from .fold import fold_conv_bn
 from .fused import FUSED_TRAIN_NORMS, fused_batch_norm_train, fused_batch_norm_train_two_pass
+from .levers import check_stem_levers
 from .nnx_layers import AvgPool2d, BatchNorm2d, Conv2d, FoldedBatchNorm, Linear, MaxPool2d, Sequential
 from .ops import (
     BN_BIAS,
@@ -222,6 +223,12 @@ class ResNet(nnx.Module):
     ) -> None:
         family = dict(groups=groups, width_per_group=width_per_group, avg_down=avg_down, se=se)
         check_options(block, num_block, num_classes, BLOCKS, stem=stem, small_stem=small_stem, **family)
+        check_stem_levers(
+            stem=stem,
+            small_stem=small_stem,
+            space_to_depth_stem=space_to_depth_stem,
+            max_pool_argmax_grad=max_pool_argmax_grad,
+        )
         self.block, self.num_block, self.num_classes = block, tuple(num_block), num_classes
         self.init_weights, self.zero_init_residual, self.small_stem = init_weights, zero_init_residual, small_stem
         self.groups, self.width_per_group, self.stem = groups, width_per_group, stem

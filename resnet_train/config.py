@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from parity.conversion.names import LAYOUTS, TIMM, TORCHVISION, TRANSFORMERS
-from resnet_arch import APIS, ARCH_NAMES, DEEP_STEM, LINEN, VARIANTS
+from parity.conversion.arch import ArchSpec
+from parity.conversion.names import LAYOUTS
+from resnet_arch import APIS, ARCH_NAMES, DEEP_STEM, LINEN, VARIANTS, resolve_arch
 
 from .presets import PRESETS, preset_values
 
@@ -35,12 +36,6 @@ DEFAULT_ARCH = {"arch": "resnet18", "small_stem": True}
 FLOAT32_MAX = 3.4028234663852886e38
 # Random-crop padding for 32x32-class images, as in the usual CIFAR recipe.
 DEFAULT_CROP_PADDING = 4
-# Export layouts whose own model has only the 7x7 stem (what each loads into): a small stem cannot go there.
-STEM_ONLY_LAYOUTS = {
-    TORCHVISION: "torchvision.models.resnetNN",
-    TIMM: "timm's resnetNN",
-    TRANSFORMERS: "transformers' ResNetForImageClassification",
-}
 # Fields with a fixed set of values (checked in TrainConfig, offered as choices on the command line).
 CHOICES = {
     "dataset": DATASETS,
@@ -253,12 +248,22 @@ def _range_problems(c: TrainConfig) -> list[str]:
         problems.append(f"--freeze {c.freeze} keeps pretrained weights fixed: it needs --init-from")
     if c.freeze == FREEZE_BACKBONE and c.backbone_lr_scale != 1.0:
         problems.append("--backbone-lr-scale has no backbone to scale under --freeze backbone")
-    if c.export_layout in STEM_ONLY_LAYOUTS and c.small_stem:
+    if c.small_stem and VARIANTS.get(c.arch, ("", {}))[1].get("stem") == DEEP_STEM:
         problems.append(
-            f"--export-layout {c.export_layout} needs the 7x7 stem: {STEM_ONLY_LAYOUTS[c.export_layout]} has no "
-            "small stem, so the 3x3 stem's weights would not load into it (--no-small-stem)"
+            f"--arch {c.arch} has its own (deep) stem, which the small stem cannot replace: it needs --no-small-stem"
         )
+    if c.export_layout in LAYOUTS and c.arch in ARCH_NAMES:
+        try:
+            _arch_spec(c).check_layout(c.export_layout)
+        except ValueError as e:
+            problems.append(f"--export-layout {c.export_layout} cannot hold --arch {c.arch}: {e}")
     return problems
+
+
+def _arch_spec(c: TrainConfig) -> ArchSpec:
+    """The network ``c`` trains, as the converter describes it (its class count does not matter here)."""
+    block, num_block, options = resolve_arch(c.arch, {})
+    return ArchSpec(block, num_block, 1, c.small_stem, **options)
 
 
 # Fields that may change between an interrupted run and its --resume without changing the result.
@@ -349,22 +354,25 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     p = parser()
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe: defaults for the fields it sets")
     p.set_defaults(**dict.fromkeys(DEFAULT_ARCH))  # None: not given, so --init-from's weights may decide
-    preset = p.parse_known_args(argv)[0].preset
+    flags = p.parse_known_args(argv)[0]
+    preset = flags.preset
     if preset:
         p.set_defaults(**PRESETS[preset], lr=None)
     values = vars(p.parse_args(argv))
     del values["preset"]
+    # The architecture fields the preset, not a flag, set: a disagreement with --init-from blames the preset.
+    presets = {k: preset for k in DEFAULT_ARCH if preset and getattr(flags, k) is None and k in PRESETS[preset]}
     try:
-        values.update(_architecture(values))
+        values.update(_architecture(values, presets))
         return TrainConfig(**(preset_values(preset, **values) if preset else values))
     except ValueError as e:
         p.error(str(e))
         raise
 
 
-def _architecture(values: dict[str, Any]) -> dict[str, Any]:
+def _architecture(values: dict[str, Any], presets: dict[str, str]) -> dict[str, Any]:
     """arch and small_stem: as given, else --init-from's weights' (which a given value must equal), else the
-    defaults."""
+    defaults. ``presets``: the fields a --preset gave, to its name."""
     given = {name: values[name] for name in DEFAULT_ARCH if values[name] is not None}
     if not values["init_from"]:
         chosen = {**DEFAULT_ARCH, **given}
@@ -373,4 +381,5 @@ def _architecture(values: dict[str, Any]) -> dict[str, Any]:
         return chosen
     from .finetune import source_architecture  # reads the weights: torch and the converter, only when asked
 
-    return source_architecture(values["init_from"], given, Path(values["run_dir"]) if values["resume"] else None)
+    resume_dir = Path(values["run_dir"]) if values["resume"] else None
+    return source_architecture(values["init_from"], given, resume_dir, presets)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from parity.conversion.exports import EXPORT_DIR, EXPORT_FILE, HUB_CONFIG_FILE
 from parity.conversion.names import SEED, TIMM, TRANSFORMERS
 from resnet_data.transforms import RESAMPLE, eval_resize_side
 from resnet_flax.preprocess import normalize
@@ -35,9 +36,6 @@ from .signals import StopRequest
 
 log = logging.getLogger(__name__)
 
-EXPORT_FILE = "model.safetensors"
-EXPORT_DIR = "model"  # a model-hub directory export: config.json and model.safetensors
-HUB_CONFIG_FILE = "config.json"
 # transformers' image processor settings (AutoImageProcessor.from_pretrained reads them), in a transformers export.
 PREPROCESSOR_FILE = "preprocessor_config.json"
 # BitImageProcessor resizes the shorter side and cuts the centre, as the run evaluates, at every size; the
@@ -88,11 +86,9 @@ class ExportTarget:
 
 def export_target(config: TrainConfig, source: SourceRecord | None) -> ExportTarget:
     """--export-layout, else the source weights' layout, else the seed's; a directory for transformers, and for
-    timm when the source was a timm directory. ValueError for a network the layout's loader cannot build."""
+    timm when the source was a timm directory (TrainConfig has checked that the layout's model can be this network)."""
     layout = config.export_layout or (source.layout if source is not None else SEED)
     hub_dir = layout == TRANSFORMERS or (layout == TIMM and source is not None and source.hub_dir)
-    if hub_dir and config.small_stem:
-        raise ValueError(f"a {layout} model directory needs the 7x7 stem: {layout} has no small stem")
     return ExportTarget(layout, hub_dir)
 
 

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import logging
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +59,18 @@ def _flag_value(name: str, value: Any) -> str:
     return f"{flag} {value}"
 
 
-def check_architecture(source: str, found: dict[str, Any], given: dict[str, Any], described: str) -> None:
-    """ValueError naming both when a given arch or small_stem disagrees with the source weights'."""
+def check_architecture(
+    source: str, found: dict[str, Any], given: dict[str, Any], described: str, presets: Mapping[str, str] | None = None
+) -> None:
+    """ValueError naming both when a given arch or small_stem disagrees with the source weights'; ``presets``
+    maps a field a --preset set (not a flag) to the preset's name, which the sentence then blames."""
     for name, value in given.items():
         if value != found[name]:
+            flag = _flag_value(name, value)
+            flag = f"--preset {presets[name]}'s {flag}" if presets and name in presets else flag
             raise ValueError(
                 f"--init-from {source} holds {described}, which is {_flag_value(name, found[name])}: "
-                f"{_flag_value(name, value)} disagrees (leave it out: the architecture comes from the weights)"
+                f"{flag} disagrees (leave it out: the architecture comes from the weights)"
             )
 
 
@@ -139,23 +145,28 @@ def _take(source: str) -> _Source:
     return kept if kept is not None and kept.key == _key(source) else _read(source)
 
 
-def source_architecture(source: str, given: dict[str, Any], resume_dir: Path | None) -> dict[str, Any]:
+def source_architecture(
+    source: str, given: dict[str, Any], resume_dir: Path | None, presets: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """arch and small_stem of the weights at ``source``; a ``given`` value that disagrees is a ValueError
-    naming both. Resuming a run started from the same source (``resume_dir``), they are the run's own and
-    the weights are not read again; otherwise the weights read are kept for ``read_source``."""
+    naming both (``presets``: the given fields a --preset set, see check_architecture). Resuming a run
+    started from the same source (``resume_dir``), they are the run's own and the weights are not read
+    again; otherwise the weights read are kept for ``read_source``."""
     saved = _saved_run(resume_dir) if resume_dir is not None else None
     _pending.clear()
     if saved is not None and saved.get("init_from") == source and {"arch", "small_stem"} <= set(saved):
         found = {"arch": saved["arch"], "small_stem": saved["small_stem"]}
         described = f"{saved['arch']} (as the run in {resume_dir} recorded)"
-        check_architecture(source, found, given, described)
+        check_architecture(source, found, given, described, presets)
         return found
     read = _read(source)
     spec = read.weights.spec
     if spec.name is None:
-        raise ValueError(f"--init-from {source}: {spec.describe()} is none of the depths resnet-train trains")
+        raise ValueError(
+            f"--init-from {source}: {spec.describe()} is none of the builders resnet-train trains (--arch choices)"
+        )
     found = {"arch": spec.name, "small_stem": spec.small_stem}
-    check_architecture(source, found, given, spec.describe())
+    check_architecture(source, found, given, spec.describe(), presets)
     _pending[source] = read
     return found
 

@@ -9,7 +9,7 @@ import jax
 import optax
 
 from parity.checks.optim import torch_sgd
-from resnet_arch import HEAD
+from resnet_arch import BN_PARAMS, HEAD
 
 from .config import FREEZE_BACKBONE, FREEZE_BN, FREEZE_NONE, TrainConfig
 
@@ -29,24 +29,42 @@ def decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def _first_key(path: tuple[Any, ...]) -> str:
-    """The top-level module a leaf's tree path starts with (linen dicts and NNX states alike)."""
-    entry = path[0]
-    return str(getattr(entry, "key", getattr(entry, "name", entry)))
+# A BatchNorm is the module that holds a ``scale``; ``--freeze bn`` fixes its scale and bias (not, say, the
+# squeeze-and-excitation biases, which are 1-d too).
+BN_SCALE = BN_PARAMS["weight"]
+BN_LEAVES = frozenset(BN_PARAMS.values())
+
+
+def _names(path: tuple[Any, ...]) -> tuple[str, ...]:
+    """A leaf's tree path as module and parameter names (linen dicts and NNX states alike: an NNX Variable's
+    ``.value`` attribute is left out)."""
+    return tuple(
+        str(getattr(entry, "key", getattr(entry, "idx", entry)))
+        for entry in path
+        if not isinstance(entry, jax.tree_util.GetAttrKey)
+    )
 
 
 def param_groups(config: TrainConfig) -> Any:
     """params -> the group of each leaf: the classifier's, the backbone's, or frozen (``--freeze``: every
-    BatchNorm scale and bias, or the whole backbone). A BatchNorm parameter is a 1-d one outside the classifier."""
+    BatchNorm scale and bias, or the whole backbone)."""
 
-    def group(path: tuple[Any, ...], p: Any) -> str:
-        if _first_key(path) == HEAD:
-            return HEAD_GROUP
-        if config.freeze == FREEZE_BACKBONE or (config.freeze == FREEZE_BN and p.ndim == 1):
-            return FROZEN_GROUP
-        return BACKBONE_GROUP
+    def groups(params: Any) -> Any:
+        leaves = [_names(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        batch_norms = {names[:-1] for names in leaves if names[-1] == BN_SCALE}
 
-    return lambda params: jax.tree_util.tree_map_with_path(group, params)
+        def group(path: tuple[Any, ...], _: Any) -> str:
+            names = _names(path)
+            if names[0] == HEAD:
+                return HEAD_GROUP
+            is_bn = names[-1] in BN_LEAVES and names[:-1] in batch_norms
+            if config.freeze == FREEZE_BACKBONE or (config.freeze == FREEZE_BN and is_bn):
+                return FROZEN_GROUP
+            return BACKBONE_GROUP
+
+        return jax.tree_util.tree_map_with_path(group, params)
+
+    return groups
 
 
 def keep_frozen(config: TrainConfig, new: Any, old: Any) -> Any:

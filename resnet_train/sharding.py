@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 import jax
 import numpy as np
-from jax._src import distributed as jax_distributed
+from jax._src import distributed as jax_distributed  # private: jax.distributed exposes no key-value client
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -38,11 +38,12 @@ ANSWER_TIMEOUT_S = 5.0  # how long a live coordinator may take to answer a new c
 _ending = threading.Lock()
 
 
-def _say_and_exit(message: str) -> None:
+def _say(message: str) -> None:
+    """A lost process's sentence on stderr (the caller exits)."""
     print(f"resnet-train: error: {message}", file=sys.stderr, flush=True)
 
 
-_lost_handlers: list[Callable[[str], object]] = [_say_and_exit]
+_lost_handlers: list[Callable[[str], object]] = [_say]
 
 
 @contextlib.contextmanager

@@ -3,8 +3,8 @@
     python3 scripts/gpu_steps.py --out DIR STEP            # one step on the GPU (gpu_check.sh: one process each)
     python3 scripts/gpu_steps.py --out DIR --dry-run all   # every step in a tiny CPU form, in this one process
 
-On a GPU each step runs at the sizes the issue asks for (ResNet-50 bf16, batch 256 at 224; parity at
-every depth); the dry run walks the same code at tiny sizes on the CPU, in one process (one import of
+On a GPU each step runs at full size (ResNet-50 bf16, batch 256 at 224x224, the standard ImageNet training
+shape; parity at every depth); the dry run walks the same code at tiny sizes on the CPU, in one process (one import of
 torch and jax for all), each step's output in DIR/gpu-logs/STEP.log and its record in steps.tsv.
 """
 
@@ -35,7 +35,7 @@ DRY_UNKNOWN_FLAG = "--xla_gpu_flag_no_jaxlib_has=true"
 UNKNOWN_FLAG_MARKS = ("Unknown flag", "unknown flag")
 # Seconds per flag's process on the GPU (import, compile, 10 timed steps).
 FLAG_LIMIT_S = 26
-# ResNet-50 bf16 at batch 256, 224x224: the figures the issue's targets are stated in.
+# ResNet-50 bf16 at batch 256, 224x224: the standard ImageNet training shape, where the throughput figures are compared.
 BENCH = [
     "--arch",
     "resnet50",
@@ -107,7 +107,8 @@ def parity_deep(out: Path, dry: bool) -> int:
     return max(codes)
 
 
-# Tiny CPU parity: one check, 16x16, batch 2; on the GPU the deep checks' input, as run 2 measured them.
+# Tiny CPU parity: one check, 16x16, batch 2. On the GPU the deep checks run at 224x224 (ImageNet's input size),
+# batch 8.
 TINY = ["--size", "16", "16", "--batch", "2", "--checks", "eval logits"]
 DEEP_SIZE = ["--size", "224", "224", "--batch", "8"]
 # float64 at every depth: compiling dominates, so a smaller input (the 1e-10 bound does not depend on it).

@@ -168,7 +168,7 @@ def test_an_export_layout_without_a_small_stem_is_refused_at_the_flags(layout, c
     code = train_main.main(["--export-layout", layout, "--small-stem", "--run-dir", "unused"])
     assert code == 2
     error = json.loads(capsys.readouterr().out.splitlines()[-1])["error"]
-    assert f"--export-layout {layout} needs the 7x7 stem" in error and "--no-small-stem" in error
+    assert f"--export-layout {layout} cannot hold" in error and "small stem" in error and "--no-small-stem" in error
     assert not Path("unused").exists()
 
 

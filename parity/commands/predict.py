@@ -18,14 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from resnet_data.transforms import RESAMPLE
+
+from ..conversion.exports import HUB_CONFIG_FILE, HUB_WEIGHTS_FILE, hub_class_names, run_export
 from ..conversion.files import FRAMEWORKS, CheckpointError
 from ..conversion.validate import ConversionError
 from .args import EXIT_BAD_INPUT, framework_arg, positive_int
 
-RUN_EXPORTS = ("model.safetensors", "model")  # a resnet-train run's export: a file, or a model-hub directory
-RUN_MARKER = "metrics.jsonl"  # what tells a run directory from a hub directory
-HUB_WEIGHTS = "model.safetensors"
-HUB_CONFIG = "config.json"
 HF_PREPROCESSOR = "preprocessor_config.json"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 BATCH = 32  # images per forward pass (memory only)
@@ -38,13 +37,15 @@ class PredictError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
-    """The evaluation transform: resize the shorter side to ``resize``, cut the centre ``size`` square,
-    x / 255, then (x - mean) / std."""
+    """The evaluation transform: resize the shorter side to ``resize`` with the PIL filter ``resample`` (an
+    ``Image.Resampling`` code; bilinear, torchvision's default, unless the model records another), cut the
+    centre ``size`` square, x / 255, then (x - mean) / std."""
 
     size: int
     resize: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    resample: int = int(RESAMPLE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,13 +58,11 @@ class ModelInfo:
 
 
 def _export_of(model: Path) -> Path:
-    """A run directory's export (file or hub directory); any other path as it is."""
-    if model.is_dir() and (model / RUN_MARKER).is_file():
-        found = next((model / name for name in RUN_EXPORTS if (model / name).exists()), None)
-        if found is None:
-            raise PredictError(f"{model}: a training run without an export (trained with --no-export?)")
-        return found
-    return model
+    """A run directory's export (hub directory or file); any other path as it is."""
+    found = run_export(model)
+    if found is None:
+        raise PredictError(f"{model}: a training run without an export (trained with --no-export?)")
+    return found
 
 
 def _safetensors_metadata(path: Path) -> dict[str, Any]:
@@ -91,15 +90,6 @@ def _json_file(path: Path) -> dict[str, Any]:
     return loaded if isinstance(loaded, dict) else {}
 
 
-def _hub_class_names(config: Mapping[str, Any]) -> tuple[str, ...] | None:
-    """transformers' id2label (0..K-1) or timm's label_names."""
-    id2label = config.get("id2label")
-    if isinstance(id2label, Mapping) and set(id2label) == {str(i) for i in range(len(id2label))}:
-        return tuple(str(id2label[str(i)]) for i in range(len(id2label)))
-    names = config.get("label_names")
-    return tuple(map(str, names)) if isinstance(names, list) else None
-
-
 def _recorded(meta: Mapping[str, Any]) -> Preprocessing | None:
     """resnet-train's metadata: image_size, resize (else torchvision's 8/7 of the size), mean, std."""
     from resnet_data.transforms import eval_resize_side
@@ -113,29 +103,43 @@ def _recorded(meta: Mapping[str, Any]) -> Preprocessing | None:
 
 def _hub_preprocessing(folder: Path, config: Mapping[str, Any]) -> Preprocessing | None:
     """transformers' preprocessor_config.json (shortest_edge and crop_pct, ConvNextImageProcessor's; or
-    shortest_edge and crop_size, BitImageProcessor's) or timm's pretrained_cfg (input_size, crop_pct)."""
+    shortest_edge and crop_size, BitImageProcessor's; resample) or timm's pretrained_cfg (input_size, crop_pct,
+    interpolation)."""
     hf = _json_file(folder / HF_PREPROCESSOR)
     edge = hf.get("size", {}).get("shortest_edge") if isinstance(hf.get("size"), dict) else None
     if isinstance(edge, int) and "image_mean" in hf and "image_std" in hf:
         crop = hf.get("crop_size", {}).get("height") if isinstance(hf.get("crop_size"), dict) else None
+        resample = hf["resample"] if isinstance(hf.get("resample"), int) else int(RESAMPLE)
         if isinstance(crop, int):  # resize the shorter side to the edge, then cut the crop
-            return Preprocessing(crop, edge, tuple(hf["image_mean"]), tuple(hf["image_std"]))
+            return Preprocessing(crop, edge, tuple(hf["image_mean"]), tuple(hf["image_std"]), resample)
         resize = int(edge / hf["crop_pct"]) if hf.get("crop_pct") else edge
-        return Preprocessing(edge, resize, tuple(hf["image_mean"]), tuple(hf["image_std"]))
+        return Preprocessing(edge, resize, tuple(hf["image_mean"]), tuple(hf["image_std"]), resample)
     timm = config.get("pretrained_cfg")
     if isinstance(timm, Mapping) and {"input_size", "mean", "std"} <= set(timm):
         size = int(timm["input_size"][-1])
-        return Preprocessing(size, int(size / timm.get("crop_pct", 1.0)), tuple(timm["mean"]), tuple(timm["std"]))
+        resize = int(size / timm.get("crop_pct", 1.0))
+        return Preprocessing(
+            size, resize, tuple(timm["mean"]), tuple(timm["std"]), _pil_filter(timm.get("interpolation"))
+        )
     return None
+
+
+def _pil_filter(name: object) -> int:
+    """A filter named as timm names them ('bilinear', 'bicubic', ...) as its PIL code; bilinear's for another."""
+    from PIL import Image
+
+    if not isinstance(name, str) or name.upper() not in Image.Resampling.__members__:
+        return int(RESAMPLE)
+    return int(Image.Resampling[name.upper()])
 
 
 def model_info(model: Path) -> ModelInfo:
     """Where MODEL's weights are, and the class names and transform recorded with them (None where none are)."""
     weights = _export_of(model)
     if weights.is_dir():
-        meta = _safetensors_metadata(weights / HUB_WEIGHTS)
-        config = _json_file(weights / HUB_CONFIG)
-        names = meta.get("class_names") or _hub_class_names(config)
+        meta = _safetensors_metadata(weights / HUB_WEIGHTS_FILE)
+        config = _json_file(weights / HUB_CONFIG_FILE)
+        names = meta.get("class_names") or hub_class_names(config)
         preprocessing = _recorded(meta) or _hub_preprocessing(weights, config)
     else:
         meta = _safetensors_metadata(weights)
@@ -173,7 +177,8 @@ def load_image(path: Path, pre: Preprocessing) -> np.ndarray:
         image = read_rgb(path)
     except DECODE_ERRORS as e:
         raise PredictError(f"{e}: not an image this can read") from None
-    pixels = np.asarray(center_crop(resize_shorter(image, pre.resize), pre.size), np.float32) / 255.0
+    resized = resize_shorter(image, pre.resize, pre.resample)
+    pixels = np.asarray(center_crop(resized, pre.size), np.float32) / 255.0
     return ((pixels - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)).astype(np.float32)
 
 

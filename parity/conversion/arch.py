@@ -36,7 +36,16 @@ from resnet_arch import (
     se_width,
 )
 
-from .names import SEQ_SLOTS, TIMM, TRANSFORMERS
+from .names import SEQ_SLOTS, TIMM, TORCHVISION, TRANSFORMERS
+
+# The layouts whose own model (what each loads into) has only the 7x7 stem: a small stem cannot go there.
+STEM_ONLY_MODELS = {
+    TORCHVISION: "torchvision.models.resnetNN",
+    TIMM: "timm's resnetNN",
+    TRANSFORMERS: "transformers' ResNetForImageClassification",
+}
+# The family options torchvision's ResNet builds (resnext*, wide_resnet*); the others are timm's alone.
+TORCHVISION_OPTIONS = ("groups", "width_per_group")
 
 # Per block type, each convolution of residual_function in order: (kernel size, output width as a
 # multiple of the stage width; the last one's factor is the block's expansion). Conv j sits at slot
@@ -211,11 +220,21 @@ class ArchSpec:
                 "grouped or widened convolutions, deep stem, average-pool shortcut or squeeze-and-excitation "
                 "(write it in the torchvision or timm layout)"
             )
-        if layout == TRANSFORMERS and self.small_stem:
+        if layout == TORCHVISION and (variant := self._torchvision_lacks()):
+            options = ", ".join(f"{k}={v!r}" for k, v in variant.items())
             raise ValueError(
-                "a small stem (3x3/1, no max-pool) has no transformers equivalent: ResNetConfig's stem is "
-                "always a 7x7/2 convolution and a max-pool (train with --no-small-stem for a transformers export)"
+                f"{self.name or 'a network'} ({options}) has no torchvision layout: torchvision's ResNet has no "
+                "deep stem, average-pool shortcut or squeeze-and-excitation (write it in the timm layout)"
             )
+        if layout in STEM_ONLY_MODELS and self.small_stem:
+            raise ValueError(
+                f"a small stem (3x3/1, no max-pool) has no {layout} equivalent: {STEM_ONLY_MODELS[layout]}'s stem is "
+                f"always a 7x7/2 convolution and a max-pool (train with --no-small-stem for a {layout} export)"
+            )
+
+    def _torchvision_lacks(self) -> dict[str, Any]:
+        """The variant options torchvision's ResNet builds none of (it has groups and widths only)."""
+        return {k: v for k, v in self.variant_options().items() if k not in TORCHVISION_OPTIONS}
 
     def hub_config(self, layout: str) -> dict[str, Any] | None:
         """The config.json a model hub's loader builds this network from, or None where the layout has none.

@@ -28,7 +28,16 @@ from resnet_flax.model import ResNet as FlaxResNet
 from .arch import ArchSpec, NotThisArchitecture, check_hub_config, class_count_mismatches, not_this_architecture
 from .arrays import torch_views
 from .files import TORCH
-from .names import SEED, WRAPPER_PREFIXES, check_layout, count_stem_convs, from_seed, recognise, variant_features
+from .names import (
+    SEED,
+    TRANSFORMERS,
+    WRAPPER_PREFIXES,
+    check_layout,
+    count_stem_convs,
+    from_seed,
+    recognise,
+    variant_features,
+)
 from .rules import PARAMS, flax_leaves, flax_path, seed_module, torch_rule
 from .validate import (
     ERROR,
@@ -144,8 +153,9 @@ def _add_fresh_stats(seed: dict[str, torch.Tensor], pairs: bool, stacklevel: int
 
 def _check_variant_layout(spec: ArchSpec, layout: str) -> None:
     """ConversionError naming the variant when keys in a layout that has no such variant describe one
-    (transformers' names with grouped or widened shapes)."""
-    if spec.variant_options():
+    (transformers' names with grouped or widened shapes). torchvision's names are timm's too, so keys in them
+    may hold any variant."""
+    if spec.variant_options() and layout == TRANSFORMERS:
         try:
             spec.check_layout(layout)
         except ValueError as e:
