@@ -6,8 +6,8 @@ own framework only.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 # depth name -> (block class name, blocks per stage); block names resolve in each framework.
 DEPTHS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
@@ -193,3 +193,20 @@ def dtype_name(short: str) -> str:
 # The two Flax APIs the mirror is written in: linen (resnet_flax) and NNX (resnet_flax.nnx), same tree.
 LINEN, NNX = "linen", "nnx"
 APIS = (LINEN, NNX)
+
+
+_Model = TypeVar("_Model")
+
+
+def variant_builder(build: Callable[..., _Model], name: str) -> Callable[..., _Model]:
+    """The builder of one ``VARIANTS`` row on a framework's side: ``build(name, **options)``, named and
+    documented by its row."""
+
+    def builder(**options: Any) -> _Model:
+        return build(name, **options)
+
+    depth, row = VARIANTS[name]
+    settings = ", ".join(f"{k}={v!r}" for k, v in row.items())
+    builder.__name__ = builder.__qualname__ = name
+    builder.__doc__ = f"{name}: {depth} with {settings}."
+    return builder

@@ -28,12 +28,12 @@ from resnet_arch import (
     STAGES,
     STEM,
     STEM_WIDTH,
-    VARIANTS,
     bottleneck_width,
     check_block_options,
     check_options,
     resolve_arch,
     se_width,
+    variant_builder,
 )
 
 from .layers import BatchNorm2d, Conv2d, Linear, Sequential
@@ -359,29 +359,16 @@ def resnet152(**options: Any) -> ResNet:
     return build("resnet152", **options)
 
 
-def _variant(name: str) -> Callable[..., ResNet]:
-    """The builder of one ``VARIANTS`` row, ``build(name, **options)``, documented by its row."""
-
-    def builder(**options: Any) -> ResNet:
-        return build(name, **options)
-
-    depth, row = VARIANTS[name]
-    settings = ", ".join(f"{k}={v!r}" for k, v in row.items())
-    builder.__name__ = builder.__qualname__ = name
-    builder.__doc__ = f"{name}: {depth} with {settings}."
-    return builder
-
-
-resnext50_32x4d = _variant("resnext50_32x4d")
-resnext101_32x8d = _variant("resnext101_32x8d")
-resnext101_64x4d = _variant("resnext101_64x4d")
-wide_resnet50_2 = _variant("wide_resnet50_2")
-wide_resnet101_2 = _variant("wide_resnet101_2")
-resnet18d = _variant("resnet18d")
-resnet34d = _variant("resnet34d")
-resnet50d = _variant("resnet50d")
-resnet101d = _variant("resnet101d")
-resnet152d = _variant("resnet152d")
-seresnet50 = _variant("seresnet50")
-seresnet101 = _variant("seresnet101")
-seresnet152 = _variant("seresnet152")
+resnext50_32x4d = variant_builder(build, "resnext50_32x4d")
+resnext101_32x8d = variant_builder(build, "resnext101_32x8d")
+resnext101_64x4d = variant_builder(build, "resnext101_64x4d")
+wide_resnet50_2 = variant_builder(build, "wide_resnet50_2")
+wide_resnet101_2 = variant_builder(build, "wide_resnet101_2")
+resnet18d = variant_builder(build, "resnet18d")
+resnet34d = variant_builder(build, "resnet34d")
+resnet50d = variant_builder(build, "resnet50d")
+resnet101d = variant_builder(build, "resnet101d")
+resnet152d = variant_builder(build, "resnet152d")
+seresnet50 = variant_builder(build, "seresnet50")
+seresnet101 = variant_builder(build, "seresnet101")
+seresnet152 = variant_builder(build, "seresnet152")
