@@ -36,7 +36,7 @@ from resnet_data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from resnet_flax.fold import fold
 
 from .conversion.atomic import atomic_write
-from .conversion.exports import HUB_CONFIG_FILE, HUB_WEIGHTS_FILE, hub_class_names, run_export
+from .conversion.exports import HUB_CONFIG_FILE, HUB_WEIGHTS_FILE, export_of, hub_class_names
 from .conversion.files import CheckpointError
 from .conversion.load import load_checkpoint
 
@@ -107,15 +107,6 @@ def _check_writable(out: Path) -> None:
         raise OSError(f"{out}: cannot write there: {folder} is not writable")
     if out.is_dir():
         raise OSError(f"{out}: is a folder; give a file name ending in .onnx or .stablehlo")
-
-
-def _weights_path(model: Path) -> Path:
-    """A run directory's export (hub directory or file), else the path itself (a checkpoint file or a hub
-    directory)."""
-    found = run_export(model)
-    if found is None:
-        raise CheckpointError(f"{model}: a training run without an export (trained with --no-export?)")
-    return found
 
 
 def _json_list(metadata: Mapping[str, str], key: str) -> list[Any] | None:
@@ -231,9 +222,9 @@ def export(
     """Write ``model`` (anything ``parity.load_checkpoint`` reads, or a resnet-train run directory) to ``out``
     as ``fmt``, verified against the float32 Flax model before it is in place.
 
-    Raises CheckpointError or ConversionError (naming the file) for a model that cannot be read,
-    ExportMismatchError when the artifact's logits are off, OSError naming ``out`` when it cannot be
-    written; in each case nothing is left at ``out``.
+    Raises CheckpointError or ConversionError (naming the file) for a model that cannot be read (OSError for a
+    run directory without an export), ExportMismatchError when the artifact's logits are off, OSError naming
+    ``out`` when it cannot be written; in each case nothing is left at ``out``.
     """
     if fmt not in FORMATS:
         raise ExportError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -241,7 +232,7 @@ def export(
         raise ExportError(f"{fmt} takes --dtype {' or '.join(FORMAT_DTYPES[fmt])}, got {dtype!r}")
     model, out = Path(model), Path(out)
     _check_writable(out)
-    weights_path = _weights_path(model)
+    weights_path = export_of(model)
     flax_model, variables = load_checkpoint(weights_path, LINEN, precision=jax.lax.Precision.HIGHEST)
     # Verified against float32 whatever the checkpoint holds; the BatchNorm counters stay integers.
     variables = jax.tree_util.tree_map(

@@ -20,7 +20,7 @@ import numpy as np
 
 from resnet_data.transforms import RESAMPLE
 
-from ..conversion.exports import HUB_CONFIG_FILE, HUB_WEIGHTS_FILE, hub_class_names, run_export
+from ..conversion.exports import HUB_CONFIG_FILE, HUB_WEIGHTS_FILE, export_of, hub_class_names
 from ..conversion.files import FRAMEWORKS, CheckpointError
 from ..conversion.validate import ConversionError
 from .args import EXIT_BAD_INPUT, framework_arg, positive_int
@@ -55,14 +55,6 @@ class ModelInfo:
     weights: Path  # the file or hub directory the weights are read from
     class_names: tuple[str, ...] | None
     preprocessing: Preprocessing | None
-
-
-def _export_of(model: Path) -> Path:
-    """A run directory's export (hub directory or file); any other path as it is."""
-    found = run_export(model)
-    if found is None:
-        raise PredictError(f"{model}: a training run without an export (trained with --no-export?)")
-    return found
 
 
 def _safetensors_metadata(path: Path) -> dict[str, Any]:
@@ -135,7 +127,7 @@ def _pil_filter(name: object) -> int:
 
 def model_info(model: Path) -> ModelInfo:
     """Where MODEL's weights are, and the class names and transform recorded with them (None where none are)."""
-    weights = _export_of(model)
+    weights = export_of(model)
     if weights.is_dir():
         meta = _safetensors_metadata(weights / HUB_WEIGHTS_FILE)
         config = _json_file(weights / HUB_CONFIG_FILE)

@@ -27,6 +27,14 @@ def run_export(path: Path) -> Path | None:
     return path / EXPORT_FILE if (path / EXPORT_FILE).is_file() else None
 
 
+def export_of(path: Path) -> Path:
+    """``run_export(path)``, or FileNotFoundError saying a run directory holds no export."""
+    found = run_export(path)
+    if found is None:
+        raise FileNotFoundError(f"{path}: a training run without an export (trained with --no-export?)")
+    return found
+
+
 def hub_class_names(config: Mapping[str, Any]) -> tuple[str, ...] | None:
     """The class names of a hub config.json: transformers' id2label (complete, 0..K-1) or timm's label_names."""
     id2label = config.get("id2label")
