@@ -18,13 +18,13 @@ from typing import IO, Any
 import torch
 
 from .atomic import atomic_write
+from .exports import HUB_CONFIG_FILE, HUB_WEIGHTS_FILE
 from .files import TORCH, Checkpoint, CheckpointError, read_checkpoint, write_checkpoint
 from .validate import ConversionError
 from .weights import Weights
 
 # The weights files the hubs write, the one read first first.
-WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
-CONFIG_FILE = "config.json"
+WEIGHTS_FILES = (HUB_WEIGHTS_FILE, "pytorch_model.bin")
 # Other weights files the hubs' loaders read (sharded weights' indexes, the other frameworks'): beside new
 # weights they would describe another model.
 OTHER_WEIGHTS_FILES = (
@@ -33,7 +33,7 @@ OTHER_WEIGHTS_FILES = (
     "flax_model.msgpack",
     "tf_model.h5",
 )
-MODEL_FILES = (*WEIGHTS_FILES, *OTHER_WEIGHTS_FILES, CONFIG_FILE)
+MODEL_FILES = (*WEIGHTS_FILES, *OTHER_WEIGHTS_FILES, HUB_CONFIG_FILE)
 # The Python argument that lets write_hub_dir replace a directory's model files (the command line's --overwrite).
 OVERWRITE_HINT = "overwrite=True"
 # safetensors header metadata that transformers' loaders look for in a PyTorch weights file.
@@ -47,7 +47,7 @@ def read_hub_dir(path: str | os.PathLike) -> tuple[Checkpoint, dict[str, Any]]:
     if weights is None:
         raise CheckpointError(f"{path}: a model directory holds {' or '.join(WEIGHTS_FILES)}; found neither")
     ckpt = read_checkpoint(weights)
-    config_path = path / CONFIG_FILE
+    config_path = path / HUB_CONFIG_FILE
     if not config_path.is_file():
         return ckpt, {}
     try:
@@ -86,9 +86,9 @@ def write_hub_dir(
     state_dict = weights.to_torch(layout, param_dtype)
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path}: exists and is not a directory")
-    if not overwrite and config is None and (path / CONFIG_FILE).exists():
+    if not overwrite and config is None and (path / HUB_CONFIG_FILE).exists():
         raise CheckpointError(
-            f"{path}: holds a {CONFIG_FILE} that would not describe {layout} weights; remove it, write elsewhere "
+            f"{path}: holds a {HUB_CONFIG_FILE} that would not describe {layout} weights; remove it, write elsewhere "
             f"or replace the directory's model files ({OVERWRITE_HINT})"
         )
     existing = [name for name in MODEL_FILES if (path / name).exists()]
@@ -102,7 +102,7 @@ def write_hub_dir(
     except OSError as e:
         raise CheckpointError(f"{path}: cannot create the directory: {e}") from e
     size = write_checkpoint(
-        path / WEIGHTS_FILES[0], state_dict, TORCH, {**_TORCH_FORMAT, "arch": weights.spec.describe()}
+        path / HUB_WEIGHTS_FILE, state_dict, TORCH, {**_TORCH_FORMAT, "arch": weights.spec.describe()}
     )
     if config is not None:
         text = json.dumps(config, indent=2).encode()
@@ -111,10 +111,10 @@ def write_hub_dir(
             f.write(text)
 
         try:
-            size += atomic_write(path / CONFIG_FILE, write)
+            size += atomic_write(path / HUB_CONFIG_FILE, write)
         except OSError as e:
-            raise CheckpointError(f"{path / CONFIG_FILE}: cannot write: {e}") from e
-    written = {WEIGHTS_FILES[0], *([CONFIG_FILE] if config is not None else [])}
+            raise CheckpointError(f"{path / HUB_CONFIG_FILE}: cannot write: {e}") from e
+    written = {HUB_WEIGHTS_FILE, *([HUB_CONFIG_FILE] if config is not None else [])}
     for name in existing:
         if name not in written:
             _remove(path / name)
