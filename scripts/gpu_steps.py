@@ -75,7 +75,8 @@ def gpu_tests(out: Path, dry: bool) -> int:
     import pytest
 
     files = ["tests/test_parity_gpu.py"] + ([] if dry else ["tests/test_levers.py"])
-    return int(pytest.main([*files, "-q", "-p", "no:cacheprovider", "-W", "default", "--durations=5"]))
+    # -n 0: in this process, not on pytest-xdist's workers (one GPU, and the dry run's CPU, serve one test at a time).
+    return int(pytest.main([*files, "-n", "0", "-q", "-p", "no:cacheprovider", "-W", "default", "--durations=5"]))
 
 
 def _parity(out: Path, name: str, argv: list[str]) -> int:

@@ -23,6 +23,11 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 # -O2 costs a quarter less CPU in compilation, and the arithmetic is the same (XLA:CPU does no fast-math).
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=1".strip()
+# On pytest-xdist's workers (pyproject's addopts: one per core) each computes on one thread, as do the processes
+# its tests start: threads of two workers competing for the same cores cost more than they bring.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ["OMP_NUM_THREADS"] = "1"  # torch's intra-op threads
+    os.environ["XLA_FLAGS"] += " --xla_cpu_multi_thread_eigen=false"  # XLA:CPU's convolutions and dot products
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -32,8 +37,11 @@ import torch  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
-# A small digits run (8x8, 192 training images): seconds on the CPU, and enough to learn and export.
-TINY_RUN = dict(image_size=8, train_limit=192, batch_size=16, lr=0.02, progress=False)
+# A small digits run (8x8, 192 training images, 90 held out): seconds on the CPU, and enough to learn and export.
+TINY_RUN = dict(image_size=8, train_limit=192, test_fraction=0.05, batch_size=16, lr=0.02, progress=False)
+# The same run as `resnet-train` flags.
+TINY_FLAGS = ["--image-size", "8", "--train-limit", "192", "--test-fraction", "0.05", "--batch-size", "16"]
+TINY_FLAGS += ["--no-progress"]
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +63,21 @@ def gpu_available() -> bool:
         return False
 
 
+# pytest-xdist's workers (pyproject's addopts) take a module at a time, with its module fixtures; every module that
+# uses the session's trained run (`straight`) goes to one worker, so it trains once. The longest groups start first,
+# so that the workers finish together (an outdated list costs balance, never a result).
+SHARED_RUN = "straight"
+LONGEST_FIRST = (SHARED_RUN, "test_multiprocess.py", "test_train_faults.py", "test_parity.py", "test_throughput.py")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    sharing = {item.path for item in items if SHARED_RUN in getattr(item, "fixturenames", ())}
+    groups = {item: SHARED_RUN if item.path in sharing else item.path.name for item in items}
+    for item, group in groups.items():
+        item.add_marker(pytest.mark.xdist_group(group))
+    rank = {group: i for i, group in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(groups[item], len(rank)))
     if gpu_available():
         return
     skip = pytest.mark.skip(reason="no CUDA GPU visible to both torch and jax")

@@ -240,7 +240,14 @@ def test_a_trained_flax_model_exports_to_a_transformers_directory(tmp_path: Path
     from resnet_train.loop import fit
 
     config = TrainConfig(
-        image_size=16, train_limit=64, batch_size=16, epochs=1, small_stem=False, progress=False, run_dir=str(tmp_path)
+        image_size=16,
+        train_limit=64,
+        test_fraction=0.05,
+        batch_size=16,
+        epochs=1,
+        small_stem=False,
+        progress=False,
+        run_dir=str(tmp_path),
     )
     result = fit(config)
     assert main(["convert", result["export"], str(tmp_path / "hf"), "--layout", "transformers"]) == 0

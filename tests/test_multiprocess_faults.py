@@ -18,6 +18,7 @@ from resnet_train import sharding
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGS = ["--image-size", "8", "--batch-size", "8", "--epochs", "40", "--no-progress", "--train-limit", "64"]
+FLAGS += ["--test-fraction", "0.05"]
 LIMIT_S = 5  # --start-timeout and --heartbeat-timeout of these runs
 
 

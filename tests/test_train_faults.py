@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import TINY_RUN
+from conftest import TINY_FLAGS, TINY_RUN
 from test_train import REPO, _config, _leaves
 
 from resnet_train import export, loop, runlog
@@ -32,8 +32,6 @@ from resnet_train.loop import NonFiniteLossError, fit
 from resnet_train.main import main
 from resnet_train.runlog import RunDirBusyError, read_metrics
 
-# Flags of the TINY_RUN config for `resnet-train` itself.
-TINY_FLAGS = ["--image-size", "8", "--train-limit", "192", "--batch-size", "16", "--no-progress"]
 STEPS_PER_EPOCH = 192 // 16
 # The runs here train one program wherever they can (a run's epochs set its schedule, so they keep the
 # default 2 and stop after the first with stop_after_epoch): XLA compiles it once per session.

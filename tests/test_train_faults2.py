@@ -9,9 +9,10 @@ import sys
 import threading
 
 import pytest
+from conftest import TINY_FLAGS
 from orbax.checkpoint._src.futures import future as orbax_futures
 from test_train import REPO
-from test_train_faults import ONE_EPOCH_FLAGS, TINY_FLAGS, _summary
+from test_train_faults import ONE_EPOCH_FLAGS, _summary
 
 from resnet_train import runlog
 from resnet_train.config import saved_config

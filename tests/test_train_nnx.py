@@ -87,6 +87,7 @@ def nnx_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainConfig, dict
         api="nnx",
         image_size=8,
         train_limit=96,
+        test_fraction=0.05,
         batch_size=16,
         epochs=2,
         progress=False,
