@@ -67,7 +67,8 @@ def gpu_available() -> bool:
 # uses the session's trained run (`straight`) goes to one worker, so it trains once. The longest groups start first,
 # so that the workers finish together (an outdated list costs balance, never a result).
 SHARED_RUN = "straight"
-LONGEST_FIRST = (SHARED_RUN, "test_multiprocess.py", "test_train_faults.py", "test_parity.py", "test_throughput.py")
+LONGEST_FIRST = (SHARED_RUN, "test_multiprocess.py", "test_train_faults.py", "test_parity.py", "test_fused.py")
+LONGEST_FIRST += ("test_throughput.py", "test_gpu_check.py", "test_nnx.py", "test_train_stream.py", "test_train_nnx.py")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups

@@ -56,13 +56,14 @@ def _config(data_dir: Path, run_dir: Path, **kw) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def straight(data_dir, tmp_path_factory) -> tuple[TrainConfig, dict]:
-    config = _config(data_dir, tmp_path_factory.mktemp("straight"))
+def stream_run(data_dir, tmp_path_factory) -> tuple[TrainConfig, dict]:
+    """Two epochs of STREAM in one go, exported."""
+    config = _config(data_dir, tmp_path_factory.mktemp("stream"))
     return config, fit(config)
 
 
-def test_stream_run_records_classes_top5_steps_and_skipped_files(straight):
-    config, result = straight
+def test_stream_run_records_classes_top5_steps_and_skipped_files(stream_run):
+    config, result = stream_run
     run_dir = Path(config.run_dir)
     assert (result["steps"], result["epochs"], result["dataset"]) == (6, 2, "imagefolder")
     assert 1 <= result["skipped_images"] <= 2  # the unreadable file, once per epoch it is drawn in
@@ -78,8 +79,8 @@ def test_stream_run_records_classes_top5_steps_and_skipped_files(straight):
     assert json.loads((saved / feeds.DATA_ITEM / "process_0-of-1.json").read_text()) == {"next_batch": 6}
 
 
-def test_stream_resume_mid_epoch_continues_with_the_next_batch_bit_for_bit(straight, tmp_path, monkeypatch):
-    config, result = straight
+def test_stream_resume_mid_epoch_continues_with_the_next_batch_bit_for_bit(stream_run, tmp_path, monkeypatch):
+    config, result = stream_run
     split = dataclasses.replace(config, run_dir=str(tmp_path), export=False)
     reading = feeds.StreamedFeed.train_batches
 
