@@ -71,6 +71,13 @@ LONGEST_FIRST = (SHARED_RUN, "test_multiprocess.py", "test_train_faults.py", "te
 LONGEST_FIRST += ("test_throughput.py", "test_gpu_check.py", "test_nnx.py", "test_train_stream.py", "test_train_nnx.py")
 
 
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """`-n auto`: no workers where a CUDA GPU is visible (its tests share the one GPU, in this process); elsewhere
+    pytest-xdist's own count, one per core."""
+    return 0 if torch.cuda.is_available() else None
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     sharing = {item.path for item in items if SHARED_RUN in getattr(item, "fixturenames", ())}

@@ -8,7 +8,6 @@ import os
 import pathlib
 import pickle
 import stat
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -429,13 +428,13 @@ def test_a_symlink_stays_and_its_target_is_replaced_beside_itself(tmp_path: Path
 def test_a_fifo_is_written_through_not_replaced(tmp_path: Path) -> None:
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
-    received: list[bytes] = []
-    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
-    reader.start()
-    assert atomic_write(fifo, lambda f: f.write(b"through")) == 7
-    reader.join(timeout=30)
-    assert received == [b"through"] and stat.S_ISFIFO(fifo.stat().st_mode)
-    assert os.listdir(tmp_path) == ["pipe"]
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader before the write, with no thread to race
+    try:
+        assert atomic_write(fifo, lambda f: f.write(b"through")) == 7
+        assert os.read(reader, 100) == b"through"
+    finally:
+        os.close(reader)
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and os.listdir(tmp_path) == ["pipe"]
 
 
 def test_devices_are_written_through_and_a_full_one_says_so(tmp_path: Path) -> None:
