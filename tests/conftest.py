@@ -1,5 +1,5 @@
 """Test settings: one compilation cache per session, a cheaper LLVM optimisation level, strict JAX, a fixed
-seed per test, and the gpu marker's skip."""
+seed per test, the gpu marker's skip, and how pytest-xdist's workers share the tests and the cores."""
 
 from __future__ import annotations
 

@@ -239,16 +239,8 @@ def test_a_trained_flax_model_exports_to_a_transformers_directory(tmp_path: Path
     from resnet_train.config import TrainConfig
     from resnet_train.loop import fit
 
-    config = TrainConfig(
-        image_size=16,
-        train_limit=64,
-        test_fraction=0.05,
-        batch_size=16,
-        epochs=1,
-        small_stem=False,
-        progress=False,
-        run_dir=str(tmp_path),
-    )
+    tiny = dict(image_size=16, train_limit=64, test_fraction=0.05, batch_size=16, epochs=1, progress=False)
+    config = TrainConfig(**tiny, small_stem=False, run_dir=str(tmp_path))
     result = fit(config)
     assert main(["convert", result["export"], str(tmp_path / "hf"), "--layout", "transformers"]) == 0
     hf = transformers.ResNetForImageClassification.from_pretrained(tmp_path / "hf")
