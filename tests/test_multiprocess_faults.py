@@ -84,32 +84,32 @@ def test_lone_processes_say_what_they_wait_for_and_give_up_after_the_start_timeo
         _assert_lost(code, result, err, "not all 2 processes joined at 127.0.0.1:", "--start-timeout")
 
 
-@pytest.mark.slow
-def test_a_process_that_dies_before_training_ends_the_other_within_the_heartbeat_timeout(tmp_path):
+def _kill_one_after_both_joined(tmp_path, victim: int) -> tuple[float, int, dict, str]:
+    """A run's two processes; process ``victim`` killed once both have joined: (seconds from the kill until the
+    other ended, its exit code, its JSON line, its stderr)."""
     port = _free_port()
     flags = ["--heartbeat-timeout", str(LIMIT_S), "--run-dir", str(tmp_path / "r")]
     procs = [_start(tmp_path, port, i, *flags) for i in (0, 1)]
     _wait_for(procs[1][2], "process 1 of 2 joined", procs)
     killed = time.monotonic()
-    procs[1][0].kill()
-    procs[1][0].wait()
-    code, result, err = _ended(procs[0], timeout=LIMIT_S + 60)
-    assert time.monotonic() - killed < LIMIT_S + 10
+    procs[victim][0].kill()
+    procs[victim][0].wait()
+    code, result, err = _ended(procs[1 - victim], timeout=LIMIT_S + 60)
+    return time.monotonic() - killed, code, result, err
+
+
+@pytest.mark.slow
+def test_a_process_that_dies_before_training_ends_the_other_within_the_heartbeat_timeout(tmp_path):
+    waited, code, result, err = _kill_one_after_both_joined(tmp_path, victim=1)
+    assert waited < LIMIT_S + 10
     _assert_lost(code, result, err, "process 1 sent no heartbeat for 5 s (--heartbeat-timeout)", "resume the run")
 
 
 @pytest.mark.slow
 def test_the_coordinator_dying_ends_the_other_at_once_with_status_1(tmp_path):
     # Process 0 runs JAX's coordination service: its death is what JAX's client would answer with an abort.
-    port = _free_port()
-    flags = ["--heartbeat-timeout", str(LIMIT_S), "--run-dir", str(tmp_path / "r")]
-    procs = [_start(tmp_path, port, i, *flags) for i in (0, 1)]
-    _wait_for(procs[1][2], "process 1 of 2 joined", procs)
-    killed = time.monotonic()
-    procs[0][0].kill()
-    procs[0][0].wait()
-    code, result, err = _ended(procs[1], timeout=LIMIT_S + 60)
-    assert time.monotonic() - killed < LIMIT_S
+    waited, code, result, err = _kill_one_after_both_joined(tmp_path, victim=0)
+    assert waited < LIMIT_S
     _assert_lost(code, result, err, "died", "resume the run")  # the relay or a failed collective says so first
 
 
